@@ -2,22 +2,38 @@
 from $PRMKD_SHARED_DATA; they never use copies committed to the repository."""
 from __future__ import annotations
 
-import os
 from pathlib import Path
 
 import pytest
 
+from prmkd_dist.data.dataset import InteractionData, LeaveOneOutSplit
+from prmkd_dist.data.paths import SharedDataNotFoundError, shared_data_root
+
 PROJECT_ROOT = Path(__file__).resolve().parents[1]
-
-
-def shared_data_root() -> Path:
-    env = os.environ.get("PRMKD_SHARED_DATA")
-    return Path(env) if env else PROJECT_ROOT.parent / "shared" / "data"
 
 
 @pytest.fixture(scope="session")
 def shared_data() -> Path:
-    root = shared_data_root()
+    """Root of the shared real datasets (fails, never skips, when they are missing)."""
+    try:
+        root = shared_data_root()
+    except SharedDataNotFoundError as e:
+        pytest.fail(str(e))
     if not (root / "ml-latest-small" / "ratings.csv").exists():
         pytest.fail(f"shared datasets not found at {root} (set PRMKD_SHARED_DATA)")
     return root
+
+
+@pytest.fixture(scope="session")
+def ml_small(shared_data: Path, tmp_path_factory: pytest.TempPathFactory) -> InteractionData:
+    """ml-latest-small in canonical form, prepared once per session into a pytest tmp dir (about 1 s).
+    Shared by many tests: do not mutate its arrays."""
+    from prmkd_dist.data.prepare import prepare_dataset
+
+    return prepare_dataset("ml-latest-small", out_dir=tmp_path_factory.mktemp("data") / "ml-latest-small")
+
+
+@pytest.fixture(scope="session")
+def ml_small_split(ml_small: InteractionData) -> LeaveOneOutSplit:
+    """Leave-one-out split of ``ml_small``."""
+    return LeaveOneOutSplit.of(ml_small)
