@@ -1,0 +1,140 @@
+"""Reference backend of the distillation loss: plain PyTorch, the definition every backend is tested against.
+
+The loss is defined in /work/shared/specs/kd-loss.md; the backend contract (argument shapes and dtypes,
+the per-row output) is in the docstring of :mod:`prmkd_dist.distill.loss`. These functions receive
+inputs that the dispatcher has already validated and normalised; they do not check them again.
+
+Numerics: every log-sum-exp is computed with ``torch.logsumexp`` (max-shifted), bfloat16 logits are
+upcast to float32 before any arithmetic, and float64 logits stay float64 (for ``gradcheck``).
+``kd_loss_linear_rows`` materialises ``[B, C]`` on purpose: a reference is allowed to be slow.
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+__all__ = ["kd_loss_rows", "kd_loss_linear_rows", "kd_rows_from_stats", "compute_dtype"]
+
+
+def compute_dtype(dtype: torch.dtype) -> torch.dtype:
+    """The dtype the loss is computed in for inputs of ``dtype``: float64 stays, everything else is float32."""
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+def _teacher_log_probs(teacher_scores: Tensor, valid: Tensor, temperature: float) -> Tensor:
+    """log p_btk = log softmax over the valid slots of scores / tau; 0 on empty slots (and empty teachers)."""
+    z = teacher_scores / temperature
+    z = z.masked_fill(~valid, float("-inf"))
+    lse = torch.logsumexp(z, dim=2, keepdim=True)
+    # a teacher with no valid slot has lse = -inf; any finite value keeps its (masked) terms finite
+    lse = torch.where(torch.isfinite(lse), lse, torch.zeros_like(lse))
+    return torch.where(valid, z - lse, torch.zeros_like(z))
+
+
+def _normalised_rank_weights(rank_weights: Tensor, valid: Tensor) -> Tensor:
+    """rho_hat_btk = rank_weights / sum over valid slots; 0 on empty slots and where that sum is 0."""
+    rw = torch.where(valid, rank_weights, torch.zeros_like(rank_weights))
+    total = rw.sum(dim=2, keepdim=True)
+    safe = torch.where(total > 0, total, torch.ones_like(total))
+    return torch.where(total > 0, rw / safe, torch.zeros_like(rw))
+
+
+def kd_rows_from_stats(
+    lse1: Tensor,
+    lse_tau: Tensor | None,
+    s_target: Tensor,
+    s_ids: Tensor,
+    target: Tensor,
+    teacher_ids: Tensor,
+    teacher_scores: Tensor,
+    teacher_weights: Tensor,
+    rank_weights: Tensor | None,
+    temperature: float,
+    lambda_ce: float,
+    lambda_kd: float,
+    lambda_rank: float,
+) -> Tensor:
+    """The row loss ``l_b`` from the few per-row statistics it depends on: the one place the formula lives.
+
+    ``lse1`` [B] = log sum_j exp(s_j); ``lse_tau`` [B] = log sum_j exp(s_j / tau) (may be None when
+    ``lambda_kd == 0`` or T*K == 0); ``s_target`` [B] = s at target (any finite value where target = -1);
+    ``s_ids`` [B, T, K] = s at teacher_ids (any finite value on empty slots). The full-logits reference and the
+    catalog-parallel form both reduce to this, so they cannot disagree on semantics."""
+    tau = float(temperature)
+    cdt = lse1.dtype
+    has_target = target >= 0
+    loss = lambda_ce * torch.where(has_target, lse1 - s_target, torch.zeros_like(s_target))
+
+    n_teachers, k_slots = teacher_ids.shape[1], teacher_ids.shape[2]
+    if n_teachers == 0 or k_slots == 0:
+        return loss
+
+    # teacher-side quantities are constants: no gradient flows to scores or weights
+    valid = teacher_ids >= 0
+    weights = teacher_weights.detach().to(cdt)
+    if lambda_kd != 0.0:
+        if lse_tau is None:
+            raise ValueError("lse_tau is required when lambda_kd != 0 and there are teacher slots")
+        log_p = _teacher_log_probs(teacher_scores.detach().to(cdt), valid, tau)
+        p = torch.where(valid, log_p.exp(), torch.zeros_like(log_p))
+        log_q = s_ids / tau - lse_tau[:, None, None]
+        kl = (p * (log_p - log_q)).sum(dim=2)  # p = 0 on empty slots, so they add nothing
+        loss = loss + lambda_kd * tau * tau * (weights * kl).sum(dim=1)
+
+    if lambda_rank != 0.0 and rank_weights is not None:
+        rho = _normalised_rank_weights(rank_weights.detach().to(cdt), valid)
+        rank = -(rho * F.logsigmoid(s_ids)).sum(dim=2)
+        loss = loss + lambda_rank * (weights * rank).sum(dim=1)
+    return loss
+
+
+def kd_loss_rows(
+    logits: Tensor,
+    target: Tensor,
+    teacher_ids: Tensor,
+    teacher_scores: Tensor,
+    teacher_weights: Tensor,
+    rank_weights: Tensor | None,
+    temperature: float,
+    lambda_ce: float,
+    lambda_kd: float,
+    lambda_rank: float,
+) -> Tensor:
+    """Per-row distillation loss ``l_b`` [B] (float32, or float64 for float64 logits), with autograd to ``logits``.
+
+    Shapes: logits [B, C], target [B], teacher_ids / teacher_scores / rank_weights [B, T, K],
+    teacher_weights [B, T]; T = 0 or K = 0 leaves the cross-entropy only."""
+    s = logits.to(compute_dtype(logits.dtype))
+    batch = s.shape[0]
+    s_target = s.gather(1, target.clamp(min=0).unsqueeze(1)).squeeze(1)
+    s_ids = s.gather(1, teacher_ids.clamp(min=0).reshape(batch, -1)).reshape(teacher_ids.shape)
+    needs_tau = lambda_kd != 0.0 and teacher_ids.numel() > 0
+    lse_tau = torch.logsumexp(s / float(temperature), dim=1) if needs_tau else None
+    return kd_rows_from_stats(torch.logsumexp(s, dim=1), lse_tau, s_target, s_ids, target, teacher_ids,
+                              teacher_scores, teacher_weights, rank_weights, temperature, lambda_ce,
+                              lambda_kd, lambda_rank)
+
+
+def kd_loss_linear_rows(
+    user_emb: Tensor,
+    item_emb: Tensor,
+    item_bias: Tensor | None,
+    target: Tensor,
+    teacher_ids: Tensor,
+    teacher_scores: Tensor,
+    teacher_weights: Tensor,
+    rank_weights: Tensor | None,
+    temperature: float,
+    lambda_ce: float,
+    lambda_kd: float,
+    lambda_rank: float,
+) -> Tensor:
+    """Per-row loss of ``kd_loss_rows`` on ``logits = user_emb @ item_emb.T (+ item_bias)``, computed in
+    float32 (float64 for float64 embeddings); gradients flow to user_emb, item_emb and item_bias."""
+    cdt = compute_dtype(user_emb.dtype)
+    logits = user_emb.to(cdt) @ item_emb.to(cdt).T
+    if item_bias is not None:
+        logits = logits + item_bias.to(cdt)
+    return kd_loss_rows(logits, target, teacher_ids, teacher_scores, teacher_weights, rank_weights,
+                        temperature, lambda_ce, lambda_kd, lambda_rank)

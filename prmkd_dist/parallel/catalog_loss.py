@@ -1,0 +1,261 @@
+"""Catalog-parallel distillation loss: ``kd_loss_linear`` with the item table split by rows over a process group.
+
+Contract
+--------
+- Every rank of ``group`` holds the SAME batch: ``user_emb`` [B, d], ``target``, the teacher tensors and
+  the weights are replicated (identical on every rank). The rows of the catalog are split: a rank holds
+  ``item_emb_shard`` [R, d] = rows [item_offset, item_offset + R) of the full [C, d] table (and
+  ``item_bias_shard`` [R] of the bias). The ranks' ranges tile [0, num_items) exactly, without overlap;
+  ranks may hold R = 0 rows.
+- Ids stay global (0..C-1, -1 = empty): the rank whose range contains an id *owns* it and is the only one
+  that computes its logit; the others contribute 0 to a sum all-reduce.
+- The loss is the one of :func:`prmkd_dist.kd_loss_linear` on the full table, identical on every rank.
+  The partial max and sum-exp of LSE_1 and LSE_tau are all-reduced (max, then sum), the logits at the
+  target and teacher ids come from their owners; then every rank evaluates the same row formula
+  (:func:`prmkd_dist.distill.reference.kd_rows_from_stats`, so the semantics live in one place).
+- Gradients: each rank receives the gradient of the loss w.r.t. its OWN rows (``item_emb_shard``,
+  ``item_bias_shard``), and the FULL gradient w.r.t. ``user_emb``: the local contributions of all ranks
+  are all-reduced (summed) in backward, so ``user_emb.grad`` is identical on every rank and equals the
+  single-process gradient. Consequently a replicated user tower receives identical, complete gradients on
+  every rank and must NOT be averaged again over this group as if the ranks had seen different data
+  (averaging identical values is harmless; summing them is not).
+- Every rank must call this function (it runs collectives) and then ``backward`` on its result.
+
+Memory: the [B, R] logits of the local rows are never held at once: forward and backward walk the local
+rows in chunks of ``chunk_rows`` (online max / sum-exp forward, recompute in backward), so the working set
+is O(B * chunk_rows + B * T * K * d) whatever the catalog size.
+"""
+from __future__ import annotations
+
+import torch
+import torch.distributed as dist
+from torch import Tensor
+
+from prmkd_dist.distill.loss import (
+    check_finite,
+    check_hyperparameters,
+    check_loss_inputs,
+    normalise_teacher_inputs,
+    reduce_rows,
+)
+from prmkd_dist.distill.reference import compute_dtype, kd_rows_from_stats
+
+__all__ = ["kd_loss_linear_catalog_parallel", "default_chunk_rows"]
+
+_CHUNK_ELEMENTS = 1 << 22  # logits held per chunk: 16 MiB in float32
+
+
+def default_chunk_rows(batch: int) -> int:
+    """Local catalog rows per chunk so that a [B, chunk] block of logits holds about 4M values."""
+    return max(64, _CHUNK_ELEMENTS // max(batch, 1))
+
+
+def _chunk_logits(u: Tensor, w: Tensor, b: Tensor | None, lo: int, hi: int, cdt: torch.dtype) -> Tensor:
+    """Logits of local rows [lo, hi) for every user, in the compute dtype: [B, hi - lo]."""
+    s = u @ w[lo:hi].to(cdt).T
+    if b is not None:
+        s = s + b[lo:hi].to(cdt)
+    return s
+
+
+def _merge_max_sumexp(m: Tensor, z: Tensor, block: Tensor) -> tuple[Tensor, Tensor]:
+    """Online log-sum-exp: fold ``block`` [B, n] into the running (max m [B], sum z [B] of exp(x - m))."""
+    bm = block.max(dim=1).values
+    new_m = torch.maximum(m, bm)
+    # -inf - -inf is nan; a running max of -inf only happens before the first non-empty block (z = 0 then)
+    scale = torch.where(torch.isfinite(m), (m - new_m).exp(), torch.zeros_like(m))
+    z = z * scale + (block - new_m[:, None]).exp().sum(dim=1)
+    return new_m, z
+
+
+class _CatalogStats(torch.autograd.Function):
+    """(u, W_local, b_local) -> (LSE_1 [B], LSE_tau [B], logits at ``sel_ids`` [B, M]), all global.
+
+    Backward assumes (as the contract guarantees) that the upstream gradients are identical on all ranks:
+    then the gradient of a sum all-reduce w.r.t. each rank's input is the upstream gradient itself, and the
+    gradient of the log-sum-exp w.r.t. a local logit is its global softmax probability."""
+
+    @staticmethod
+    def forward(ctx, u, w, b, sel_ids, item_offset, temperature, need_tau, chunk_rows, group):
+        cdt = compute_dtype(u.dtype)
+        uc = u.detach().to(cdt)
+        batch, rows = uc.shape[0], w.shape[0]
+        neg_inf = torch.full((batch,), float("-inf"), dtype=cdt, device=u.device)
+        m1, z1 = neg_inf.clone(), torch.zeros(batch, dtype=cdt, device=u.device)
+        mt, zt = neg_inf.clone(), torch.zeros(batch, dtype=cdt, device=u.device)
+        same_tau = temperature == 1.0
+        with torch.no_grad():
+            for lo in range(0, rows, chunk_rows):
+                s = _chunk_logits(uc, w, b, lo, min(lo + chunk_rows, rows), cdt)
+                m1, z1 = _merge_max_sumexp(m1, z1, s)
+                if need_tau and not same_tau:
+                    mt, zt = _merge_max_sumexp(mt, zt, s / temperature)
+            lse1 = _global_lse(m1, z1, group)
+            lse_tau = lse1.clone() if (need_tau and same_tau) else (
+                _global_lse(mt, zt, group) if need_tau else torch.zeros_like(lse1))
+
+            # logits at the selected ids: the owner computes, everyone else adds 0
+            local = sel_ids - item_offset
+            owned = (sel_ids >= 0) & (local >= 0) & (local < rows)
+            idx = torch.where(owned, local, torch.zeros_like(local))
+            sel = torch.zeros(sel_ids.shape, dtype=cdt, device=u.device)
+            if rows > 0:
+                sel = torch.einsum("bd,bmd->bm", uc, w[idx].to(cdt))
+                if b is not None:
+                    sel = sel + b[idx].to(cdt)
+                sel = torch.where(owned, sel, torch.zeros_like(sel))
+            dist.all_reduce(sel, op=dist.ReduceOp.SUM, group=group)
+
+        ctx.save_for_backward(u, w, b if b is not None else torch.empty(0), lse1, lse_tau, idx, owned)
+        ctx.has_bias = b is not None
+        ctx.temperature, ctx.need_tau, ctx.chunk_rows, ctx.group = temperature, need_tau, chunk_rows, group
+        return lse1, lse_tau, sel
+
+    @staticmethod
+    def backward(ctx, g_lse1, g_lse_tau, g_sel):
+        u, w, b, lse1, lse_tau, idx, owned = ctx.saved_tensors
+        b = b if ctx.has_bias else None
+        cdt = compute_dtype(u.dtype)
+        uc = u.detach().to(cdt)
+        tau, rows = ctx.temperature, w.shape[0]
+        g1 = g_lse1 if g_lse1 is not None else torch.zeros_like(lse1)
+        gt = g_lse_tau if (g_lse_tau is not None and ctx.need_tau) else None
+
+        grad_u = torch.zeros_like(uc)
+        grad_w = torch.zeros(w.shape, dtype=cdt, device=w.device)
+        grad_b = torch.zeros(rows, dtype=cdt, device=w.device) if b is not None else None
+        for lo in range(0, rows, ctx.chunk_rows):
+            hi = min(lo + ctx.chunk_rows, rows)
+            s = _chunk_logits(uc, w, b, lo, hi, cdt)
+            # d LSE_1 / d s_j = softmax_1(s)_j ;  d LSE_tau / d s_j = softmax_tau(s)_j / tau
+            gs = g1[:, None] * (s - lse1[:, None]).exp()
+            if gt is not None:
+                gs = gs + (gt / tau)[:, None] * (s / tau - lse_tau[:, None]).exp()
+            grad_w[lo:hi] = gs.T @ uc
+            grad_u += gs @ w[lo:hi].to(cdt)
+            if grad_b is not None:
+                grad_b[lo:hi] = gs.sum(dim=0)
+
+        if g_sel is not None and rows > 0:
+            gsel = torch.where(owned, g_sel, torch.zeros_like(g_sel))  # only the owner's rows are touched
+            flat_idx = idx.reshape(-1)
+            grad_w.index_add_(0, flat_idx, (gsel[:, :, None] * uc[:, None, :]).reshape(-1, uc.shape[1]))
+            grad_u += torch.einsum("bm,bmd->bd", gsel, w[idx].to(cdt))
+            if grad_b is not None:
+                grad_b.index_add_(0, flat_idx, gsel.reshape(-1))
+
+        # u is replicated: its gradient is the sum of every rank's contribution
+        dist.all_reduce(grad_u, op=dist.ReduceOp.SUM, group=ctx.group)
+        grad_b = grad_b.to(b.dtype) if grad_b is not None else None
+        return (grad_u.to(u.dtype), grad_w.to(w.dtype), grad_b, None, None, None, None, None, None)
+
+
+def _global_lse(m: Tensor, z: Tensor, group) -> Tensor:
+    """log sum exp over all ranks from each rank's (max, sum of exp(x - max)); ranks without rows send -inf/0."""
+    gm = m.clone()
+    dist.all_reduce(gm, op=dist.ReduceOp.MAX, group=group)
+    scale = torch.where(torch.isfinite(m), (m - gm).exp(), torch.zeros_like(m))
+    gz = z * scale
+    dist.all_reduce(gz, op=dist.ReduceOp.SUM, group=group)
+    return gm + gz.log()
+
+
+def _check_tiling(item_offset: int, rows: int, num_items: int, device: torch.device, group) -> None:
+    """Every rank's [offset, offset + rows) must tile [0, num_items) exactly (one small all-gather)."""
+    world = dist.get_world_size(group)
+    mine = torch.tensor([item_offset, rows], dtype=torch.int64, device=device)
+    ranges = [torch.empty_like(mine) for _ in range(world)]
+    dist.all_gather(ranges, mine, group=group)
+    spans = sorted((int(r[0]), int(r[0]) + int(r[1]), i) for i, r in enumerate(ranges) if int(r[1]) > 0)
+    expected = 0
+    for lo, hi, rank in spans:
+        if lo != expected:
+            raise ValueError(f"item_emb_shard ranges do not tile [0, {num_items}): rank {rank} holds [{lo}, {hi}) "
+                             f"but the next uncovered row is {expected} (all ranges: "
+                             f"{[(int(r[0]), int(r[0]) + int(r[1])) for r in ranges]})")
+        expected = hi
+    if expected != num_items:
+        raise ValueError(f"item_emb_shard ranges cover [0, {expected}), expected [0, {num_items}) "
+                         f"(all ranges: {[(int(r[0]), int(r[0]) + int(r[1])) for r in ranges]})")
+
+
+def kd_loss_linear_catalog_parallel(
+    user_emb: Tensor,
+    item_emb_shard: Tensor,
+    item_offset: int,
+    num_items: int,
+    target: Tensor,
+    teacher_ids: Tensor,
+    teacher_scores: Tensor,
+    teacher_weights: Tensor,
+    rank_weights: Tensor | None = None,
+    *,
+    item_bias_shard: Tensor | None = None,
+    temperature: float = 1.0,
+    lambda_ce: float = 1.0,
+    lambda_kd: float = 1.0,
+    lambda_rank: float = 0.0,
+    reduction: str = "mean",
+    chunk_rows: int | None = None,
+    check_inputs: bool = True,
+    group: dist.ProcessGroup | None = None,
+) -> Tensor:
+    """``kd_loss_linear`` over a catalog split by rows across ``group`` (see the module docstring).
+
+    ``user_emb`` [B, d] and the batch tensors are replicated; ``item_emb_shard`` [R, d] holds global item
+    rows [item_offset, item_offset + R) (``item_bias_shard`` [R] likewise). Returns the same loss on every
+    rank: a scalar, or [B] for ``reduction="none"``. ``chunk_rows`` bounds the [B, chunk_rows] logits block
+    (default: about 4M values). ``check_inputs`` as in ``kd_loss`` (the data scans; it also verifies, with
+    one small all-gather, that the ranks' ranges tile the catalog)."""
+    if not dist.is_available() or not dist.is_initialized():
+        raise RuntimeError("kd_loss_linear_catalog_parallel needs an initialised torch.distributed process group")
+    for name, x in (("user_emb", user_emb), ("item_emb_shard", item_emb_shard)):
+        if not isinstance(x, Tensor) or x.dim() != 2:
+            raise ValueError(f"{name} must be a 2-d tensor, got {getattr(x, 'shape', type(x))}")
+        if x.dtype not in (torch.float32, torch.bfloat16, torch.float64):
+            raise ValueError(f"{name} must be float32, bfloat16 or float64, got {x.dtype}")
+    if user_emb.dtype != item_emb_shard.dtype:
+        raise ValueError(f"user_emb ({user_emb.dtype}) and item_emb_shard ({item_emb_shard.dtype}) must share one dtype")
+    if user_emb.shape[1] != item_emb_shard.shape[1]:
+        raise ValueError(f"user_emb {tuple(user_emb.shape)} and item_emb_shard {tuple(item_emb_shard.shape)} must share d")
+    if item_emb_shard.device != user_emb.device:
+        raise ValueError(f"item_emb_shard is on {item_emb_shard.device}, user_emb on {user_emb.device}")
+    rows = item_emb_shard.shape[0]
+    if num_items < 1:
+        raise ValueError(f"num_items must be >= 1, got {num_items}")
+    if item_offset < 0 or item_offset + rows > num_items:
+        raise ValueError(f"item_emb_shard rows [{item_offset}, {item_offset + rows}) fall outside [0, {num_items})")
+    if item_bias_shard is not None:
+        if item_bias_shard.shape != (rows,):
+            raise ValueError(f"item_bias_shard must be [R] = [{rows}], got {tuple(item_bias_shard.shape)}")
+        if item_bias_shard.dtype != item_emb_shard.dtype or item_bias_shard.device != item_emb_shard.device:
+            raise ValueError("item_bias_shard must have the dtype and device of item_emb_shard")
+    if chunk_rows is None:
+        chunk_rows = default_chunk_rows(user_emb.shape[0])
+    if chunk_rows < 1:
+        raise ValueError(f"chunk_rows must be >= 1, got {chunk_rows}")
+    check_hyperparameters(temperature, lambda_ce, lambda_kd, lambda_rank, reduction)
+    batch = user_emb.shape[0]
+    check_loss_inputs(num_items, batch, user_emb.device, target, teacher_ids, teacher_scores, teacher_weights,
+                      rank_weights, check_inputs)
+    if check_inputs:
+        check_finite("user_emb", user_emb)
+        check_finite("item_emb_shard", item_emb_shard)
+        check_finite("item_bias_shard", item_bias_shard)
+        _check_tiling(item_offset, rows, num_items, user_emb.device, group)
+
+    fdt = compute_dtype(user_emb.dtype)
+    tgt, ids, scores, tw, rw = normalise_teacher_inputs(target, teacher_ids, teacher_scores, teacher_weights,
+                                                        rank_weights, lambda_rank, fdt)
+    n_slots = ids.shape[1] * ids.shape[2]
+    need_tau = lambda_kd != 0.0 and n_slots > 0
+    # one gather for the target and every teacher slot: [B, 1 + T*K] global ids (-1 = nothing to fetch)
+    sel_ids = torch.cat([tgt[:, None], ids.reshape(batch, n_slots)], dim=1)
+    lse1, lse_tau, sel = _CatalogStats.apply(user_emb.contiguous(), item_emb_shard.contiguous(),
+                                             item_bias_shard.contiguous() if item_bias_shard is not None else None,
+                                             sel_ids, int(item_offset), float(temperature), need_tau,
+                                             int(chunk_rows), group)
+    rows_loss = kd_rows_from_stats(lse1, lse_tau if need_tau else None, sel[:, 0], sel[:, 1:].reshape(ids.shape),
+                                   tgt, ids, scores, tw, rw, float(temperature), float(lambda_ce),
+                                   float(lambda_kd), float(lambda_rank))
+    return reduce_rows(rows_loss, reduction)

@@ -1,0 +1,143 @@
+"""kd_loss_linear_catalog_parallel with 2 real gloo processes against the single-process reference: value,
+gradient of user_emb, and each rank's gradient of its own rows (and bias), over several configurations.
+
+The workers are this file run as a script (``python test_catalog_loss.py RANK WORLD PORT OUT``), so they do
+not depend on how pytest imports test modules."""
+from __future__ import annotations
+
+import json
+import os
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+C, D = 23, 5
+# (name, rank-0 rows, kwargs): uneven splits, a rank holding nothing, tau = 1 (shared LSE) and != 1
+CONFIGS = [
+    ("full", 9, dict(temperature=1.7, lambda_ce=0.8, lambda_kd=1.2, lambda_rank=0.6, bias=True, reduction="mean")),
+    ("tau1_sum", 14, dict(temperature=1.0, lambda_rank=0.5, bias=False, reduction="sum")),
+    ("rows_none", 1, dict(temperature=0.5, lambda_rank=0.0, bias=True, reduction="none")),
+    ("no_teachers", 11, dict(temperature=1.0, bias=True, reduction="mean", teachers=0)),
+    ("rank0_empty", 0, dict(temperature=2.0, lambda_rank=1.0, bias=True, reduction="mean")),
+]
+
+
+def make_case(kw, seed=0):
+    import torch
+
+    g = torch.Generator().manual_seed(seed)
+    b, t, k = 7, kw.get("teachers", 3), 4
+    user = torch.randn(b, D, generator=g, dtype=torch.float64)
+    item = torch.randn(C, D, generator=g, dtype=torch.float64)
+    bias = torch.randn(C, generator=g, dtype=torch.float64) if kw["bias"] else None
+    ids = torch.randint(0, C, (b, t, k), generator=g)
+    ids[torch.rand(b, t, k, generator=g) < 0.3] = -1
+    if t > 1:
+        ids[1, 1] = ids[1, 0]            # duplicates across teachers
+        ids[2, 2] = -1                   # an empty teacher
+    target = torch.randint(0, C, (b,), generator=g)
+    target[3] = -1
+    scores = torch.randn(b, t, k, generator=g, dtype=torch.float64)
+    weights = torch.rand(b, t, generator=g, dtype=torch.float64)
+    rank = torch.rand(b, t, k, generator=g, dtype=torch.float64)
+    return user, item, bias, target, ids, scores, weights, rank
+
+
+def loss_kwargs(kw):
+    return {n: kw[n] for n in ("temperature", "lambda_ce", "lambda_kd", "lambda_rank", "reduction") if n in kw}
+
+
+def worker(rank: int, world: int, port: int, out: str) -> None:
+    import torch
+    import torch.distributed as dist
+
+    from prmkd_dist import kd_loss_linear
+    from prmkd_dist.parallel.catalog_loss import kd_loss_linear_catalog_parallel
+
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world)
+    report = {}
+    try:
+        for name, split, kw in CONFIGS:
+            user, item, bias, target, ids, scores, weights, rank_w = make_case(kw)
+            lo, hi = (0, split) if rank == 0 else (split, C)
+            u = user.clone().requires_grad_()
+            shard = item[lo:hi].clone().requires_grad_()
+            bshard = bias[lo:hi].clone().requires_grad_() if bias is not None else None
+            got = kd_loss_linear_catalog_parallel(u, shard, lo, C, target, ids, scores, weights, rank_w,
+                                                  item_bias_shard=bshard, chunk_rows=4, **loss_kwargs(kw))
+            got.sum().backward()
+
+            ru, ri = user.clone().requires_grad_(), item.clone().requires_grad_()
+            rb = bias.clone().requires_grad_() if bias is not None else None
+            want = kd_loss_linear(ru, ri, target, ids, scores, weights, rank_w, item_bias=rb, backend="reference",
+                                  **loss_kwargs(kw))
+            want.sum().backward()
+            torch.testing.assert_close(got, want, rtol=1e-10, atol=1e-12, msg=lambda m: f"{name} value: {m}")
+            torch.testing.assert_close(u.grad, ru.grad, rtol=1e-10, atol=1e-12, msg=lambda m: f"{name} d user: {m}")
+            torch.testing.assert_close(shard.grad, ri.grad[lo:hi], rtol=1e-10, atol=1e-12,
+                                       msg=lambda m: f"{name} d rows: {m}")
+            if bias is not None:
+                torch.testing.assert_close(bshard.grad, rb.grad[lo:hi], rtol=1e-10, atol=1e-12,
+                                           msg=lambda m: f"{name} d bias: {m}")
+            report[name] = float(got.detach().sum())
+
+        # float32 with the default chunking agrees too
+        user, item, bias, target, ids, scores, weights, rank_w = make_case(CONFIGS[0][2], seed=1)
+        lo, hi = (0, 12) if rank == 0 else (12, C)
+        got = kd_loss_linear_catalog_parallel(user.float(), item[lo:hi].float(), lo, C, target, ids, scores,
+                                              weights, rank_w, item_bias_shard=bias[lo:hi].float(), lambda_rank=0.3)
+        want = kd_loss_linear(user.float(), item.float(), target, ids, scores, weights, rank_w,
+                              item_bias=bias.float(), lambda_rank=0.3, backend="reference")
+        torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
+
+        # ranges that do not tile the catalog are refused on every rank
+        lo, hi = (0, 10) if rank == 0 else (9, C)
+        try:
+            kd_loss_linear_catalog_parallel(user, item[lo:hi], lo, C, target, ids, scores, weights)
+        except ValueError as exc:
+            report["tiling_error"] = str(exc)
+        dist.barrier()
+    finally:
+        dist.destroy_process_group()
+    Path(out).write_text(json.dumps(report))
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.mark.multiproc
+def test_two_gloo_ranks_match_single_process_reference(tmp_path):
+    port = _free_port()
+    outs = [tmp_path / f"rank{r}.json" for r in range(2)]
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    procs = [subprocess.Popen([sys.executable, __file__, str(r), "2", str(port), str(outs[r])], env=env,
+                              stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True) for r in range(2)]
+    logs = [p.communicate(timeout=240)[0] for p in procs]
+    for r, p in enumerate(procs):
+        assert p.returncode == 0, f"rank {r} failed:\n{logs[r]}"
+    reports = [json.loads(o.read_text()) for o in outs]
+    assert reports[0] == reports[1]  # the same loss on both ranks
+    assert set(reports[0]) == {name for name, _, _ in CONFIGS} | {"tiling_error"}
+    assert "do not tile [0, 23)" in reports[0]["tiling_error"]
+
+
+@pytest.mark.multiproc
+def test_needs_an_initialised_process_group():
+    import torch
+
+    from prmkd_dist.parallel.catalog_loss import kd_loss_linear_catalog_parallel
+
+    user, item, bias, target, ids, scores, weights, rank = make_case(CONFIGS[0][2])
+    with pytest.raises(RuntimeError, match="initialised torch.distributed process group"):
+        kd_loss_linear_catalog_parallel(user, item, 0, C, target, ids, scores, weights)
+    assert torch.distributed.is_available()
+
+
+if __name__ == "__main__":
+    worker(int(sys.argv[1]), int(sys.argv[2]), int(sys.argv[3]), sys.argv[4])
