@@ -1,0 +1,509 @@
+"""Streaming loader of teacher-score shards: ``TeacherShardDataset`` (a torch IterableDataset that yields
+ready, collated batches) and ``ShardLoader`` (a DataLoader wrapper that tracks what was consumed so a
+run resumes mid-epoch exactly). Depends on numpy/pyarrow/torch only; see docs/shards.md "Loader".
+
+Epoch plan (a pure function of the shard footers, seed, epoch, rank/world, workers and batch size):
+1. The row groups of all files are permuted by (seed, epoch) and concatenated into one global row
+   sequence of N rows.
+2. Rank r reads rows [r*n, (r+1)*n) of it with n = N // world: every rank gets the same number of
+   rows, hence the same number of batches (lockstep). The N % world rows left over are not read this
+   epoch; they are counted (``epoch_accounting()["rows_unassigned"]``) and, as the order changes each
+   epoch, different rows are left over each time. Row groups on a range boundary are read by both ranks.
+3. A rank's rows are cut into contiguous blocks of whole batches (ceil(n / B) batches, or floor with
+   drop_last, the partial rows then counted), one block ("stream") per DataLoader worker; the
+   DataLoader's round robin makes rank batch j = stream j % W's batch j // W, so a resume state is a
+   single number: the batches consumed in the epoch.
+4. A worker shuffles its rows within windows of ``shuffle_buffer_rows`` consecutive rows (spanning
+   several row groups), permuted by (seed, epoch, window start), and cuts batches of B rows.
+A background thread reads and decodes the next windows while batches are consumed.
+"""
+from __future__ import annotations
+
+import math
+import queue
+import threading
+from typing import Iterator
+
+import numpy as np
+import pyarrow.parquet as pq
+import torch
+from torch.utils.data import DataLoader, IterableDataset, get_worker_info
+
+from prmkd_dist.constants import PAD_ID
+from prmkd_dist.data.shards import (
+    EXAMPLE_COLUMNS,
+    IncompleteShardError,
+    ShardSet,
+    check_example_table,
+    list_parts,
+    raise_first,
+)
+
+STATE_FORMAT = "prmkd-dist/loader-state"
+STATE_VERSION = 1
+BAD_ROW_POLICIES = ("raise", "skip")
+TENSOR_KEYS = ("example_key", "user_id", "domain_id", "history", "target", "teacher_ids", "teacher_scores")
+
+
+class LoaderStateError(ValueError):
+    """A loader state does not fit this dataset/configuration."""
+
+
+def pad_lists(offsets: np.ndarray, values: np.ndarray, width: int, fill, dtype, keep: str) -> np.ndarray:
+    """Ragged lists (absolute ``offsets`` into ``values``) -> dense [n, width] without a per-row loop.
+    keep="last": left-pad, keeping the last ``width`` items (histories); keep="first": right-pad."""
+    n = len(offsets) - 1
+    lengths = np.diff(offsets)
+    if n and keep == "first" and (lengths == width).all():  # the common full top-K case: a reshape
+        return values[offsets[0] : offsets[-1]].reshape(n, width).astype(dtype, copy=False)
+    if n == 0 or offsets[-1] == offsets[0]:
+        return np.full((n, width), fill, dtype=dtype)
+    # one dense gather of n x width candidate positions, masked where a row has no item there
+    if keep == "last":
+        idx = offsets[1:, None].astype(np.int64) - width + np.arange(width)
+        valid = idx >= offsets[:-1, None]
+    else:
+        idx = offsets[:-1, None].astype(np.int64) + np.arange(width)
+        valid = idx < offsets[1:, None]
+    np.clip(idx, offsets[0], offsets[-1] - 1, out=idx)
+    return np.where(valid, values[idx], np.asarray(fill, dtype=dtype)).astype(dtype, copy=False)
+
+
+def _cat(parts: list):
+    return torch.cat(parts) if torch.is_tensor(parts[0]) else np.concatenate(parts)
+
+
+class TeacherShardDataset(IterableDataset):
+    """Yields collated batches (dicts of tensors) from a shard directory; use with
+    ``DataLoader(ds, batch_size=None)`` or, to resume mid-epoch with workers, ``ShardLoader``.
+
+    Batch: example_key [B], user_id [B], domain_id [B], history [B, max_len] (left-padded with PAD_ID,
+    most recent item right), target [B] (PAD_ID = none), teacher_ids [B, T, K] (PAD_ID on empty slots),
+    teacher_scores [B, T, K] float32 (0.0 on empty slots), and ``info`` = {rank_batch (index in the rank's
+    epoch), stream, epoch, skipped_bad_rows} (plain ints; ShardLoader pops it). T follows ``teacher_names``; K is the
+    largest declared K.
+
+    on_bad_rows: "raise" (default) raises BadRowError naming file/column/row; "skip" drops bad rows
+    from their batch (which may then hold fewer than B rows, keeping the batch count in lockstep) and
+    counts them in ``counters["bad_rows_skipped"]`` and in each batch's info.
+    """
+
+    def __init__(
+        self,
+        root: str,
+        batch_size: int,
+        *,
+        max_len: int = 50,
+        shuffle: bool = True,
+        seed: int = 0,
+        shuffle_buffer_rows: int = 16384,
+        drop_last: bool = False,
+        rank: int | None = None,
+        world_size: int | None = None,
+        num_items: int | None = None,
+        item_fingerprint: str | None = None,
+        on_bad_rows: str = "raise",
+        prefetch_windows: int = 2,
+        check_sorted: bool = True,
+        check_duplicates: bool = False,
+    ):
+        super().__init__()
+        if batch_size < 1 or max_len < 1 or shuffle_buffer_rows < 1 or prefetch_windows < 1:
+            raise ValueError("batch_size, max_len, shuffle_buffer_rows and prefetch_windows must be >= 1")
+        if on_bad_rows not in BAD_ROW_POLICIES:
+            raise ValueError(f"on_bad_rows={on_bad_rows!r}, expected one of {BAD_ROW_POLICIES}")
+        self.shards = ShardSet.open(root, num_items=num_items, item_fingerprint=item_fingerprint)
+        self.meta = self.shards.meta
+        self.teacher_names: tuple[str, ...] = self.meta.teacher_names
+        self.k = max((t.k for t in self.meta.teachers), default=0)
+        self.batch_size, self.max_len = int(batch_size), int(max_len)
+        self.shuffle, self.seed, self.drop_last = shuffle, int(seed), drop_last
+        self.shuffle_buffer_rows, self.prefetch_windows = int(shuffle_buffer_rows), int(prefetch_windows)
+        self.on_bad_rows, self.check_sorted, self.check_duplicates = on_bad_rows, check_sorted, check_duplicates
+        if world_size is None or rank is None:
+            dist = torch.distributed.is_available() and torch.distributed.is_initialized()
+            rank = torch.distributed.get_rank() if dist and rank is None else (rank or 0)
+            world_size = torch.distributed.get_world_size() if dist and world_size is None else (world_size or 1)
+        if not 0 <= rank < world_size:
+            raise ValueError(f"rank {rank} outside world_size {world_size}")
+        self.rank, self.world_size = int(rank), int(world_size)
+        self.columns = list(EXAMPLE_COLUMNS)
+        for t in self.meta.teachers:
+            self.columns += [t.ids_column, t.scores_column]
+        # row groups: (file index, row group index, rows, first row within the file)
+        self._groups = [(fi, g, n, int(s)) for fi, f in enumerate(self.shards.files)
+                        for g, (n, s) in enumerate(zip(f.row_group_rows, f.row_group_starts))]
+        self.epoch = 0
+        self._resume: dict | None = None  # {"num_workers", "batches_done"} applied by the next __iter__
+        self._done = 0  # in-process iteration: this rank's batches yielded in the epoch
+        self.counters = {"bad_rows_skipped": 0}
+
+    # ---- plan -------------------------------------------------------------------------------------
+    @property
+    def num_rows(self) -> int:
+        return self.shards.num_rows
+
+    def set_epoch(self, epoch: int) -> None:
+        """Select the epoch whose order the next iteration follows (drops any pending resume)."""
+        self.epoch, self._resume, self._done = int(epoch), None, 0
+
+    def _group_order(self, epoch: int) -> np.ndarray:
+        idx = np.arange(len(self._groups))
+        if self.shuffle:
+            idx = np.random.default_rng([self.seed, epoch]).permutation(idx)
+        return idx
+
+    def num_batches(self) -> int:
+        """Batches every rank yields per epoch (the same on all ranks, whatever the worker count)."""
+        n = self.num_rows // self.world_size
+        return n // self.batch_size if self.drop_last else math.ceil(n / self.batch_size)
+
+    def _worker_batches(self, num_workers: int) -> list[int]:
+        nb, w = self.num_batches(), max(1, num_workers)
+        return [nb // w + (i < nb % w) for i in range(w)]
+
+    def epoch_accounting(self, num_workers: int = 0) -> dict:
+        """What an epoch reads and leaves out (identical every epoch; the rows concerned change)."""
+        n = self.num_rows // self.world_size
+        nb = self.num_batches()
+        used = min(n, nb * self.batch_size)
+        return {
+            "rows_total": self.num_rows,
+            "rows_per_rank": used,
+            "rows_unassigned": self.num_rows - n * self.world_size,  # N % world, not read by any rank
+            "rows_dropped_last_partial": (n - used) * self.world_size,  # drop_last, over all ranks
+            "batches_per_rank": nb,
+            "batches_per_worker": self._worker_batches(num_workers),
+        }
+
+    def _worker_rows(self, worker: int, num_workers: int) -> tuple[int, int, int]:
+        """(first global row, end row, batches) of this rank's worker in the permuted row sequence."""
+        n = self.num_rows // self.world_size
+        per = self._worker_batches(num_workers)
+        b0 = sum(per[:worker])
+        base = self.rank * n
+        used = min(n, self.num_batches() * self.batch_size)
+        lo = base + min(b0 * self.batch_size, used)
+        hi = base + min((b0 + per[worker]) * self.batch_size, used)
+        return lo, hi, per[worker]
+
+    # ---- decoding ---------------------------------------------------------------------------------
+    def _decode(self, table, path: str, first_row: int) -> dict:
+        """Check one row group and turn it into numpy arrays. Teacher lists that are all full stay
+        zero-copy [n, K_t] views of the Arrow buffers; the window assembly copies everything once."""
+        found = check_example_table(table, self.meta, check_sorted=self.check_sorted,
+                                    check_duplicates=self.check_duplicates)
+        n = len(table)
+        bad = np.zeros(n, dtype=bool)
+        if found:
+            if self.on_bad_rows == "raise":
+                raise_first(found, path, first_row)
+            for m in found.values():
+                bad |= m
+        off, vals = list_parts(table.column("history"))
+        ids, scores = [], []
+        for t in self.meta.teachers:
+            ioff, iv = list_parts(table.column(t.ids_column))
+            soff, sv = list_parts(table.column(t.scores_column))
+            ids.append(pad_lists(ioff, iv, t.k, PAD_ID, np.int64, "first"))
+            scores.append(pad_lists(soff, sv, t.k, 0.0, np.float32, "first"))
+        return {
+            "example_key": np.asarray(table.column("example_key")),
+            "user_id": np.asarray(table.column("user_id")),
+            "domain_id": np.asarray(table.column("domain_id")),
+            "history": pad_lists(off, vals, self.max_len, PAD_ID, np.int64, "last"),
+            "target": np.asarray(table.column("target")),
+            "teacher_ids": ids,
+            "teacher_scores": scores,
+            "bad": bad,
+        }
+
+    def _new_window(self, n: int) -> tuple[dict, dict]:
+        """(numpy arrays to fill, what the window yields). In a DataLoader worker the arrays live in
+        torch shared memory and the window yields those tensors: batches are then views of it and
+        travel to the main process without the copy into shared memory the DataLoader would make."""
+        T, K = len(self.meta.teachers), self.k
+        ragged = any(t.k < K for t in self.meta.teachers)  # narrower teachers leave empty slots
+        shapes = {
+            "example_key": ((n,), torch.int64, None),
+            "user_id": ((n,), torch.int64, None),
+            "domain_id": ((n,), torch.int64, None),
+            "history": ((n, self.max_len), torch.int64, None),
+            "target": ((n,), torch.int64, None),
+            "teacher_ids": ((n, T, K), torch.int64, PAD_ID if ragged else None),
+            "teacher_scores": ((n, T, K), torch.float32, 0.0 if ragged else None),
+        }
+        shared = get_worker_info() is not None
+        arrays, out = {}, {}
+        for key, (shape, dtype, fill) in shapes.items():
+            t = torch.empty(shape, dtype=dtype)
+            if shared:
+                t.share_memory_()
+            if fill is not None:
+                t.fill_(fill)
+            arrays[key] = t.numpy()
+            out[key] = t if shared else arrays[key]
+        arrays["bad"] = out["bad"] = np.empty(n, bool)
+        return arrays, out
+
+    def _windows(self, epoch: int, lo: int, hi: int, start_row: int, stop: threading.Event) -> Iterator[dict]:
+        """Decoded, shuffled windows covering rows [start_row, hi) of the worker's range [lo, hi)."""
+        order = self._group_order(epoch)
+        sizes = np.array([self._groups[i][2] for i in order], dtype=np.int64)
+        starts = np.concatenate([[0], np.cumsum(sizes)])
+        cache: tuple[int, dict] | None = None  # the last decoded row group (shared by two windows)
+        S = self.shuffle_buffer_rows
+        w0 = lo + ((start_row - lo) // S) * S
+        first_j = int(np.searchsorted(starts, w0, side="right")) - 1
+        last_j = int(np.searchsorted(starts, hi, side="left"))  # exclusive
+        # reading (pyarrow, GIL released) runs one thread ahead of decoding (numpy)
+        tables = self._prefetched(lambda stop: self._read_groups(order, range(first_j, last_j), stop), depth=2)
+        for a in range(w0, hi, S):
+            if stop.is_set():
+                return
+            b = min(a + S, hi)
+            win, window_out = self._new_window(b - a)
+            ids2d = win["teacher_ids"].reshape(b - a, -1)
+            scores2d = win["teacher_scores"].reshape(b - a, -1)
+            # window row r lands at output row dest[r]: one scatter per row group, no extra copy
+            dest = np.arange(b - a)
+            if self.shuffle:
+                perm = np.random.default_rng([self.seed, epoch, a]).permutation(b - a)
+                dest[perm] = np.arange(b - a)
+            for j in range(int(np.searchsorted(starts, a, side="right")) - 1, len(order)):
+                if starts[j] >= b:
+                    break
+                fi, g, _, first = self._groups[order[j]]
+                if cache is None or cache[0] != order[j]:
+                    jj, tab = next(tables)
+                    assert jj == j, (jj, j)  # row groups are consumed strictly in plan order
+                    cache = (order[j], self._decode(tab, self.shards.files[fi].path, first))
+                s0, s1 = max(a, starts[j]) - starts[j], min(b, starts[j + 1]) - starts[j]
+                d = dest[starts[j] + s0 - a : starts[j] + s1 - a]
+                part = cache[1]
+                for key in ("example_key", "user_id", "domain_id", "history", "target", "bad"):
+                    win[key][d] = part[key][s0:s1]
+                for t, info in enumerate(self.meta.teachers):
+                    # 2-D views: a row scatter into [n, T*K] is about 2x faster than into [n, T, K]
+                    cols = slice(t * self.k, t * self.k + info.k)
+                    ids2d[d, cols] = part["teacher_ids"][t][s0:s1]
+                    scores2d[d, cols] = part["teacher_scores"][t][s0:s1]
+            yield window_out
+
+    def _read_groups(self, order: np.ndarray, js: range, stop: threading.Event) -> Iterator[tuple]:
+        """(j, Arrow table) of the plan's row groups ``js``, read in order."""
+        handles: dict[int, pq.ParquetFile] = {}
+        for j in js:
+            if stop.is_set():
+                return
+            fi, g, _, _ = self._groups[order[j]]
+            if fi not in handles:
+                path = self.shards.files[fi].path
+                try:
+                    handles[fi] = pq.ParquetFile(path)
+                except Exception as e:
+                    raise IncompleteShardError(f"{path}: truncated or corrupt Parquet file ({e})") from None
+            yield j, self.shards.read_row_group(fi, g, self.columns, handle=handles[fi])
+
+    def _prefetched(self, gen_fn, depth: int | None = None) -> Iterator:
+        """Run ``gen_fn(stop)`` in a thread, ``depth`` (default prefetch_windows) items ahead."""
+        q: queue.Queue = queue.Queue(maxsize=depth or self.prefetch_windows)
+        stop = threading.Event()
+        END = object()
+
+        def put(item) -> bool:
+            while not stop.is_set():
+                try:
+                    q.put(item, timeout=0.1)
+                    return True
+                except queue.Full:
+                    continue
+            return False
+
+        def run():
+            try:
+                for item in gen_fn(stop):
+                    if not put(item):
+                        return
+                put(END)
+            except BaseException as e:  # handed to the consumer, which re-raises it
+                put(e)
+
+        th = threading.Thread(target=run, name="shard-prefetch", daemon=True)
+        th.start()
+        try:
+            while True:
+                item = q.get()
+                if item is END:
+                    return
+                if isinstance(item, BaseException):
+                    raise item
+                yield item
+        finally:
+            stop.set()
+            th.join(timeout=5)
+
+    # ---- iteration --------------------------------------------------------------------------------
+    def _stream_of(self, worker: int, num_workers: int, consumed: int) -> tuple[int, int]:
+        """(stream, its first local batch) for DataLoader worker ``worker`` when ``consumed`` batches of
+        the rank's epoch are already consumed. Rank batch j is stream j % W's local batch j // W (the
+        DataLoader's round robin); after a restart its worker 0 must take stream consumed % W."""
+        stream = (worker + consumed) % num_workers
+        return stream, max(0, -(-(consumed - stream) // num_workers))
+
+    def __iter__(self) -> Iterator[dict]:
+        info = get_worker_info()
+        worker, num_workers = (info.id, info.num_workers) if info is not None else (0, 1)
+        epoch, resume = self.epoch, self._resume
+        self._resume = None
+        consumed = 0
+        if resume is not None:
+            if resume["num_workers"] != num_workers:
+                raise LoaderStateError(
+                    f"state was saved with {resume['num_workers']} worker stream(s), iterating with {num_workers}"
+                )
+            consumed = int(resume["batches_done"])
+        stream, start = self._stream_of(worker, num_workers, consumed)
+        lo, hi, nb = self._worker_rows(stream, num_workers)
+        B = self.batch_size
+        self._done = consumed
+        if start >= nb:
+            return
+        windows = self._prefetched(lambda stop: self._windows(epoch, lo, hi, lo + start * B, stop))
+        # rows of the first window before the resume point were consumed before the restart
+        skip = (lo + start * B - lo) % self.shuffle_buffer_rows
+        pending: list[dict] = []
+        pending_rows = 0
+        batch_index = start
+        for win in windows:
+            if skip:
+                win = {k: v[skip:] for k, v in win.items()}
+                skip = 0
+            pending.append(win)
+            pending_rows += len(win["bad"])
+            # rows of the range not yet read into `pending`; when none are left, a short batch may go
+            unread = hi - (lo + batch_index * B + pending_rows)
+            while pending_rows >= B or (pending_rows and unread == 0):
+                take = min(B, pending_rows)
+                # copy only a batch that straddles two windows; otherwise the batch is a view
+                head, got = [], 0
+                while got < take:
+                    p = pending[0]
+                    m = min(take - got, len(p["bad"]))
+                    head.append({k: v[:m] for k, v in p.items()})
+                    got += m
+                    if m == len(p["bad"]):
+                        pending.pop(0)
+                    else:
+                        pending[0] = {k: v[m:] for k, v in p.items()}
+                batch = head[0] if len(head) == 1 else {k: _cat([h[k] for h in head]) for k in head[0]}
+                pending_rows -= take
+                yield self._emit(batch, stream, num_workers, batch_index, epoch)
+                batch_index += 1
+                if batch_index >= nb:
+                    return
+
+    def _emit(self, batch: dict, stream: int, num_workers: int, batch_index: int, epoch: int) -> dict:
+        bad = batch.pop("bad")
+        skipped = int(bad.sum())
+        if skipped:
+            keep = ~bad
+            batch = {k: v[torch.from_numpy(keep) if torch.is_tensor(v) else keep] for k, v in batch.items()}
+            self.counters["bad_rows_skipped"] += skipped
+        # window rows are contiguous, so a batch slice is already a contiguous view (no copy)
+        out = {k: batch[k] if torch.is_tensor(batch[k]) else torch.from_numpy(np.ascontiguousarray(batch[k]))
+               for k in TENSOR_KEYS}
+        rank_batch = batch_index * num_workers + stream
+        out["info"] = {"rank_batch": rank_batch, "stream": stream, "epoch": epoch, "skipped_bad_rows": skipped}
+        self._done = rank_batch + 1  # meaningful in-process (num_workers=0), where yield = consumed
+        return out
+
+    # ---- state ------------------------------------------------------------------------------------
+    def state_dict(self, batches_done: int | None = None, num_workers: int = 0) -> dict:
+        """Position to resume from: epoch, seed and the number of this rank's batches consumed in the
+        epoch (all per-worker positions follow from it, see ``_stream_of``). Iterating the dataset
+        directly (or DataLoader num_workers=0) it is tracked here; ShardLoader passes its own count."""
+        return {
+            "format": STATE_FORMAT,
+            "version": STATE_VERSION,
+            "epoch": self.epoch,
+            "seed": self.seed,
+            "rank": self.rank,
+            "world_size": self.world_size,
+            "num_workers": max(1, num_workers),
+            "batch_size": self.batch_size,
+            "shuffle": self.shuffle,
+            "shuffle_buffer_rows": self.shuffle_buffer_rows,
+            "drop_last": self.drop_last,
+            "num_rows": self.num_rows,
+            "batches_done": int(self._done if batches_done is None else batches_done),
+            "counters": dict(self.counters),
+        }
+
+    def load_state_dict(self, state: dict) -> None:
+        """Resume: the next iteration continues ``state``'s epoch exactly where it stopped."""
+        if state.get("format") != STATE_FORMAT or state.get("version") != STATE_VERSION:
+            raise LoaderStateError(f"not a loader state of version {STATE_VERSION}: {state.get('format')!r} {state.get('version')!r}")
+        for key in ("rank", "world_size", "batch_size", "shuffle", "shuffle_buffer_rows", "drop_last", "num_rows"):
+            if state[key] != getattr(self, key):
+                raise LoaderStateError(f"loader state has {key}={state[key]!r}, this dataset has {getattr(self, key)!r}")
+        self.seed, self.epoch = int(state["seed"]), int(state["epoch"])
+        self._done = int(state["batches_done"])
+        self._resume = {"num_workers": int(state["num_workers"]), "batches_done": self._done}
+        self.counters = dict(state.get("counters", self.counters))
+
+
+class ShardLoader:
+    """DataLoader(batch_size=None) over a TeacherShardDataset that counts the batches actually consumed
+    (not those the workers prefetched), so ``state_dict()`` resumes exactly, in the same order, with
+    or without workers. It relies on the DataLoader's in-order round robin over workers and checks it
+    on every batch. Pops ``info`` from batches; skipped bad rows are summed in ``counters``."""
+
+    def __init__(self, dataset: TeacherShardDataset, *, num_workers: int = 0, pin_memory: bool = False,
+                 multiprocessing_context=None, prefetch_factor: int | None = None):
+        self.dataset, self.num_workers = dataset, int(num_workers)
+        self._dl_kwargs = {"num_workers": self.num_workers, "pin_memory": pin_memory,
+                           "multiprocessing_context": multiprocessing_context}
+        if self.num_workers and prefetch_factor:
+            self._dl_kwargs["prefetch_factor"] = prefetch_factor
+        self._consumed = 0
+        self.counters = {"bad_rows_skipped": 0}
+
+    @property
+    def teacher_names(self) -> tuple[str, ...]:
+        return self.dataset.teacher_names
+
+    def __len__(self) -> int:
+        return self.dataset.num_batches()
+
+    def set_epoch(self, epoch: int) -> None:
+        self.dataset.set_epoch(epoch)
+        self._consumed = 0
+
+    def __iter__(self) -> Iterator[dict]:
+        resume = self.dataset._resume
+        self._consumed = int(resume["batches_done"]) if resume else 0
+        if resume and resume["num_workers"] != max(1, self.num_workers):
+            raise LoaderStateError(f"state was saved with {resume['num_workers']} worker stream(s), "
+                                   f"this loader has {max(1, self.num_workers)}")
+        it = iter(DataLoader(self.dataset, batch_size=None, **self._dl_kwargs))
+        if self.num_workers:
+            self.dataset._resume = None  # the workers hold their copy; later epochs start fresh
+        for batch in it:
+            info = batch.pop("info")
+            if info["rank_batch"] != self._consumed:
+                raise RuntimeError(f"batch {info['rank_batch']} arrived while {self._consumed} was expected: "
+                                   "the DataLoader must deliver worker batches in order (in_order=True)")
+            self._consumed += 1
+            self.counters["bad_rows_skipped"] += int(info["skipped_bad_rows"])
+            yield batch
+
+    def state_dict(self) -> dict:
+        sd = self.dataset.state_dict(self._consumed, self.num_workers)
+        sd["counters"] = dict(self.counters)
+        return sd
+
+    def load_state_dict(self, state: dict) -> None:
+        self.dataset.load_state_dict(state)
+        self._consumed = int(state["batches_done"])
+        self.counters = dict(state.get("counters", self.counters))
