@@ -54,6 +54,20 @@ def _list_array(offsets: np.ndarray, values: np.ndarray) -> pa.Array:
     return pa.LargeListArray.from_arrays(pa.array(offsets, pa.int64()), pa.array(values, pa.int64()))
 
 
+def read_meta(directory: str) -> dict:
+    """The meta.json of a prepared dataset (num_items, item_fingerprint, ...) without reading the data."""
+    meta_path = os.path.join(directory, "meta.json")
+    if not os.path.exists(meta_path):
+        raise DatasetFormatError(f"{directory}: not a prepared dataset (no meta.json); run `prmkd-dist data prepare`")
+    with open(meta_path) as f:
+        meta = json.load(f)
+    if meta.get("format") != FORMAT or meta.get("version") != VERSION:
+        raise DatasetFormatError(
+            f"{meta_path}: format {meta.get('format')!r} version {meta.get('version')!r}, expected {FORMAT!r} version {VERSION}"
+        )
+    return meta
+
+
 @dataclass
 class InteractionData:
     name: str
@@ -162,14 +176,7 @@ class InteractionData:
     @classmethod
     def load(cls, directory: str) -> "InteractionData":
         meta_path = os.path.join(directory, "meta.json")
-        if not os.path.exists(meta_path):
-            raise DatasetFormatError(f"{directory}: not a prepared dataset (no meta.json); run `prmkd-dist data prepare`")
-        with open(meta_path) as f:
-            meta = json.load(f)
-        if meta.get("format") != FORMAT or meta.get("version") != VERSION:
-            raise DatasetFormatError(
-                f"{meta_path}: format {meta.get('format')!r} version {meta.get('version')!r}, expected {FORMAT!r} version {VERSION}"
-            )
+        meta = read_meta(directory)
         items_tab = pq.read_table(os.path.join(directory, "items.parquet"))
         users_tab = pq.read_table(os.path.join(directory, "users.parquet"))
         for tab, col, path in ((items_tab, "item_id", "items.parquet"), (users_tab, "user_id", "users.parquet")):
@@ -257,12 +264,36 @@ class LeaveOneOutSplit:
         return np.flatnonzero(self.target(stage) != PAD_ID)
 
 
+def pad_ragged(offsets: np.ndarray, values: np.ndarray, width: int, fill, dtype, keep: str) -> np.ndarray:
+    """Ragged lists (absolute ``offsets`` into ``values``) -> dense [n, width] without a per-row loop.
+
+    keep="last": left-pad, keeping the last ``width`` items (histories, most recent at the right end);
+    keep="first": right-pad, keeping the first ``width`` items (top-K lists). The one padding routine of
+    the project: the loader, the trainers and the evaluation all use it."""
+    n = len(offsets) - 1
+    lengths = np.diff(offsets)
+    if n and keep == "first" and (lengths == width).all():  # the common full top-K case: a reshape
+        return values[offsets[0] : offsets[-1]].reshape(n, width).astype(dtype, copy=False)
+    if n == 0 or offsets[-1] == offsets[0]:
+        return np.full((n, width), fill, dtype=dtype)
+    # one dense gather of n x width candidate positions, masked where a row has no item there
+    if keep == "last":
+        idx = offsets[1:, None].astype(np.int64) - width + np.arange(width)
+        valid = idx >= offsets[:-1, None]
+    elif keep == "first":
+        idx = offsets[:-1, None].astype(np.int64) + np.arange(width)
+        valid = idx < offsets[1:, None]
+    else:
+        raise ValueError(f"keep must be 'last' or 'first', got {keep!r}")
+    np.clip(idx, offsets[0], offsets[-1] - 1, out=idx)
+    return np.where(valid, values[idx], np.asarray(fill, dtype=dtype)).astype(dtype, copy=False)
+
+
 def left_pad(seqs: list[np.ndarray], max_len: int) -> np.ndarray:
     """Stack sequences into [B, max_len] int64, keeping the most recent ``max_len`` items at the right
     end and filling the left with PAD_ID (the layout every sequential model here expects)."""
-    out = np.full((len(seqs), max_len), PAD_ID, dtype=np.int64)
-    for i, s in enumerate(seqs):
-        s = s[-max_len:]
-        if len(s):
-            out[i, max_len - len(s) :] = s
-    return out
+    lengths = np.fromiter((len(s) for s in seqs), dtype=np.int64, count=len(seqs))
+    offsets = np.zeros(len(seqs) + 1, dtype=np.int64)
+    np.cumsum(lengths, out=offsets[1:])
+    values = np.concatenate([np.asarray(s, dtype=np.int64) for s in seqs]) if len(seqs) else np.zeros(0, np.int64)
+    return pad_ragged(offsets, values, max_len, PAD_ID, np.int64, keep="last")

@@ -30,6 +30,7 @@ import torch
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from prmkd_dist.constants import PAD_ID
+from prmkd_dist.data.dataset import pad_ragged
 from prmkd_dist.data.shards import (
     EXAMPLE_COLUMNS,
     IncompleteShardError,
@@ -47,26 +48,6 @@ TENSOR_KEYS = ("example_key", "user_id", "domain_id", "history", "target", "teac
 
 class LoaderStateError(ValueError):
     """A loader state does not fit this dataset/configuration."""
-
-
-def pad_lists(offsets: np.ndarray, values: np.ndarray, width: int, fill, dtype, keep: str) -> np.ndarray:
-    """Ragged lists (absolute ``offsets`` into ``values``) -> dense [n, width] without a per-row loop.
-    keep="last": left-pad, keeping the last ``width`` items (histories); keep="first": right-pad."""
-    n = len(offsets) - 1
-    lengths = np.diff(offsets)
-    if n and keep == "first" and (lengths == width).all():  # the common full top-K case: a reshape
-        return values[offsets[0] : offsets[-1]].reshape(n, width).astype(dtype, copy=False)
-    if n == 0 or offsets[-1] == offsets[0]:
-        return np.full((n, width), fill, dtype=dtype)
-    # one dense gather of n x width candidate positions, masked where a row has no item there
-    if keep == "last":
-        idx = offsets[1:, None].astype(np.int64) - width + np.arange(width)
-        valid = idx >= offsets[:-1, None]
-    else:
-        idx = offsets[:-1, None].astype(np.int64) + np.arange(width)
-        valid = idx < offsets[1:, None]
-    np.clip(idx, offsets[0], offsets[-1] - 1, out=idx)
-    return np.where(valid, values[idx], np.asarray(fill, dtype=dtype)).astype(dtype, copy=False)
 
 
 def _cat(parts: list):
@@ -205,13 +186,13 @@ class TeacherShardDataset(IterableDataset):
         for t in self.meta.teachers:
             ioff, iv = list_parts(table.column(t.ids_column))
             soff, sv = list_parts(table.column(t.scores_column))
-            ids.append(pad_lists(ioff, iv, t.k, PAD_ID, np.int64, "first"))
-            scores.append(pad_lists(soff, sv, t.k, 0.0, np.float32, "first"))
+            ids.append(pad_ragged(ioff, iv, t.k, PAD_ID, np.int64, "first"))
+            scores.append(pad_ragged(soff, sv, t.k, 0.0, np.float32, "first"))
         return {
             "example_key": np.asarray(table.column("example_key")),
             "user_id": np.asarray(table.column("user_id")),
             "domain_id": np.asarray(table.column("domain_id")),
-            "history": pad_lists(off, vals, self.max_len, PAD_ID, np.int64, "last"),
+            "history": pad_ragged(off, vals, self.max_len, PAD_ID, np.int64, "last"),
             "target": np.asarray(table.column("target")),
             "teacher_ids": ids,
             "teacher_scores": scores,

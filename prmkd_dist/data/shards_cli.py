@@ -8,7 +8,7 @@ import sys
 import numpy as np
 
 from prmkd_dist.constants import PAD_ID
-from prmkd_dist.data.loader import pad_lists
+from prmkd_dist.data.dataset import pad_ragged
 from prmkd_dist.data.merge import merge_teacher_shards
 from prmkd_dist.data.shards import ShardFormatError, ShardSet, list_parts, validate_shards
 
@@ -61,7 +61,7 @@ def shard_stats(root: str) -> dict:
             empty_rows[j] += int((np.diff(off) == 0).sum())
             if len(s):
                 smin[j], smax[j], ssum[j] = min(smin[j], s.min()), max(smax[j], s.max()), ssum[j] + float(s.sum(dtype=np.float64))
-            d = pad_lists(off, ids, t.k, PAD_ID, np.int64, "first")
+            d = pad_ragged(off, ids, t.k, PAD_ID, np.int64, "first")
             hits[j] += int(((d == tgt[:, None]) & (tgt[:, None] != PAD_ID)).any(axis=1).sum())
             dense.append(d)
         for a in range(T):
