@@ -1,0 +1,37 @@
+// Schemas of the torch ops `torch.ops.prmkd.*` and the (empty) Python module `prmkd_dist._C` whose import
+// loads this library and so registers them. The CPU kernels are registered next to their code
+// (kd_loss.cpp, kd_loss_linear.cpp); autograd is attached in prmkd_dist/distill/cpp_backend.py.
+#include <Python.h>
+#include <torch/library.h>
+
+TORCH_LIBRARY(prmkd, m) {
+  // -> (loss_rows [B] f32, lse1 [B] f32, lse_tau [B] f32); the LSEs are saved for the backward
+  m.def(
+      "kd_loss_fwd(Tensor logits, Tensor target, Tensor teacher_ids, Tensor teacher_scores, "
+      "Tensor teacher_weights, Tensor? rank_weights, float temperature, float lambda_ce, float lambda_kd, "
+      "float lambda_rank) -> (Tensor, Tensor, Tensor)");
+  // -> d loss / d logits, in logits' dtype
+  m.def(
+      "kd_loss_bwd(Tensor grad_rows, Tensor logits, Tensor lse1, Tensor lse_tau, Tensor target, "
+      "Tensor teacher_ids, Tensor teacher_scores, Tensor teacher_weights, Tensor? rank_weights, "
+      "float temperature, float lambda_ce, float lambda_kd, float lambda_rank) -> Tensor");
+  m.def(
+      "kd_loss_linear_fwd(Tensor user_emb, Tensor item_emb, Tensor? item_bias, Tensor target, "
+      "Tensor teacher_ids, Tensor teacher_scores, Tensor teacher_weights, Tensor? rank_weights, "
+      "float temperature, float lambda_ce, float lambda_kd, float lambda_rank) -> (Tensor, Tensor, Tensor)");
+  // -> (d user_emb, d item_emb, d item_bias); d item_bias is an empty [0] tensor when item_bias is None
+  m.def(
+      "kd_loss_linear_bwd(Tensor grad_rows, Tensor user_emb, Tensor item_emb, Tensor? item_bias, Tensor lse1, "
+      "Tensor lse_tau, Tensor target, Tensor teacher_ids, Tensor teacher_scores, Tensor teacher_weights, "
+      "Tensor? rank_weights, float temperature, float lambda_ce, float lambda_kd, float lambda_rank) "
+      "-> (Tensor, Tensor, Tensor)");
+}
+
+extern "C" {
+// `import prmkd_dist._C` needs a module init; the ops live in the TORCH_LIBRARY registry, not in the module.
+PyMODINIT_FUNC PyInit__C(void) {
+  static struct PyModuleDef module_def = {PyModuleDef_HEAD_INIT, "_C", "C++ CPU ops of prmkd-dist (torch.ops.prmkd)",
+                                          -1, nullptr};
+  return PyModule_Create(&module_def);
+}
+}

@@ -1,0 +1,131 @@
+"""C++ CPU backend of the distillation loss: autograd around the torch ops ``torch.ops.prmkd.*`` (csrc/).
+
+The ops are registered by importing the extension ``prmkd_dist._C`` (built by ``pip install -e .`` /
+``make install``). Forward and backward are separate ops (``kd_loss_fwd`` returns the per-row loss and the
+two per-row log-sum-exps the backward needs); the ``torch.autograd.Function`` classes here chain them, so
+the C++ side stays free of autograd and each op is an ordinary, testable function of tensors. Fake (meta)
+kernels are registered so ``torch.compile`` can trace through the ops.
+
+Semantics: /work/shared/specs/kd-loss.md and :mod:`prmkd_dist.distill.reference`; inputs arrive validated
+and normalised by :mod:`prmkd_dist.distill.loss` (the backend contract is in its docstring).
+"""
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+__all__ = ["available", "kd_loss_rows", "kd_loss_linear_rows"]
+
+try:
+    import prmkd_dist._C  # noqa: F401  (registers torch.ops.prmkd.*)
+
+    _IMPORT_ERROR = ""
+except ImportError as exc:  # the extension was not built on this machine
+    _IMPORT_ERROR = f"extension prmkd_dist._C not built ({type(exc).__name__}: {exc}); run `make install`"
+
+
+def available() -> tuple[bool, str]:
+    """(True, "") when the C++ ops are loaded, else (False, why)."""
+    return (not _IMPORT_ERROR, _IMPORT_ERROR)
+
+
+def _teacher_args(teacher_ids: Tensor, teacher_scores: Tensor, teacher_weights: Tensor,
+                  rank_weights: Tensor | None) -> tuple[Tensor, Tensor, Tensor, Tensor | None]:
+    # the ops take float32 teacher inputs; the dispatcher already sends them so, this keeps direct callers safe
+    f32 = lambda t: t.detach().to(torch.float32).contiguous()  # noqa: E731
+    rank = None if rank_weights is None else f32(rank_weights)
+    return teacher_ids.contiguous(), f32(teacher_scores), f32(teacher_weights), rank
+
+
+class _KDLossRows(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, logits, target, teacher_ids, teacher_scores, teacher_weights, rank_weights,
+                temperature, lambda_ce, lambda_kd, lambda_rank):
+        loss, lse1, lse_tau = torch.ops.prmkd.kd_loss_fwd(
+            logits, target, teacher_ids, teacher_scores, teacher_weights, rank_weights,
+            temperature, lambda_ce, lambda_kd, lambda_rank)
+        ctx.save_for_backward(logits, lse1, lse_tau, target, teacher_ids, teacher_scores, teacher_weights,
+                              rank_weights)
+        ctx.hparams = (temperature, lambda_ce, lambda_kd, lambda_rank)
+        return loss
+
+    @staticmethod
+    def backward(ctx, grad_rows):
+        if not ctx.needs_input_grad[0]:
+            return (None,) * 10
+        logits, lse1, lse_tau, target, ids, scores, weights, rank = ctx.saved_tensors
+        grad = torch.ops.prmkd.kd_loss_bwd(grad_rows.to(torch.float32).contiguous(), logits, lse1, lse_tau,
+                                           target, ids, scores, weights, rank, *ctx.hparams)
+        return (grad,) + (None,) * 9
+
+
+class _KDLossLinearRows(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, user_emb, item_emb, item_bias, target, teacher_ids, teacher_scores, teacher_weights,
+                rank_weights, temperature, lambda_ce, lambda_kd, lambda_rank):
+        loss, lse1, lse_tau = torch.ops.prmkd.kd_loss_linear_fwd(
+            user_emb, item_emb, item_bias, target, teacher_ids, teacher_scores, teacher_weights, rank_weights,
+            temperature, lambda_ce, lambda_kd, lambda_rank)
+        ctx.save_for_backward(user_emb, item_emb, item_bias, lse1, lse_tau, target, teacher_ids, teacher_scores,
+                              teacher_weights, rank_weights)
+        ctx.hparams = (temperature, lambda_ce, lambda_kd, lambda_rank)
+        return loss
+
+    @staticmethod
+    def backward(ctx, grad_rows):
+        if not any(ctx.needs_input_grad[:3]):
+            return (None,) * 12
+        user_emb, item_emb, item_bias, lse1, lse_tau, target, ids, scores, weights, rank = ctx.saved_tensors
+        d_user, d_item, d_bias = torch.ops.prmkd.kd_loss_linear_bwd(
+            grad_rows.to(torch.float32).contiguous(), user_emb, item_emb, item_bias, lse1, lse_tau,
+            target, ids, scores, weights, rank, *ctx.hparams)
+        return (d_user if ctx.needs_input_grad[0] else None,
+                d_item if ctx.needs_input_grad[1] else None,
+                d_bias if item_bias is not None and ctx.needs_input_grad[2] else None) + (None,) * 9
+
+
+def kd_loss_rows(logits: Tensor, target: Tensor, teacher_ids: Tensor, teacher_scores: Tensor,
+                 teacher_weights: Tensor, rank_weights: Tensor | None, temperature: float, lambda_ce: float,
+                 lambda_kd: float, lambda_rank: float) -> Tensor:
+    """Per-row loss l_b [B] float32 of logits [B, C] (float32 / bfloat16, CPU), differentiable wrt logits."""
+    ids, scores, weights, rank = _teacher_args(teacher_ids, teacher_scores, teacher_weights, rank_weights)
+    return _KDLossRows.apply(logits.contiguous(), target.contiguous(), ids, scores, weights, rank,
+                             float(temperature), float(lambda_ce), float(lambda_kd), float(lambda_rank))
+
+
+def kd_loss_linear_rows(user_emb: Tensor, item_emb: Tensor, item_bias: Tensor | None, target: Tensor,
+                        teacher_ids: Tensor, teacher_scores: Tensor, teacher_weights: Tensor,
+                        rank_weights: Tensor | None, temperature: float, lambda_ce: float, lambda_kd: float,
+                        lambda_rank: float) -> Tensor:
+    """Per-row loss l_b [B] float32 of logits = user_emb @ item_emb.T (+ item_bias), never materialising
+    [B, C]; differentiable wrt user_emb, item_emb and item_bias."""
+    ids, scores, weights, rank = _teacher_args(teacher_ids, teacher_scores, teacher_weights, rank_weights)
+    bias = None if item_bias is None else item_bias.contiguous()
+    return _KDLossLinearRows.apply(user_emb.contiguous(), item_emb.contiguous(), bias, target.contiguous(), ids,
+                                   scores, weights, rank, float(temperature), float(lambda_ce),
+                                   float(lambda_kd), float(lambda_rank))
+
+
+if not _IMPORT_ERROR:
+    # shapes only, no data: lets torch.compile / FakeTensor trace through the ops
+
+    @torch.library.register_fake("prmkd::kd_loss_fwd")
+    def _kd_loss_fwd_fake(logits, target, teacher_ids, teacher_scores, teacher_weights, rank_weights,
+                          temperature, lambda_ce, lambda_kd, lambda_rank):
+        rows = logits.new_empty((logits.shape[0],), dtype=torch.float32)
+        return rows, torch.empty_like(rows), torch.empty_like(rows)
+
+    @torch.library.register_fake("prmkd::kd_loss_bwd")
+    def _kd_loss_bwd_fake(grad_rows, logits, *_):
+        return torch.empty_like(logits)
+
+    @torch.library.register_fake("prmkd::kd_loss_linear_fwd")
+    def _kd_loss_linear_fwd_fake(user_emb, *_):
+        rows = user_emb.new_empty((user_emb.shape[0],), dtype=torch.float32)
+        return rows, torch.empty_like(rows), torch.empty_like(rows)
+
+    @torch.library.register_fake("prmkd::kd_loss_linear_bwd")
+    def _kd_loss_linear_bwd_fake(grad_rows, user_emb, item_emb, item_bias, *_):
+        d_bias = item_bias.new_empty(item_bias.shape) if item_bias is not None else \
+            user_emb.new_empty((0,), dtype=torch.float32)
+        return torch.empty_like(user_emb), torch.empty_like(item_emb), d_bias
