@@ -108,7 +108,8 @@ def kd_loss_rows(
     s = logits.to(compute_dtype(logits.dtype))
     batch = s.shape[0]
     s_target = s.gather(1, target.clamp(min=0).unsqueeze(1)).squeeze(1)
-    s_ids = s.gather(1, teacher_ids.clamp(min=0).reshape(batch, -1)).reshape(teacher_ids.shape)
+    # reshape(batch, T*K), not (batch, -1): the latter is ambiguous for B = 0
+    s_ids = s.gather(1, teacher_ids.clamp(min=0).reshape(batch, teacher_ids.shape[1] * teacher_ids.shape[2])).reshape(teacher_ids.shape)
     needs_tau = lambda_kd != 0.0 and teacher_ids.numel() > 0
     lse_tau = torch.logsumexp(s / float(temperature), dim=1) if needs_tau else None
     return kd_rows_from_stats(torch.logsumexp(s, dim=1), lse_tau, s_target, s_ids, target, teacher_ids,
