@@ -47,6 +47,8 @@ nothing and are always done.
 """
 from __future__ import annotations
 
+import os
+
 import functools
 import importlib
 import logging
@@ -264,12 +266,17 @@ def _probe(name: str) -> tuple[Any | None, str]:
     raise ValueError(f"backend must be one of {('auto',) + BACKENDS}, got {name!r}")
 
 
-def _unavailable_on(name: str, device: torch.device, dtype: torch.dtype | None) -> str:
-    """Why backend ``name`` cannot serve tensors on ``device`` of ``dtype`` ("" if it can), given it imported."""
+def _unavailable_on(name: str, device: torch.device, dtype: torch.dtype | None, explicit: bool = False) -> str:
+    """Why backend ``name`` cannot serve tensors on ``device`` of ``dtype`` ("" if it can), given it imported.
+
+    Triton serves CPU tensors only through its interpreter (TRITON_INTERPRET=1), and only when asked for
+    by name: that is how the kernels are tested without a GPU, never a speed choice for "auto"."""
     if dtype == torch.float64 and name != "reference":
         return f"{name}: float64 inputs are computed by the reference only"
     if name == "triton" and device.type != "cuda":
-        return f"triton: needs CUDA tensors, got {device.type}"
+        if explicit and device.type == "cpu" and os.environ.get("TRITON_INTERPRET") == "1":
+            return ""
+        return f"triton: needs CUDA tensors (or TRITON_INTERPRET=1 and backend='triton'), got {device.type}"
     if name == "cpp" and device.type != "cpu":
         return f"cpp: serves CPU tensors only, got {device.type}"
     return ""
@@ -289,7 +296,7 @@ def resolve_backend(requested: str, device: torch.device | str, dtype: torch.dty
         if requested not in BACKENDS:
             raise ValueError(f"backend must be one of {('auto',) + BACKENDS}, got {requested!r}")
         # the device/dtype check first: it needs no import (triton's import alone is slow)
-        why = _unavailable_on(requested, device, dtype)
+        why = _unavailable_on(requested, device, dtype, explicit=True)
         mod = None
         if not why:
             mod, why = _probe(requested)

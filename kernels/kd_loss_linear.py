@@ -1,0 +1,360 @@
+"""Triton backend of ``kd_loss_linear``: the loss of ``logits = user_emb @ item_emb.T (+ item_bias)``
+without ever materialising the [B, C] logits (or their gradient).
+
+Semantics: /work/shared/specs/kd-loss.md and ``prmkd_dist.distill.reference.kd_loss_linear_rows``; the
+notation (lse1, lset, wsum, sparse coefficients) is in ``prmkd_dist.kernels._common``.
+
+Forward:
+1. ``_lin_lse_kernel``, one program per BLOCK_B rows: streams over C in BLOCK_C item tiles, each logits
+   tile a ``tl.dot`` in registers (fp32 accumulation), keeping both running LSEs per row.
+2. ``_lin_terms_kernel``, one program per row: recomputes the logits at the target and the T*K teacher ids
+   as gathered dot products and evaluates CE, KL and ranking terms (shared ``teacher_terms``).
+
+Backward (dS = dense softmax part + sparse part at the ids, as in ``kd_loss.py``):
+3. ``_lin_grad_user_kernel``, per row block: recomputes logits tiles, dU += dS_dense @ E_tile, then adds
+   the sparse part ``sum_slots g * coef * E[id]`` row by row.
+4. ``_lin_grad_item_kernel``, per item block: recomputes logits tiles over all rows, dE += dS_dense^T @ U,
+   dbias += column sums, then folds in the sparse entries whose item falls in the block. The entries are
+   sorted by item once (torch.sort on B*(T*K+1) ids) so each program reads only its own range.
+The item gradient uses its own pass over column blocks instead of atomics: every dE element is written
+exactly once (deterministic, no contention on hot items, no fp32 [C, d] staging buffer for bf16 tables).
+The price is recomputing the logits tiles once more (three logits matmuls in all, against one plus the
+[B, C] round trips of the unfused path). Memory: O(B*d + C*d + B*T*K).
+"""
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+from torch import Tensor
+
+from prmkd_dist.kernels._common import (
+    ENTRY_CHUNK, GATHER_BLOCK_D, LN2, LOG2E, MAX_LINEAR_DIM, NEG_BIG, SPARSE_GRANULE, TeacherInputs, dot, dot_precision,
+    linear_configs, online_lse_update, teacher_terms,
+)
+
+__all__ = ["kd_loss_linear_rows"]
+
+_EMB_DTYPES = (torch.float32, torch.bfloat16)
+
+
+@triton.jit
+def _logits_tile(u, e_ptr, bias_ptr, cols, c_mask, d_idx, d_mask, stride_e,
+                 HAS_BIAS: tl.constexpr, DOT_PREC: tl.constexpr):
+    """Logits tile u @ E[cols].T (+ bias[cols]) in fp32, and the item tile it used."""
+    e = tl.load(e_ptr + cols[:, None].to(tl.int64) * stride_e + d_idx[None, :],
+                mask=c_mask[:, None] & d_mask[None, :], other=0.0)
+    s = dot(u, tl.trans(e), DOT_PREC)
+    if HAS_BIAS:
+        s += tl.load(bias_ptr + cols, mask=c_mask, other=0.0).to(tl.float32)[None, :]
+    return s, e
+
+
+@triton.jit
+def _dense_grad(s, g_dense1, g_denset, lse1, lset, inv_tau):
+    """Dense part of d l / d s for a [rows, cols] tile (rows' factors already multiplied by the upstream g)."""
+    return (g_dense1[:, None] * tl.exp2((s - lse1[:, None]) * LOG2E)
+            + g_denset[:, None] * tl.exp2((s * inv_tau - lset[:, None]) * LOG2E))
+
+
+@triton.autotune(configs=linear_configs(), key=["C", "D"])
+@triton.jit
+def _lin_lse_kernel(
+    u_ptr, e_ptr, bias_ptr, lse1_ptr, lset_ptr,
+    B, C, D, stride_u, stride_e, tau,
+    HAS_BIAS: tl.constexpr, D_PAD: tl.constexpr, DOT_PREC: tl.constexpr,
+    BLOCK_B: tl.constexpr, BLOCK_C: tl.constexpr,
+):
+    rows = tl.program_id(0) * BLOCK_B + tl.arange(0, BLOCK_B)
+    r_mask = rows < B
+    d_idx = tl.arange(0, D_PAD)
+    d_mask = d_idx < D
+    inv_tau = 1.0 / tau
+    u = tl.load(u_ptr + rows[:, None].to(tl.int64) * stride_u + d_idx[None, :],
+                mask=r_mask[:, None] & d_mask[None, :], other=0.0)
+    m2 = tl.full([BLOCK_B], NEG_BIG, tl.float32)
+    sum1 = tl.zeros([BLOCK_B], tl.float32)
+    sumt = tl.zeros([BLOCK_B], tl.float32)
+    for c0 in range(0, C, BLOCK_C):
+        cols = c0 + tl.arange(0, BLOCK_C)
+        c_mask = cols < C
+        s, _ = _logits_tile(u, e_ptr, bias_ptr, cols, c_mask, d_idx, d_mask, stride_e, HAS_BIAS, DOT_PREC)
+        x2 = tl.where(c_mask[None, :], s * LOG2E, float("-inf"))
+        m2, sum1, sumt = online_lse_update(m2, sum1, sumt, x2, inv_tau)
+    tl.store(lse1_ptr + rows, (m2 + tl.log2(sum1)) * LN2, mask=r_mask)
+    tl.store(lset_ptr + rows, (m2 * inv_tau + tl.log2(sumt)) * LN2, mask=r_mask)
+
+
+@triton.jit
+def _lin_terms_kernel(
+    u_ptr, e_ptr, bias_ptr, target_ptr, ids_ptr, scores_ptr, tw_ptr, rw_ptr, lse1_ptr, lset_ptr,
+    loss_ptr, wsum_ptr, coef_ptr,
+    D, T, K, stride_u, stride_e, tau, lambda_ce, lambda_kd, lambda_rank,
+    HAS_BIAS: tl.constexpr, HAS_RANK: tl.constexpr,
+    BLOCK_T: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_D: tl.constexpr,
+):
+    row = tl.program_id(0).to(tl.int64)
+    t_idx = tl.arange(0, BLOCK_T)[:, None]
+    k_idx = tl.arange(0, BLOCK_K)[None, :]
+    in_tile = (t_idx < T) & (k_idx < K)
+    slot = row * T * K + t_idx * K + k_idx
+    ids = tl.load(ids_ptr + slot, mask=in_tile, other=-1)
+    valid = ids >= 0
+    y = tl.load(target_ptr + row)
+    has_y = y >= 0
+
+    # logits at the slot ids and the target: gathered dot products, BLOCK_D embedding columns at a time
+    s_ids = tl.zeros([BLOCK_T, BLOCK_K], tl.float32)
+    s_y = tl.zeros([1], tl.float32)
+    for d0 in range(0, D, BLOCK_D):
+        dd = d0 + tl.arange(0, BLOCK_D)
+        d_mask = dd < D
+        u = tl.load(u_ptr + row * stride_u + dd, mask=d_mask, other=0.0).to(tl.float32)
+        e = tl.load(e_ptr + ids[:, :, None] * stride_e + dd[None, None, :],
+                    mask=valid[:, :, None] & d_mask[None, None, :], other=0.0).to(tl.float32)
+        s_ids += tl.sum(e * u[None, None, :], axis=2)
+        e_y = tl.load(e_ptr + y * stride_e + dd, mask=d_mask & has_y, other=0.0).to(tl.float32)
+        s_y += tl.sum(e_y * u, axis=0)
+    s_y = tl.sum(s_y, axis=0)
+    if HAS_BIAS:
+        s_ids += tl.load(bias_ptr + ids, mask=valid, other=0.0).to(tl.float32)
+        s_y += tl.load(bias_ptr + y, mask=has_y, other=0.0).to(tl.float32)
+
+    lse1 = tl.load(lse1_ptr + row)
+    lset = tl.load(lset_ptr + row)
+    ce = tl.where(has_y, lse1 - s_y, 0.0)
+    scores = tl.load(scores_ptr + slot, mask=valid, other=0.0)
+    if HAS_RANK:
+        rw = tl.load(rw_ptr + slot, mask=valid, other=0.0)
+    else:
+        rw = scores
+    w = tl.load(tw_ptr + row * T + tl.arange(0, BLOCK_T), mask=tl.arange(0, BLOCK_T) < T, other=0.0)
+    kd, rank, coef, wsum = teacher_terms(valid, scores, w, rw, s_ids, lset, tau, lambda_kd, lambda_rank, HAS_RANK)
+    tl.store(loss_ptr + row, lambda_ce * ce + lambda_kd * tau * tau * kd + lambda_rank * rank)
+    tl.store(wsum_ptr + row, wsum)
+    tl.store(coef_ptr + slot, coef, mask=in_tile)
+
+
+@triton.autotune(configs=linear_configs(), key=["C", "D"])
+@triton.jit
+def _lin_grad_user_kernel(
+    u_ptr, e_ptr, bias_ptr, gout_ptr, target_ptr, ids_ptr, coef_ptr, lse1_ptr, lset_ptr, wsum_ptr, du_ptr,
+    B, C, D, N, stride_u, stride_e, tau, lambda_ce, lambda_kd,
+    HAS_BIAS: tl.constexpr, D_PAD: tl.constexpr, DOT_PREC: tl.constexpr,
+    BLOCK_B: tl.constexpr, BLOCK_C: tl.constexpr,
+):
+    rows = tl.program_id(0) * BLOCK_B + tl.arange(0, BLOCK_B)
+    r_mask = rows < B
+    rows64 = rows.to(tl.int64)
+    d_idx = tl.arange(0, D_PAD)
+    d_mask = d_idx < D
+    inv_tau = 1.0 / tau
+    u = tl.load(u_ptr + rows64[:, None] * stride_u + d_idx[None, :],
+                mask=r_mask[:, None] & d_mask[None, :], other=0.0)
+    g = tl.load(gout_ptr + rows, mask=r_mask, other=0.0)
+    y = tl.load(target_ptr + rows, mask=r_mask, other=-1)
+    has_y = y >= 0
+    lse1 = tl.load(lse1_ptr + rows, mask=r_mask, other=0.0)
+    lset = tl.load(lset_ptr + rows, mask=r_mask, other=0.0)
+    g_dense1 = g * tl.where(has_y, lambda_ce, 0.0)
+    g_denset = g * lambda_kd * tau * tl.load(wsum_ptr + rows, mask=r_mask, other=0.0)
+
+    acc = tl.zeros([BLOCK_B, D_PAD], tl.float32)
+    for c0 in range(0, C, BLOCK_C):
+        cols = c0 + tl.arange(0, BLOCK_C)
+        c_mask = cols < C
+        s, e = _logits_tile(u, e_ptr, bias_ptr, cols, c_mask, d_idx, d_mask, stride_e, HAS_BIAS, DOT_PREC)
+        ds = tl.where(c_mask[None, :], _dense_grad(s, g_dense1, g_denset, lse1, lset, inv_tau), 0.0)
+        acc += dot(ds.to(e.dtype), e, DOT_PREC)
+
+    # sparse part: each teacher slot of these rows, then the target's -lambda_ce
+    for n in range(0, N):
+        ids_n = tl.load(ids_ptr + rows64 * N + n, mask=r_mask, other=-1)
+        coef_n = tl.load(coef_ptr + rows64 * N + n, mask=r_mask, other=0.0) * g
+        e_n = tl.load(e_ptr + ids_n[:, None] * stride_e + d_idx[None, :],
+                      mask=(ids_n >= 0)[:, None] & d_mask[None, :], other=0.0).to(tl.float32)
+        acc += coef_n[:, None] * e_n
+    e_y = tl.load(e_ptr + y[:, None] * stride_e + d_idx[None, :],
+                  mask=has_y[:, None] & d_mask[None, :], other=0.0).to(tl.float32)
+    acc -= (g * lambda_ce)[:, None] * e_y
+    tl.store(du_ptr + rows64[:, None] * stride_u + d_idx[None, :], acc.to(du_ptr.dtype.element_ty),
+             mask=r_mask[:, None] & d_mask[None, :])
+
+
+@triton.autotune(configs=linear_configs(), key=["C", "D"])
+@triton.jit
+def _lin_grad_item_kernel(
+    u_ptr, e_ptr, bias_ptr, gout_ptr, target_ptr, lse1_ptr, lset_ptr, wsum_ptr,
+    entry_item_ptr, entry_row_ptr, entry_val_ptr, bounds_ptr, de_ptr, dbias_ptr,
+    B, C, D, n_bounds, stride_u, stride_e, tau, lambda_ce, lambda_kd,
+    HAS_BIAS: tl.constexpr, D_PAD: tl.constexpr, DOT_PREC: tl.constexpr, GRANULE: tl.constexpr,
+    CHUNK: tl.constexpr, BLOCK_B: tl.constexpr, BLOCK_C: tl.constexpr,
+):
+    pid = tl.program_id(0)
+    cols = pid * BLOCK_C + tl.arange(0, BLOCK_C)
+    c_mask = cols < C
+    cols64 = cols.to(tl.int64)
+    d_idx = tl.arange(0, D_PAD)
+    d_mask = d_idx < D
+    inv_tau = 1.0 / tau
+    e = tl.load(e_ptr + cols64[:, None] * stride_e + d_idx[None, :],
+                mask=c_mask[:, None] & d_mask[None, :], other=0.0)
+    if HAS_BIAS:
+        bias = tl.load(bias_ptr + cols, mask=c_mask, other=0.0).to(tl.float32)
+    acc = tl.zeros([BLOCK_C, D_PAD], tl.float32)
+    acc_bias = tl.zeros([BLOCK_C], tl.float32)
+    for r0 in range(0, B, BLOCK_B):
+        rows = r0 + tl.arange(0, BLOCK_B)
+        r_mask = rows < B
+        u = tl.load(u_ptr + rows.to(tl.int64)[:, None] * stride_u + d_idx[None, :],
+                    mask=r_mask[:, None] & d_mask[None, :], other=0.0)
+        g = tl.load(gout_ptr + rows, mask=r_mask, other=0.0)
+        y = tl.load(target_ptr + rows, mask=r_mask, other=-1)
+        g_dense1 = g * tl.where(y >= 0, lambda_ce, 0.0)
+        g_denset = g * lambda_kd * tau * tl.load(wsum_ptr + rows, mask=r_mask, other=0.0)
+        lse1 = tl.load(lse1_ptr + rows, mask=r_mask, other=0.0)
+        lset = tl.load(lset_ptr + rows, mask=r_mask, other=0.0)
+        s = dot(u, tl.trans(e), DOT_PREC)
+        if HAS_BIAS:
+            s += bias[None, :]
+        ds = tl.where(r_mask[:, None] & c_mask[None, :],
+                      _dense_grad(s, g_dense1, g_denset, lse1, lset, inv_tau), 0.0)
+        acc += dot(tl.trans(ds.to(u.dtype)), u, DOT_PREC)
+        acc_bias += tl.sum(ds, axis=0)
+
+    # sparse entries (item, row, g * coef) of this item block, sorted by item: a one-hot [BLOCK_C, CHUNK]
+    # matrix times the [CHUNK, d] user rows folds them in with tl.dot; duplicates add.
+    first = tl.load(bounds_ptr + pid * (BLOCK_C // GRANULE))
+    last = tl.load(bounds_ptr + tl.minimum((pid + 1) * (BLOCK_C // GRANULE), n_bounds - 1))
+    for j0 in range(first, last, CHUNK):
+        jj = j0 + tl.arange(0, CHUNK)
+        j_mask = jj < last
+        item = tl.load(entry_item_ptr + jj, mask=j_mask, other=-1)
+        row = tl.load(entry_row_ptr + jj, mask=j_mask, other=0)
+        val = tl.load(entry_val_ptr + jj, mask=j_mask, other=0.0)
+        onehot = tl.where(cols64[:, None] == item[None, :], val[None, :], 0.0)
+        u_j = tl.load(u_ptr + row[:, None] * stride_u + d_idx[None, :],
+                      mask=j_mask[:, None] & d_mask[None, :], other=0.0).to(tl.float32)
+        acc += dot(onehot, u_j, "tf32x3")
+        acc_bias += tl.sum(onehot, axis=1)
+    tl.store(de_ptr + cols64[:, None] * stride_e + d_idx[None, :], acc.to(de_ptr.dtype.element_ty),
+             mask=c_mask[:, None] & d_mask[None, :])
+    if HAS_BIAS:
+        tl.store(dbias_ptr + cols, acc_bias.to(dbias_ptr.dtype.element_ty), mask=c_mask)
+
+
+def _d_pad(dim: int) -> int:
+    """Padded embedding width held in registers (tl.dot needs >= 16)."""
+    return max(16, triton.next_power_of_2(dim))
+
+
+class _KDLossLinearRows(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, user_emb: Tensor, item_emb: Tensor, item_bias: Tensor | None, target: Tensor,
+                teacher_ids: Tensor, teacher_scores: Tensor, teacher_weights: Tensor,
+                rank_weights: Tensor | None, temperature: float, lambda_ce: float, lambda_kd: float,
+                lambda_rank: float) -> Tensor:
+        batch, dim = user_emb.shape
+        n_items = item_emb.shape[0]
+        teachers = TeacherInputs(teacher_ids, teacher_scores, teacher_weights, rank_weights, lambda_rank)
+        target = target.detach().to(torch.int64).contiguous()
+        has_bias = item_bias is not None
+        bias = item_bias.contiguous() if has_bias else user_emb  # never read without a bias
+        f32 = dict(dtype=torch.float32, device=user_emb.device)
+        lse1, lset, loss, wsum = (torch.empty(batch, **f32) for _ in range(4))
+        coef = torch.empty((batch, teachers.n_teachers, teachers.k_slots), **f32)
+        common = dict(HAS_BIAS=has_bias, D_PAD=_d_pad(dim), DOT_PREC=dot_precision(user_emb.dtype))
+        if batch > 0:
+            _lin_lse_kernel[lambda meta: (triton.cdiv(batch, meta["BLOCK_B"]),)](
+                user_emb, item_emb, bias, lse1, lset,
+                batch, n_items, dim, user_emb.stride(0), item_emb.stride(0), float(temperature), **common,
+            )
+            _lin_terms_kernel[(batch,)](
+                user_emb, item_emb, bias, target, teachers.ids, teachers.scores, teachers.weights, teachers.rank,
+                lse1, lset, loss, wsum, coef,
+                dim, teachers.n_teachers, teachers.k_slots, user_emb.stride(0), item_emb.stride(0),
+                float(temperature), float(lambda_ce), float(lambda_kd), float(lambda_rank),
+                HAS_BIAS=has_bias, HAS_RANK=teachers.has_rank,
+                BLOCK_T=teachers.block_t, BLOCK_K=teachers.block_k, BLOCK_D=GATHER_BLOCK_D,
+            )
+        ctx.save_for_backward(user_emb, item_emb, bias, target, teachers.ids, coef, lse1, lset, wsum)
+        ctx.params = (has_bias, float(temperature), float(lambda_ce), float(lambda_kd))
+        return loss
+
+    @staticmethod
+    def backward(ctx, grad_loss: Tensor):
+        user_emb, item_emb, bias, target, ids, coef, lse1, lset, wsum = ctx.saved_tensors
+        has_bias, temperature, lambda_ce, lambda_kd = ctx.params
+        batch, dim = user_emb.shape
+        n_items = item_emb.shape[0]
+        n_slots = ids.shape[1] * ids.shape[2]
+        g = grad_loss.detach().to(torch.float32).contiguous()  # a mean's grad arrives as a stride-0 view
+        d_user = torch.empty_like(user_emb)
+        d_item = torch.empty_like(item_emb)
+        d_bias = torch.empty_like(bias) if has_bias else None
+        common = dict(HAS_BIAS=has_bias, D_PAD=_d_pad(dim), DOT_PREC=dot_precision(user_emb.dtype))
+        if batch == 0:
+            d_item.zero_()
+            if d_bias is not None:
+                d_bias.zero_()
+            return (d_user, d_item, d_bias) + (None,) * 9
+
+        _lin_grad_user_kernel[lambda meta: (triton.cdiv(batch, meta["BLOCK_B"]),)](
+            user_emb, item_emb, bias, g, target, ids, coef, lse1, lset, wsum, d_user,
+            batch, n_items, dim, n_slots, user_emb.stride(0), item_emb.stride(0),
+            temperature, lambda_ce, lambda_kd, **common,
+        )
+
+        # sparse entries of the item gradient, sorted by item: every teacher slot, then every target
+        device = user_emb.device
+        rows = torch.arange(batch, device=device)
+        items = torch.cat([ids.reshape(-1), target])
+        entry_rows = torch.cat([rows.repeat_interleave(n_slots), rows])
+        values = torch.cat([(coef.reshape(batch, n_slots) * g[:, None]).reshape(-1),
+                            torch.where(target >= 0, -lambda_ce * g, torch.zeros_like(g))])
+        items, order = torch.sort(items)
+        entry_rows, values = entry_rows[order].contiguous(), values[order].contiguous()
+        granules = triton.cdiv(n_items, SPARSE_GRANULE)
+        # bounds[i] = first entry with item >= i * GRANULE; empty slots (-1) sort first and fall outside
+        bounds = torch.searchsorted(items, torch.arange(granules + 1, device=device) * SPARSE_GRANULE)
+        _lin_grad_item_kernel[lambda meta: (triton.cdiv(n_items, meta["BLOCK_C"]),)](
+            user_emb, item_emb, bias, g, target, lse1, lset, wsum,
+            items, entry_rows, values, bounds, d_item, d_bias if has_bias else d_item,
+            batch, n_items, dim, granules + 1, user_emb.stride(0), item_emb.stride(0),
+            temperature, lambda_ce, lambda_kd, GRANULE=SPARSE_GRANULE, CHUNK=ENTRY_CHUNK, **common,
+        )
+        return (d_user, d_item, d_bias) + (None,) * 9
+
+
+def kd_loss_linear_rows(
+    user_emb: Tensor,
+    item_emb: Tensor,
+    item_bias: Tensor | None,
+    target: Tensor,
+    teacher_ids: Tensor,
+    teacher_scores: Tensor,
+    teacher_weights: Tensor,
+    rank_weights: Tensor | None,
+    temperature: float,
+    lambda_ce: float,
+    lambda_kd: float,
+    lambda_rank: float,
+) -> Tensor:
+    """Per-row loss [B] float32 of ``kd_loss`` on ``user_emb @ item_emb.T (+ item_bias)``, never
+    materialising [B, C]; autograd gives d user_emb, d item_emb, d item_bias (each in its own dtype).
+
+    user_emb [B, d] and item_emb [C, d] float32 or bfloat16 (the same dtype),
+    item_bias [C] or None; the other arguments as in ``prmkd_dist.kernels.kd_loss.kd_loss_rows``."""
+    if user_emb.dtype not in _EMB_DTYPES or item_emb.dtype != user_emb.dtype:
+        raise ValueError(f"triton kd_loss_linear_rows: user_emb and item_emb must share a dtype in "
+                         f"(float32, bfloat16), got {user_emb.dtype} and {item_emb.dtype}")
+    if user_emb.dim() != 2 or item_emb.dim() != 2 or user_emb.shape[1] != item_emb.shape[1]:
+        raise ValueError(f"triton kd_loss_linear_rows: expected user_emb [B, d] and item_emb [C, d], got "
+                         f"{tuple(user_emb.shape)} and {tuple(item_emb.shape)}")
+    if user_emb.shape[1] > MAX_LINEAR_DIM:
+        raise ValueError(f"triton kd_loss_linear_rows: d = {user_emb.shape[1]} > {MAX_LINEAR_DIM}, the widest "
+                         f"embedding its tiles hold; use kd_loss on materialised logits or backend='cpp'")
+    # no-ops for the usual contiguous inputs; the gradients are allocated with the same layout
+    user_emb, item_emb = user_emb.contiguous(), item_emb.contiguous()
+    return _KDLossLinearRows.apply(user_emb, item_emb, item_bias, target, teacher_ids, teacher_scores,
+                                   teacher_weights, rank_weights, temperature, lambda_ce, lambda_kd, lambda_rank)
