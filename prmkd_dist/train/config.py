@@ -1,0 +1,256 @@
+"""Typed run configuration, read from YAML.
+
+A config file has one mapping per section (``data``, ``model``, ``optim``, ``eval``, ``run``); each
+section is a dataclass below, and the loader is generic over dataclass fields, so adding a section
+(distill, teachers, parallel, ...) is one dataclass plus one field of ``TrainConfig``.
+
+Every problem is a ``ConfigError`` naming the file, the dotted key and what was expected.
+"""
+from __future__ import annotations
+
+import dataclasses
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+CONFIG_DIR = Path(__file__).resolve().parents[1] / "configs"
+
+
+class ConfigError(ValueError):
+    """A configuration file or override does not match the typed schema."""
+
+
+@dataclass
+class DataConfig:
+    dataset: str  # builtin name ("ml-latest-small", "amazon-games"), reader YAML, or prepared dir
+    max_len: int = 200  # most recent items kept per input history
+
+    def problems(self) -> dict[str, str]:
+        return {"max_len": "expected a value >= 1"} if self.max_len < 1 else {}
+
+
+@dataclass
+class ModelConfig:
+    name: str  # student name for prmkd_dist.models.build_student
+    hparams: dict[str, Any] = field(default_factory=dict)  # passed as keyword arguments
+
+
+@dataclass
+class OptimConfig:
+    lr: float = 1e-3
+    weight_decay: float = 0.0
+    batch_size: int = 128
+    epochs: int = 50
+    patience: int = 5  # evaluations without a better validation NDCG@10 before stopping; 0 = never stop early
+    eval_every: int = 1  # epochs between validation evaluations
+    loss_chunk_rows: int = 2048  # positions per [rows, C] logits chunk of the full-softmax loss
+    grad_clip: float = 0.0  # max global grad norm; 0 = off
+    # wall-clock safety net (quickstart must fit a slow machine): stop after the epoch that crosses it,
+    # keep the best validated epoch; 0 = off. A run cut by it depends on machine speed.
+    max_train_seconds: float = 0.0
+
+    def problems(self) -> dict[str, str]:
+        minimum = {"lr": (0.0, False), "weight_decay": (0.0, True), "batch_size": (1, True), "epochs": (1, True),
+                   "patience": (0, True), "eval_every": (1, True), "loss_chunk_rows": (1, True),
+                   "grad_clip": (0.0, True), "max_train_seconds": (0.0, True)}  # field -> (bound, inclusive)
+        return {k: f"expected a value {'>=' if incl else '>'} {lo}" for k, (lo, incl) in minimum.items()
+                if not (getattr(self, k) >= lo if incl else getattr(self, k) > lo)}
+
+
+@dataclass
+class EvalConfig:
+    ks: tuple[int, ...] = (10, 20)
+    num_negatives: int = 100  # sampled protocol (SASRec paper)
+    sampled: bool = False  # also report the sampled protocol
+    exclude_history: bool = True
+    batch_size: int = 1024
+
+    def problems(self) -> dict[str, str]:
+        out = {}
+        if not self.ks or any(k < 1 for k in self.ks):
+            out["ks"] = "expected a non-empty list of cutoffs >= 1"
+        if self.num_negatives < 1:
+            out["num_negatives"] = "expected a value >= 1"
+        if self.batch_size < 1:
+            out["batch_size"] = "expected a value >= 1"
+        return out
+
+
+@dataclass
+class RunConfig:
+    seed: int = 0
+    out_dir: str = "runs/default"
+    device: str = "cpu"
+    num_threads: int = 0  # 0 = torch default
+    tensorboard: bool = True
+    progress: bool = True  # tqdm bars
+
+
+@dataclass
+class TrainConfig:
+    data: DataConfig
+    model: ModelConfig
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
+    run: RunConfig = field(default_factory=RunConfig)
+
+    def to_dict(self) -> dict:
+        """Plain YAML-able dict (tuples become lists)."""
+        return _plain(dataclasses.asdict(self))
+
+
+def _plain(x):
+    if isinstance(x, dict):
+        return {k: _plain(v) for k, v in x.items()}
+    if isinstance(x, (list, tuple)):
+        return [_plain(v) for v in x]
+    return x
+
+
+# ---- generic typed conversion ----------------------------------------------------------------------
+def _type_name(tp) -> str:
+    return getattr(tp, "__name__", None) or str(tp).replace("typing.", "")
+
+
+def _convert(value, tp, where: str, source: str):
+    """Check/convert ``value`` to the annotation ``tp``; ``where`` is the dotted key for errors."""
+    def fail(expected: str):
+        raise ConfigError(f"{source}: {where}: expected {expected}, got {type(value).__name__} {value!r}")
+
+    origin = typing.get_origin(tp)
+    if dataclasses.is_dataclass(tp):
+        return _build(tp, value, where, source)
+    if tp is Any:
+        return value
+    if origin in (typing.Union, types.UnionType):
+        args = typing.get_args(tp)
+        if value is None and type(None) in args:
+            return None
+        errors = []
+        for a in args:
+            if a is type(None):
+                continue
+            try:
+                return _convert(value, a, where, source)
+            except ConfigError as e:
+                errors.append(str(e))
+        fail(" or ".join(_type_name(a) for a in args))
+    if tp is bool:
+        if not isinstance(value, bool):
+            fail("a boolean (true/false)")
+        return value
+    if tp is int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            fail("an integer")
+        return value
+    if tp is float:
+        if isinstance(value, bool):
+            fail("a number")
+        if isinstance(value, (int, float)):
+            return float(value)
+        # PyYAML (YAML 1.1) reads "1e-3" (no dot) as a string: accept numeric literals only
+        if isinstance(value, str):
+            try:
+                return float(value)
+            except ValueError:
+                pass
+        fail("a number")
+    if tp is str:
+        if not isinstance(value, str):
+            fail("a string")
+        return value
+    if origin is tuple:
+        args = typing.get_args(tp)
+        if not isinstance(value, (list, tuple)):
+            fail(f"a list of {_type_name(args[0])}")
+        return tuple(_convert(v, args[0], f"{where}[{i}]", source) for i, v in enumerate(value))
+    if origin is dict or tp is dict:
+        if not isinstance(value, dict):
+            fail("a mapping")
+        return dict(value)
+    raise TypeError(f"config schema uses an unsupported type {tp!r} at {where}")  # a bug in this file
+
+
+def _build(cls, raw, where: str, source: str):
+    prefix = f"{where}." if where else ""
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{source}: {where or 'top level'}: expected a mapping, got {type(raw).__name__} {raw!r}")
+    hints = typing.get_type_hints(cls)
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    unknown = [k for k in raw if k not in fields]
+    if unknown:
+        raise ConfigError(f"{source}: unknown key {prefix}{unknown[0]!s}; expected one of {sorted(fields)}")
+    kwargs = {}
+    for name, f in fields.items():
+        if name in raw:
+            kwargs[name] = _convert(raw[name], hints[name], prefix + name, source)
+        elif f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING:
+            raise ConfigError(f"{source}: missing required key {prefix}{name} ({_type_name(hints[name])})")
+    obj = cls(**kwargs)
+    # value-range checks live next to the fields (optional ``problems() -> {field: expectation}``)
+    for name, expected in (obj.problems() if hasattr(obj, "problems") else {}).items():
+        raise ConfigError(f"{source}: {prefix}{name}={getattr(obj, name)!r}: {expected}")
+    return obj
+
+
+def _apply_override(raw: dict, override: str) -> None:
+    """Apply ``"a.b.c=value"`` (value parsed as YAML) to the raw nested dict."""
+    if "=" not in override:
+        raise ConfigError(f"override {override!r}: expected KEY=VALUE with a dotted key, e.g. optim.lr=1e-3")
+    key, text = override.split("=", 1)
+    parts = key.strip().split(".")
+    if not all(parts):
+        raise ConfigError(f"override {override!r}: empty component in key {key!r}")
+    node = raw
+    for i, p in enumerate(parts[:-1]):
+        child = node.get(p)
+        if child is None:
+            child = node[p] = {}
+        if not isinstance(child, dict):
+            raise ConfigError(f"override {override!r}: {'.'.join(parts[:i + 1])} is not a section")
+        node = child
+    node[parts[-1]] = yaml.safe_load(text) if text.strip() else ""
+
+
+def config_from_dict(raw: dict, source: str = "<dict>", overrides: list[str] | None = None) -> TrainConfig:
+    """Build a TrainConfig from a nested dict (plus ``section.key=value`` overrides)."""
+    import copy
+
+    raw = copy.deepcopy(raw) if raw is not None else {}
+    for ov in overrides or []:
+        _apply_override(raw, ov)
+    src = source + (f" (with overrides {list(overrides)})" if overrides else "")
+    return _build(TrainConfig, raw, "", src)
+
+
+def resolve_config_path(path: str | Path) -> Path:
+    """A path as given, or the name of a packaged config (``quickstart`` -> configs/quickstart.yaml)."""
+    p = Path(path)
+    if p.exists():
+        return p
+    packaged = CONFIG_DIR / (p.name if p.suffix else f"{p.name}.yaml")
+    if packaged.exists() and len(p.parts) == 1:
+        return packaged
+    raise ConfigError(f"{path}: config file not found (packaged configs: {sorted(x.stem for x in CONFIG_DIR.glob('*.yaml'))})")
+
+
+def load_config(path: str | Path, overrides: list[str] | None = None) -> TrainConfig:
+    """Read a YAML config (path or packaged name) and apply ``"section.key=value"`` overrides."""
+    p = resolve_config_path(path)
+    try:
+        raw = yaml.safe_load(p.read_text())
+    except yaml.YAMLError as e:
+        raise ConfigError(f"{p}: not valid YAML: {e}") from e
+    if raw is None:
+        raw = {}
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{p}: top level: expected a mapping of sections, got {type(raw).__name__}")
+    return config_from_dict(raw, str(p), overrides)
+
+
+def save_config(cfg: TrainConfig, path: str | Path) -> None:
+    Path(path).write_text(yaml.safe_dump(cfg.to_dict(), sort_keys=False))

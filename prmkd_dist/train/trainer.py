@@ -1,0 +1,275 @@
+"""Training of a SequentialStudent on a leave-one-out split, with early stopping on validation.
+
+One example per user: input = training prefix[:-1], targets = prefix[1:] at every position (both the
+most recent ``max_len``, left-padded). The loss is full-softmax cross-entropy over the whole catalog at
+every real position (``next_item_loss``). Model selection uses validation NDCG@10 only; the test split
+is evaluated once, with the best weights, at the end.
+
+A checkpoint directory holds ``model.pt`` (state dict), ``config.yaml`` and ``meta.json`` (epoch,
+validation metrics, item fingerprint), so ``load_checkpoint`` rebuilds the exact model and refuses a
+dataset with a different item-id mapping.
+"""
+from __future__ import annotations
+
+import copy
+import json
+import math
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch.utils.checkpoint import checkpoint
+from tqdm.auto import tqdm
+
+from prmkd_dist.data.dataset import LeaveOneOutSplit, left_pad
+from prmkd_dist.models.base import SequentialStudent
+from prmkd_dist.train.config import TrainConfig, load_config, save_config
+from prmkd_dist.train.evaluate import evaluate, evaluate_sampled
+from prmkd_dist.train.utils import get_logger, seed_everything, set_num_threads
+
+SELECT_METRIC = "NDCG@10"
+CHECKPOINT_FORMAT = "prmkd-dist/student-checkpoint"
+
+log = get_logger(__name__)
+
+
+class CheckpointError(ValueError):
+    """A checkpoint directory is missing files or does not match the dataset it is used with."""
+
+
+@dataclass
+class TrainResult:
+    best_epoch: int
+    valid: dict[str, float]  # validation metrics of the best epoch
+    test: dict[str, float]  # full-ranking test metrics of the best weights (read once)
+    test_sampled: dict[str, float] | None  # SASRec-paper protocol, when cfg.eval.sampled
+    history: list[dict] = field(default_factory=list)  # one entry per validation evaluation
+    train_seconds: float = 0.0
+    epochs_run: int = 0
+    checkpoint_dir: str | None = None
+    stopped_by_budget: bool = False  # optim.max_train_seconds ended training (run not repeatable then)
+
+    def to_dict(self) -> dict:
+        return {k: getattr(self, k) for k in self.__dataclass_fields__}
+
+
+# ---- data -------------------------------------------------------------------------------------------
+def load_split_for(dataset: str) -> LeaveOneOutSplit:
+    """The leave-one-out split of a builtin dataset name, reader YAML or prepared directory."""
+    from prmkd_dist.data.prepare import load_split
+
+    _, split = load_split(dataset)
+    return split
+
+
+def trainable_users(split: LeaveOneOutSplit) -> np.ndarray:
+    """Users whose training prefix has at least one (input, target) pair."""
+    return np.flatnonzero(np.diff(split.train_offsets) >= 2)
+
+
+def training_batch(split: LeaveOneOutSplit, users: np.ndarray, max_len: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """[B, max_len] inputs and next-item targets (PAD_ID where there is no target) for ``users``."""
+    seqs = [split.train_sequence(u) for u in users]
+    inputs = left_pad([s[:-1] for s in seqs], max_len)
+    targets = left_pad([s[1:] for s in seqs], max_len)
+    return torch.from_numpy(inputs), torch.from_numpy(targets)
+
+
+# ---- loss -------------------------------------------------------------------------------------------
+def _chunk_ce_sum(hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
+                  targets: torch.Tensor) -> torch.Tensor:
+    logits = hidden @ weight.T
+    if bias is not None:
+        logits = logits + bias
+    return F.cross_entropy(logits, targets, reduction="sum")
+
+
+def full_softmax_ce(hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
+                    targets: torch.Tensor, chunk_rows: int = 2048) -> torch.Tensor:
+    """Mean cross-entropy of ``hidden [N, d] @ weight[C, d].T (+ bias)`` against ``targets [N]``.
+
+    At most ``chunk_rows x C`` logits exist at a time: each chunk is recomputed in backward
+    (activation checkpointing) instead of keeping every chunk's logits alive for autograd."""
+    n = hidden.shape[0]
+    if n == 0:
+        return hidden.sum() * 0.0
+    if n <= chunk_rows:
+        return _chunk_ce_sum(hidden, weight, bias, targets) / n
+    total = hidden.new_zeros(())
+    for s in range(0, n, chunk_rows):
+        total = total + checkpoint(_chunk_ce_sum, hidden[s:s + chunk_rows], weight, bias, targets[s:s + chunk_rows],
+                                   use_reentrant=False)
+    return total / n
+
+
+def next_item_loss(model: SequentialStudent, inputs: torch.Tensor, targets: torch.Tensor,
+                   chunk_rows: int = 2048) -> torch.Tensor:
+    """The training objective of one batch: full-softmax CE at every position that has a target.
+    (The one place to swap in the fused ``kd_loss_linear``.)"""
+    hidden = model.encode(inputs)
+    mask = targets >= 0
+    return full_softmax_ce(hidden[mask], model.output_weight(), model.output_bias(), targets[mask], chunk_rows)
+
+
+# ---- model / checkpoints ----------------------------------------------------------------------------
+def build_model(cfg: TrainConfig, num_items: int) -> SequentialStudent:
+    """``build_student(cfg.model.name, num_items, **cfg.model.hparams)``; the model's ``max_len``
+    defaults to ``data.max_len`` (Caser sets its own, shorter window in ``model.hparams``)."""
+    from prmkd_dist.models import build_student
+
+    hparams = dict(cfg.model.hparams)
+    hparams.setdefault("max_len", cfg.data.max_len)
+    return build_student(cfg.model.name, num_items, device=cfg.run.device, **hparams)
+
+
+def save_checkpoint(directory: str | Path, model: SequentialStudent, cfg: TrainConfig, split: LeaveOneOutSplit,
+                    epoch: int, valid: dict[str, float]) -> None:
+    d = Path(directory)
+    d.mkdir(parents=True, exist_ok=True)
+    torch.save(model.state_dict(), d / "model.pt")
+    save_config(cfg, d / "config.yaml")
+    meta = {"format": CHECKPOINT_FORMAT, "version": 1, "epoch": epoch, "valid": valid,
+            "dataset": split.data.name, "num_items": split.data.num_items, "item_fingerprint": split.data.fingerprint}
+    (d / "meta.json").write_text(json.dumps(meta, indent=2))
+
+
+def load_checkpoint(directory: str | Path, split: LeaveOneOutSplit | None = None,
+                    map_location: str = "cpu") -> tuple[SequentialStudent, TrainConfig, dict]:
+    """Rebuild a saved student: ``(model in eval mode, config, meta)``. With ``split``, the item
+    fingerprint must match (a different id mapping would silently score the wrong items)."""
+    d = Path(directory)
+    for name in ("model.pt", "config.yaml", "meta.json"):
+        if not (d / name).exists():
+            raise CheckpointError(f"{d}: not a student checkpoint (missing {name})")
+    meta = json.loads((d / "meta.json").read_text())
+    if meta.get("format") != CHECKPOINT_FORMAT:
+        raise CheckpointError(f"{d / 'meta.json'}: format {meta.get('format')!r}, expected {CHECKPOINT_FORMAT!r}")
+    cfg = load_config(d / "config.yaml")
+    if split is not None and split.data.fingerprint != meta["item_fingerprint"]:
+        raise CheckpointError(f"{d}: trained on items with fingerprint {meta['item_fingerprint']} ({meta['dataset']}), "
+                              f"but the dataset {split.data.name} has {split.data.fingerprint}")
+    model = build_model(cfg, int(meta["num_items"]))
+    model.load_state_dict(torch.load(d / "model.pt", map_location=map_location, weights_only=True))
+    return model.eval(), cfg, meta
+
+
+# ---- the loop ---------------------------------------------------------------------------------------
+def _tb_writer(cfg: TrainConfig):
+    if not cfg.run.tensorboard:
+        return None
+    from torch.utils.tensorboard import SummaryWriter
+
+    return SummaryWriter(log_dir=str(Path(cfg.run.out_dir) / "tensorboard"))
+
+
+def _eval_kwargs(cfg: TrainConfig) -> dict:
+    ks = tuple(sorted(set(cfg.eval.ks) | {10}))  # NDCG@10 drives model selection
+    return dict(ks=ks, batch_size=cfg.eval.batch_size, exclude_history=cfg.eval.exclude_history,
+                max_len=cfg.data.max_len, progress=cfg.run.progress)
+
+
+def train(cfg: TrainConfig, split: LeaveOneOutSplit | None = None,
+          model: SequentialStudent | None = None) -> TrainResult:
+    """Train ``model`` (default: built from ``cfg.model``) on ``split`` (default: ``cfg.data.dataset``)
+    with early stopping on validation NDCG@10; returns the best epoch's validation and test metrics.
+    Same config, seed and thread count -> same numbers on CPU."""
+    set_num_threads(cfg.run.num_threads)
+    seed_everything(cfg.run.seed)
+    split = split if split is not None else load_split_for(cfg.data.dataset)
+    device = torch.device(cfg.run.device)
+    if model is None:
+        model = build_model(cfg, split.data.num_items)
+    if model.num_items != split.data.num_items:
+        raise ValueError(f"model has {model.num_items} items, dataset {split.data.name} has {split.data.num_items}")
+    model.to(device)
+    out_dir = Path(cfg.run.out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    save_config(cfg, out_dir / "config.yaml")
+    ckpt_dir = out_dir / "checkpoint"
+
+    opt = torch.optim.Adam(model.parameters(), lr=cfg.optim.lr, weight_decay=cfg.optim.weight_decay)
+    rng = np.random.default_rng(cfg.run.seed)
+    users = trainable_users(split)
+    if len(users) == 0:
+        raise ValueError(f"{split.data.name}: no user has >= 2 training items; nothing to train on")
+    bs = cfg.optim.batch_size
+    writer = _tb_writer(cfg)
+    eval_kw = _eval_kwargs(cfg)
+
+    best = {"score": -math.inf, "epoch": 0, "valid": {}, "state": None}
+    history, bad_evals, step, epoch, stopped_by_budget = [], 0, 0, 0, False
+    t0 = time.perf_counter()
+    epochs_bar = tqdm(range(1, cfg.optim.epochs + 1), desc="epochs", unit="ep", disable=not cfg.run.progress)
+    for epoch in epochs_bar:
+        model.train()
+        order = rng.permutation(users)
+        loss_sum, n_batches = 0.0, 0
+        for s in tqdm(range(0, len(order), bs), desc=f"epoch {epoch}", unit="batch", leave=False,
+                      disable=not cfg.run.progress):
+            inputs, targets = training_batch(split, order[s:s + bs], cfg.data.max_len)
+            loss = next_item_loss(model, inputs.to(device), targets.to(device), cfg.optim.loss_chunk_rows)
+            if not torch.isfinite(loss.detach()):
+                raise FloatingPointError(f"epoch {epoch} step {step}: loss is {float(loss.detach())}; lower optim.lr?")
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            if cfg.optim.grad_clip > 0:
+                torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.optim.grad_clip)
+            opt.step()
+            loss_value = float(loss.detach())
+            loss_sum += loss_value
+            n_batches += 1
+            step += 1
+            if writer is not None:
+                writer.add_scalar("train/loss", loss_value, step)
+        train_loss = loss_sum / max(n_batches, 1)
+        budget = cfg.optim.max_train_seconds
+        out_of_time = budget > 0 and time.perf_counter() - t0 >= budget
+        if epoch % cfg.optim.eval_every and epoch != cfg.optim.epochs and not out_of_time:
+            continue
+        valid = evaluate(model, split, "valid", **eval_kw)
+        history.append({"epoch": epoch, "train_loss": train_loss, **valid})
+        if writer is not None:
+            writer.add_scalar("train/epoch_loss", train_loss, epoch)
+            for k, v in valid.items():
+                if k != "users":
+                    writer.add_scalar(f"valid/{k}", v, epoch)
+        epochs_bar.set_postfix(loss=f"{train_loss:.4f}", ndcg10=f"{valid[SELECT_METRIC]:.4f}")
+        log.info("epoch %d loss %.4f valid %s %.4f", epoch, train_loss, SELECT_METRIC, valid[SELECT_METRIC])
+        if valid[SELECT_METRIC] > best["score"]:
+            best = {"score": valid[SELECT_METRIC], "epoch": epoch, "valid": valid,
+                    "state": copy.deepcopy(model.state_dict())}
+            save_checkpoint(ckpt_dir, model, cfg, split, epoch, valid)
+            bad_evals = 0
+        else:
+            bad_evals += 1
+            if cfg.optim.patience > 0 and bad_evals >= cfg.optim.patience:
+                log.info("early stop at epoch %d (best epoch %d)", epoch, best["epoch"])
+                break
+        if out_of_time:
+            log.warning("optim.max_train_seconds=%.0f reached after epoch %d; keeping best epoch %d",
+                        budget, epoch, best["epoch"])
+            stopped_by_budget = True
+            break
+    epochs_bar.close()
+    train_seconds = time.perf_counter() - t0
+
+    model.load_state_dict(best["state"])
+    test = evaluate(model, split, "test", **eval_kw)
+    test_sampled = None
+    if cfg.eval.sampled:
+        test_sampled = evaluate_sampled(model, split, "test", num_negatives=cfg.eval.num_negatives,
+                                        seed=cfg.run.seed, ks=(10,), batch_size=cfg.eval.batch_size,
+                                        max_len=cfg.data.max_len, progress=cfg.run.progress)
+    if writer is not None:
+        for k, v in test.items():
+            if k != "users":
+                writer.add_scalar(f"test/{k}", v, best["epoch"])
+        writer.close()
+    result = TrainResult(best_epoch=best["epoch"], valid=best["valid"], test=test, test_sampled=test_sampled,
+                         history=history, train_seconds=train_seconds, epochs_run=epoch,
+                         checkpoint_dir=str(ckpt_dir), stopped_by_budget=stopped_by_budget)
+    (out_dir / "results.json").write_text(json.dumps(result.to_dict(), indent=2))
+    return result
