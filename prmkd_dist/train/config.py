@@ -47,7 +47,7 @@ class OptimConfig:
     epochs: int = 50
     patience: int = 5  # evaluations without a better validation NDCG@10 before stopping; 0 = never stop early
     eval_every: int = 1  # epochs between validation evaluations
-    loss_chunk_rows: int = 2048  # positions per [rows, C] logits chunk of the full-softmax loss
+    loss_backend: str = "auto"  # backend of the fused catalog loss: auto | reference | cpp | triton
     grad_clip: float = 0.0  # max global grad norm; 0 = off
     # wall-clock safety net (quickstart must fit a slow machine): stop after the epoch that crosses it,
     # keep the best validated epoch; 0 = off. A run cut by it depends on machine speed.
@@ -55,7 +55,7 @@ class OptimConfig:
 
     def problems(self) -> dict[str, str]:
         minimum = {"lr": (0.0, False), "weight_decay": (0.0, True), "batch_size": (1, True), "epochs": (1, True),
-                   "patience": (0, True), "eval_every": (1, True), "loss_chunk_rows": (1, True),
+                   "patience": (0, True), "eval_every": (1, True),
                    "grad_clip": (0.0, True), "max_train_seconds": (0.0, True)}  # field -> (bound, inclusive)
         return {k: f"expected a value {'>=' if incl else '>'} {lo}" for k, (lo, incl) in minimum.items()
                 if not (getattr(self, k) >= lo if incl else getattr(self, k) > lo)}

@@ -20,13 +20,12 @@ from pathlib import Path
 
 import numpy as np
 import torch
-import torch.nn.functional as F
-from torch.utils.checkpoint import checkpoint
 from tqdm.auto import tqdm
 
 from prmkd_dist.data.dataset import LeaveOneOutSplit, left_pad
 from prmkd_dist.models.base import SequentialStudent
 from prmkd_dist.train.config import TrainConfig, load_config, save_config
+from prmkd_dist.train.engine import Engine, LocalEngine, no_teachers
 from prmkd_dist.train.evaluate import evaluate, evaluate_sampled
 from prmkd_dist.train.utils import get_logger, seed_everything, set_num_threads
 
@@ -79,39 +78,14 @@ def training_batch(split: LeaveOneOutSplit, users: np.ndarray, max_len: int) -> 
 
 
 # ---- loss -------------------------------------------------------------------------------------------
-def _chunk_ce_sum(hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
-                  targets: torch.Tensor) -> torch.Tensor:
-    logits = hidden @ weight.T
-    if bias is not None:
-        logits = logits + bias
-    return F.cross_entropy(logits, targets, reduction="sum")
-
-
-def full_softmax_ce(hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
-                    targets: torch.Tensor, chunk_rows: int = 2048) -> torch.Tensor:
-    """Mean cross-entropy of ``hidden [N, d] @ weight[C, d].T (+ bias)`` against ``targets [N]``.
-
-    At most ``chunk_rows x C`` logits exist at a time: each chunk is recomputed in backward
-    (activation checkpointing) instead of keeping every chunk's logits alive for autograd."""
-    n = hidden.shape[0]
-    if n == 0:
-        return hidden.sum() * 0.0
-    if n <= chunk_rows:
-        return _chunk_ce_sum(hidden, weight, bias, targets) / n
-    total = hidden.new_zeros(())
-    for s in range(0, n, chunk_rows):
-        total = total + checkpoint(_chunk_ce_sum, hidden[s:s + chunk_rows], weight, bias, targets[s:s + chunk_rows],
-                                   use_reentrant=False)
-    return total / n
-
-
-def next_item_loss(model: SequentialStudent, inputs: torch.Tensor, targets: torch.Tensor,
-                   chunk_rows: int = 2048) -> torch.Tensor:
-    """The training objective of one batch: full-softmax CE at every position that has a target.
-    (The one place to swap in the fused ``kd_loss_linear``.)"""
-    hidden = model.encode(inputs)
+def next_item_loss(engine: Engine, inputs: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    """The training objective of one batch: full-softmax cross-entropy over the catalog at every position
+    that has a target, through the fused catalog loss (``kd_loss_linear`` with no teachers: the [N, C]
+    logits are never materialised by the C++ and Triton backends)."""
+    hidden = engine.model.encode(inputs)
     mask = targets >= 0
-    return full_softmax_ce(hidden[mask], model.output_weight(), model.output_bias(), targets[mask], chunk_rows)
+    rows = hidden[mask]
+    return engine.linear_loss(rows, targets[mask], *no_teachers(rows.shape[0], rows.device))
 
 
 # ---- model / checkpoints ----------------------------------------------------------------------------
@@ -190,7 +164,8 @@ def train(cfg: TrainConfig, split: LeaveOneOutSplit | None = None,
     save_config(cfg, out_dir / "config.yaml")
     ckpt_dir = out_dir / "checkpoint"
 
-    opt = torch.optim.Adam(model.parameters(), lr=cfg.optim.lr, weight_decay=cfg.optim.weight_decay)
+    engine = LocalEngine(model, lr=cfg.optim.lr, weight_decay=cfg.optim.weight_decay, grad_clip=cfg.optim.grad_clip,
+                         loss_backend=cfg.optim.loss_backend)
     rng = np.random.default_rng(cfg.run.seed)
     users = trainable_users(split)
     if len(users) == 0:
@@ -204,20 +179,16 @@ def train(cfg: TrainConfig, split: LeaveOneOutSplit | None = None,
     t0 = time.perf_counter()
     epochs_bar = tqdm(range(1, cfg.optim.epochs + 1), desc="epochs", unit="ep", disable=not cfg.run.progress)
     for epoch in epochs_bar:
-        model.train()
+        engine.train()
         order = rng.permutation(users)
         loss_sum, n_batches = 0.0, 0
         for s in tqdm(range(0, len(order), bs), desc=f"epoch {epoch}", unit="batch", leave=False,
                       disable=not cfg.run.progress):
             inputs, targets = training_batch(split, order[s:s + bs], cfg.data.max_len)
-            loss = next_item_loss(model, inputs.to(device), targets.to(device), cfg.optim.loss_chunk_rows)
+            loss = next_item_loss(engine, inputs.to(device), targets.to(device))
             if not torch.isfinite(loss.detach()):
                 raise FloatingPointError(f"epoch {epoch} step {step}: loss is {float(loss.detach())}; lower optim.lr?")
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            if cfg.optim.grad_clip > 0:
-                torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.optim.grad_clip)
-            opt.step()
+            engine.step(loss)
             loss_value = float(loss.detach())
             loss_sum += loss_value
             n_batches += 1

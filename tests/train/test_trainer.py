@@ -8,7 +8,8 @@ import torch
 from prmkd_dist.data.dataset import LeaveOneOutSplit
 from prmkd_dist.train.config import TrainConfig, config_from_dict
 from prmkd_dist.train.evaluate import evaluate
-from prmkd_dist.train.trainer import (CheckpointError, build_model, full_softmax_ce, load_checkpoint, train,
+from prmkd_dist.train.engine import LocalEngine
+from prmkd_dist.train.trainer import (CheckpointError, build_model, next_item_loss, load_checkpoint, train,
                                       training_batch)
 from prmkd_dist.train.utils import seed_everything
 
@@ -86,19 +87,25 @@ def test_early_stopping_and_test_read_once(ml_split, tmp_path, monkeypatch):
     assert res.best_epoch == 1 and res.epochs_run == 3 and res.valid["NDCG@10"] == 0.3
 
 
-def test_chunked_loss_equals_unchunked_values_and_grads():
-    g = torch.Generator().manual_seed(0)
-    h = torch.randn(37, 8, generator=g, requires_grad=True)
-    w = torch.randn(50, 8, generator=g, requires_grad=True)
-    b = torch.randn(50, generator=g, requires_grad=True)
-    y = torch.randint(0, 50, (37,), generator=g)
-    ref = torch.nn.functional.cross_entropy(h @ w.T + b, y)
-    grads_ref = torch.autograd.grad(ref, (h, w, b))
-    got = full_softmax_ce(h, w, b, y, chunk_rows=5)
-    grads = torch.autograd.grad(got, (h, w, b))
-    assert got.item() == pytest.approx(ref.item(), rel=1e-6)
+@pytest.mark.parametrize("backend", ["cpp", "reference"])
+def test_next_item_loss_is_full_softmax_ce_at_target_positions(backend):
+    """The trainer's objective through the engine's fused loss equals plain cross-entropy over the
+    materialised logits at every position with a target, in value and in gradient."""
+    from prmkd_dist.models import build_student
+
+    torch.manual_seed(0)
+    model = build_student("sasrec", 50, max_len=6, dim=8, num_layers=1, num_heads=1, dropout=0.0)
+    x = torch.tensor([[-1, -1, 3, 4, 5, 6], [1, 2, 3, 4, 5, 6]])
+    y = torch.tensor([[-1, -1, 4, 5, 6, 7], [2, 3, 4, 5, 6, 49]])
+    engine = LocalEngine(model, lr=1e-3, loss_backend=backend)
+    got = next_item_loss(engine, x, y)
+    grads = torch.autograd.grad(got, list(model.parameters()))
+    mask = y >= 0
+    ref = torch.nn.functional.cross_entropy(model.encode(x)[mask] @ model.output_weight().T, y[mask])
+    grads_ref = torch.autograd.grad(ref, list(model.parameters()))
+    assert got.item() == pytest.approx(ref.item(), rel=1e-5)
     for a, r in zip(grads, grads_ref):
-        assert torch.allclose(a, r, atol=1e-6)
+        assert torch.allclose(a, r, atol=1e-5)
 
 
 def test_training_batch_shifts_targets_and_left_pads():
