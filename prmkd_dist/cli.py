@@ -11,6 +11,7 @@ _COMMAND_MODULES = [
     "prmkd_dist.data.cli",      # data prepare|stats
     "prmkd_dist.train.cli",     # train, eval, quickstart
     "prmkd_dist.data.shards_cli",  # shards inspect|validate|stats|merge
+    "prmkd_dist.serve.cli",     # export, recommend
 ]
 
 
