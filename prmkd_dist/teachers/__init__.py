@@ -1,0 +1,34 @@
+"""Teachers: the ``Teacher`` interface (plug in your own model by subclassing it, see ``base``) and the
+built-in heterogeneous teachers:
+
+- ``EASE``: closed-form item-item linear autoencoder (Steck 2019);
+- ``IDTransformerTeacher``: a large ID-based SASRec (several times the student's width and depth);
+- ``UniSRecTeacher``: text-based (frozen MiniLM item-text embeddings + MoE adaptor + transformer).
+
+``load_teacher(dir, fingerprint=data.fingerprint)`` rebuilds any saved teacher.
+"""
+from prmkd_dist.teachers.base import (
+    TEACHER_REGISTRY,
+    FingerprintMismatchError,
+    SequentialModelTeacher,
+    Teacher,
+    TeacherError,
+    load_teacher,
+    register_teacher,
+)
+from prmkd_dist.teachers.ease import EASE
+from prmkd_dist.teachers.id_transformer import IDTransformerTeacher
+from prmkd_dist.teachers.unisrec import UniSRecTeacher
+
+__all__ = [
+    "TEACHER_REGISTRY",
+    "EASE",
+    "FingerprintMismatchError",
+    "IDTransformerTeacher",
+    "SequentialModelTeacher",
+    "Teacher",
+    "TeacherError",
+    "UniSRecTeacher",
+    "load_teacher",
+    "register_teacher",
+]

@@ -1,0 +1,125 @@
+"""EASE (Steck, "Embarrassingly Shallow Autoencoders for Sparse Data", WWW 2019) as a teacher.
+
+Closed form on the binary training user-item matrix X [U, C] (``split.train_items`` only):
+    G = X^T X + lambda I,  P = G^-1,  B = I - P / diag(P)  (column-wise), i.e. B_ij = -P_ij / P_jj, B_ii = 0.
+A user's scores are x_user @ B with x_user the binary indicator of the history's distinct items.
+
+Cost: G and B are dense C x C float32 (ml-latest-small: 9.7k^2 = 0.38 GB; amazon-games: 23.7k^2 = 2.2 GB,
+and the Cholesky inverse is O(C^3): minutes on a 2-core CPU). Scores are computed with an
+``embedding_bag`` over the history rows of B (O(L*C) per user), never a dense [B, C] x [C, C] product.
+The order of the history does not matter to EASE, and it has no maximum history length.
+"""
+from __future__ import annotations
+
+import time
+from typing import Callable, Sequence
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from prmkd_dist.constants import PAD_ID
+from prmkd_dist.data.dataset import LeaveOneOutSplit
+from prmkd_dist.teachers.base import Teacher, TeacherError, register_teacher
+
+DEFAULT_L2_GRID = (10.0, 30.0, 100.0, 300.0, 1000.0)  # ml-latest-small picks 30-50 (see report)
+
+
+def gram_matrix(split: LeaveOneOutSplit) -> torch.Tensor:
+    """G = X^T X [C, C] float32 of the binary training matrix (duplicates in a sequence count once)."""
+    from scipy import sparse
+
+    C = split.data.num_items
+    rows = np.repeat(np.arange(split.data.num_users), np.diff(split.train_offsets))
+    x = sparse.csr_matrix((np.ones(len(split.train_items), np.float32), (rows, split.train_items)),
+                          shape=(split.data.num_users, C))
+    x.sum_duplicates()
+    x.data[:] = 1.0  # binary: a re-consumed item is still one interaction for EASE
+    g = (x.T @ x).toarray()
+    return torch.from_numpy(np.ascontiguousarray(g, dtype=np.float32))
+
+
+def ease_weights(gram: torch.Tensor, l2: float) -> torch.Tensor:
+    """B = I - P / diag(P) with P = (G + l2 I)^-1 and zero diagonal (float32, same shape as ``gram``)."""
+    if l2 <= 0:
+        raise TeacherError(f"EASE: l2 must be > 0 (it makes G + l2 I invertible), got {l2}")
+    g = gram.clone()
+    g.diagonal().add_(l2)
+    # G + l2 I is symmetric positive definite: Cholesky is the cheapest stable inverse
+    p = torch.cholesky_inverse(torch.linalg.cholesky(g))
+    del g
+    diag = p.diagonal().clone()  # a copy: the in-place division below rewrites the diagonal it reads
+    b = p.div_(-diag.unsqueeze(0))  # B_ij = -P_ij / P_jj
+    b.diagonal().zero_()
+    return b
+
+
+@register_teacher
+class EASE(Teacher):
+    """EASE teacher: a dense item-item weight matrix ``B`` [C, C] (a buffer, not trained by gradient)."""
+
+    kind = "ease"
+    score_semantics = "similarity"  # a linear reconstruction, not a softmax logit: a KD softmax needs a temperature
+
+    def __init__(self, num_items: int, item_fingerprint: str, name: str | None = None, l2: float = 500.0):
+        super().__init__(num_items, item_fingerprint, name)
+        self.l2 = float(l2)
+        # uninitialised until fit() or load_teacher() fills it: at C = 24k a zero-fill alone would write
+        # 2.2 GB that is overwritten at once
+        self.register_buffer("B", torch.empty(num_items, num_items))
+
+    def config(self) -> dict:
+        return {"l2": self.l2}
+
+    def score(self, history: torch.Tensor) -> torch.Tensor:
+        """[B, L] -> [B, C] = sum of B's rows over the distinct items of each history."""
+        history = history.to(torch.int64)
+        # a repeated item counts once (X is binary): keep only its first occurrence in sorted order
+        sorted_hist, _ = torch.sort(history, dim=1)
+        dup = torch.zeros_like(sorted_hist, dtype=torch.bool)
+        dup[:, 1:] = sorted_hist[:, 1:] == sorted_hist[:, :-1]
+        weights = ((sorted_hist != PAD_ID) & ~dup).to(self.B.dtype)
+        return F.embedding_bag(sorted_hist.clamp(min=0), self.B, per_sample_weights=weights, mode="sum")
+
+    @classmethod
+    def fit(cls, split: LeaveOneOutSplit, l2: float = 500.0, name: str | None = None,
+            gram: torch.Tensor | None = None) -> "EASE":
+        """Closed-form EASE on the training split (``gram``: a precomputed ``gram_matrix(split)``)."""
+        t0 = time.perf_counter()
+        g = gram_matrix(split) if gram is None else gram
+        weights = ease_weights(g, l2)
+        teacher = cls(split.data.num_items, split.data.fingerprint, name, l2=l2)
+        teacher.B = weights  # replaces the uninitialised buffer without a C x C copy
+        teacher.info.update({"l2": float(l2), "fit_seconds": time.perf_counter() - t0})
+        return teacher
+
+    @classmethod
+    def fit_select(cls, split: LeaveOneOutSplit, grid: Sequence[float] = DEFAULT_L2_GRID,
+                   evaluate_fn: Callable[["EASE"], float] | None = None, name: str | None = None) -> "EASE":
+        """Fit one EASE per ``l2`` in ``grid`` and keep the best by ``evaluate_fn`` (default: full-ranking
+        validation NDCG@10). The Gram matrix is computed once. ``info['l2_grid']`` records every score."""
+        if not grid:
+            raise TeacherError("EASE.fit_select: the l2 grid is empty")
+        if evaluate_fn is None:
+            from prmkd_dist.train.evaluate import evaluate
+
+            def evaluate_fn(t: EASE) -> float:
+                return evaluate(t, split, "valid", ks=(10,), max_len=_longest_history(split), progress=False)["NDCG@10"]
+
+        t0 = time.perf_counter()
+        gram = gram_matrix(split)
+        best, best_score, scores = None, -np.inf, {}
+        for l2 in grid:
+            teacher = cls.fit(split, l2, name, gram=gram)
+            scores[str(float(l2))] = s = float(evaluate_fn(teacher))
+            if s > best_score:
+                best, best_score = teacher, s
+            else:
+                del teacher  # two C x C matrices at most
+        best.info.update({"l2_grid": scores, "valid_NDCG@10": best_score, "fit_seconds": time.perf_counter() - t0})
+        return best
+
+
+def _longest_history(split: LeaveOneOutSplit) -> int:
+    """EASE uses the whole history: evaluate it with the longest test input (+1 for the validation item)."""
+    return int(np.diff(split.train_offsets).max()) + 1
