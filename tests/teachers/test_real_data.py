@@ -6,6 +6,8 @@ import numpy as np
 import pytest
 import torch
 
+from prmkd_dist.models.baselines import Popularity
+
 from prmkd_dist.constants import PAD_ID
 from prmkd_dist.data.dataset import LeaveOneOutSplit, left_pad
 from prmkd_dist.teachers import (EASE, FingerprintMismatchError, IDTransformerTeacher, Teacher, UniSRecTeacher,
@@ -57,21 +59,13 @@ def check_round_trip(teacher: Teacher, directory, history: torch.Tensor, fingerp
         load_teacher(directory, fingerprint="0123456789abcdef")
 
 
-class Popularity:
-    def __init__(self, split: LeaveOneOutSplit):
-        self.counts = torch.from_numpy(np.bincount(split.train_items, minlength=split.data.num_items)).float()
-
-    def score(self, history: torch.Tensor) -> torch.Tensor:
-        return self.counts.expand(history.shape[0], -1)
-
-
 def test_ease_on_ml(ml, tmp_path):
     data, split = ml
     teacher = EASE.fit(split, l2=500.0)
     history = valid_histories(split, max_len=int(data.lengths().max()))
     check_topk(teacher, history[:16])
     ease = evaluate(teacher, split, "valid", ks=(10,), max_len=int(data.lengths().max()), progress=False)["NDCG@10"]
-    pop = evaluate(Popularity(split), split, "valid", ks=(10,), progress=False)["NDCG@10"]
+    pop = evaluate(Popularity.fit(split), split, "valid", ks=(10,), progress=False)["NDCG@10"]
     assert ease > 1.5 * pop, (ease, pop)
     check_round_trip(teacher, tmp_path / "ease", history[:8], data.fingerprint)
 
