@@ -1,0 +1,121 @@
+"""Per-step time split and throughput of distributed training (DistributedEngine) for 1 and 2 ranks.
+
+    .venv/bin/python benchmarks/scaling.py [--steps 20] [--batch 128] [--worlds 1 2] [--out FILE.json]
+
+For each world size the script starts itself under torchrun (gloo; CPU unless CUDA is present) and trains
+SASRec on ml-latest-small with the same GLOBAL batch, timing per step (median over steps after warm-up):
+  lookup   forward of the sharded item table (input dist + lookup + output dist all-to-alls)
+  dense    the rest of the student's forward
+  loss     all-gather of the hidden rows + catalog-parallel loss forward
+  backward DeepSpeed backward: dense grads, fused table update, all-to-all / all-reduce of gradients
+  step     DeepSpeed dense optimizer step (+ ZeRO gathers)
+and examples/s (global batch / step time). Prints a table and writes JSON.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+PHASES = ("lookup", "dense", "loss", "backward", "step", "total")
+
+
+def worker(args) -> None:
+    import numpy as np
+    import torch
+    import torch.distributed as dist
+
+    from prmkd_dist.models import build_student
+    from prmkd_dist.parallel.engine import DistributedEngine, ParallelConfig, init_process_group
+    from prmkd_dist.train.engine import no_teachers
+    from prmkd_dist.train.trainer import load_split_for, trainable_users, training_batch
+    from types import SimpleNamespace
+
+    rank, world, _ = init_process_group()
+    torch.manual_seed(0)
+    split = load_split_for("ml-latest-small")
+    model = build_student("sasrec", split.data.num_items, dim=args.dim, max_len=args.max_len, num_layers=2,
+                          num_heads=2, dropout=0.0)
+    optim = SimpleNamespace(lr=1e-3, weight_decay=0.0, grad_clip=1.0, batch_size=args.batch)
+    eng = DistributedEngine(model, optim, ParallelConfig(sharding="row_wise", zero_stage=args.zero))
+    users = trainable_users(split)
+    per = args.batch // world
+    timer = {"t": 0.0}
+    ec = eng.model.item_ec
+    ec.register_forward_pre_hook(lambda m, a: timer.__setitem__("t0", time.perf_counter()))
+    ec.register_forward_hook(lambda m, a, o: timer.__setitem__("t", time.perf_counter() - timer["t0"]))
+    rows = []
+    eng.train()
+    for s in range(args.warmup + args.steps):
+        b = users[(s * args.batch) % (len(users) - args.batch):][:args.batch][rank * per:(rank + 1) * per]
+        x, y = training_batch(split, b, args.max_len)
+        dist.barrier()
+        t0 = time.perf_counter()
+        hidden = eng.model.encode(x)
+        t1 = time.perf_counter()
+        mask = y >= 0
+        h = hidden[mask]
+        loss = eng.linear_loss(h, y[mask], *no_teachers(h.shape[0]))
+        t2 = time.perf_counter()
+        eng._stash = None
+        eng.ds.backward(loss)
+        t3 = time.perf_counter()
+        eng.ds.step()
+        t4 = time.perf_counter()
+        if s >= args.warmup:
+            rows.append({"lookup": timer["t"], "dense": t1 - t0 - timer["t"], "loss": t2 - t1,
+                         "backward": t3 - t2, "step": t4 - t3, "total": t4 - t0})
+    med = {k: float(np.median([r[k] for r in rows])) for k in PHASES}
+    allmed = [None] * world
+    dist.all_gather_object(allmed, med)
+    if rank == 0:
+        worst = {k: max(m[k] for m in allmed) for k in PHASES}  # the slowest rank sets the pace
+        worst["examples_per_s"] = args.batch / worst["total"]
+        Path(args.result).write_text(json.dumps({"world": world, **worst}))
+    dist.destroy_process_group()
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--steps", type=int, default=20)
+    ap.add_argument("--warmup", type=int, default=3)
+    ap.add_argument("--batch", type=int, default=128, help="global batch (users)")
+    ap.add_argument("--max-len", type=int, default=50)
+    ap.add_argument("--dim", type=int, default=64)
+    ap.add_argument("--zero", type=int, default=1)
+    ap.add_argument("--worlds", type=int, nargs="+", default=[1, 2])
+    ap.add_argument("--out", default=str(ROOT / "benchmarks" / "scaling.json"))
+    ap.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
+    ap.add_argument("--result", help=argparse.SUPPRESS)
+    args = ap.parse_args()
+    if args.worker:
+        return worker(args)
+    results = []
+    for w in args.worlds:
+        with tempfile.TemporaryDirectory() as tmp:
+            res = Path(tmp) / "r.json"
+            cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", str(w),
+                   __file__, "--worker", "--result", str(res), "--steps", str(args.steps), "--warmup",
+                   str(args.warmup), "--batch", str(args.batch), "--max-len", str(args.max_len),
+                   "--dim", str(args.dim), "--zero", str(args.zero)]
+            env = {**os.environ, "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "1"),
+                   "PRMKD_LOG_LEVEL": "WARNING"}
+            subprocess.run(cmd, cwd=ROOT, env=env, check=True, capture_output=True)
+            results.append(json.loads(res.read_text()))
+    print("| ranks | " + " | ".join(f"{k} ms" for k in PHASES) + " | examples/s |")
+    print("|---" * (len(PHASES) + 2) + "|")
+    for r in results:
+        print(f"| {r['world']} | " + " | ".join(f"{1000 * r[k]:.1f}" for k in PHASES) + f" | {r['examples_per_s']:.0f} |")
+    Path(args.out).write_text(json.dumps({"config": {k: v for k, v in vars(args).items()
+                                                     if k not in ("worker", "result")},
+                                          "results": results}, indent=2))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,37 @@
+"""Start ``dist_worker.py`` under torchrun (real processes, gloo) and return its per-rank JSON reports."""
+from __future__ import annotations
+
+import json
+import os
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+HERE = Path(__file__).resolve().parent
+ROOT = HERE.parents[1]
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def torchrun(args: list[str], nproc: int = 2, env: dict | None = None, restarts: int = 0,
+             timeout: int = 240) -> subprocess.CompletedProcess:
+    """``torchrun --nproc-per-node NPROC dist_worker.py ARGS`` with a c10d rendezvous on a free port."""
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", str(nproc),
+           "--rdzv-backend", "c10d", "--rdzv-endpoint", f"127.0.0.1:{free_port()}",
+           "--max-restarts", str(restarts), str(HERE / "dist_worker.py"), *args]
+    full_env = {**os.environ, "OMP_NUM_THREADS": "1", "PRMKD_LOG_LEVEL": "WARNING", **(env or {})}
+    p = subprocess.run(cmd, cwd=ROOT, env=full_env, capture_output=True, text=True, timeout=timeout)
+    if p.returncode != 0:
+        pytest.fail(f"{' '.join(cmd)} failed ({p.returncode}):\n{p.stdout[-3000:]}\n{p.stderr[-8000:]}")
+    return p
+
+
+def reports(out: Path, name: str, world: int = 2) -> list[dict]:
+    return [json.loads((out / f"{name}_rank{r}.json").read_text()) for r in range(world)]
