@@ -28,4 +28,5 @@ if sources:
 # `kernels/` is mapped to `prmkd_dist.kernels` (pyproject's package-dir); find_packages cannot see it there
 packages = find_packages(include=["prmkd_dist", "prmkd_dist.*"]) + ["prmkd_dist.kernels"]
 
-setup(packages=packages, package_data={"prmkd_dist.configs": ["*.yaml"], "prmkd_dist.configs.data": ["*.yaml"]}, ext_modules=ext_modules, cmdclass=cmdclass)
+setup(packages=packages, package_data={"prmkd_dist.configs": ["*.yaml"], "prmkd_dist.configs.data": ["*.yaml"],
+                                         "prmkd_dist.configs.teachers": ["*.yaml"]}, ext_modules=ext_modules, cmdclass=cmdclass)

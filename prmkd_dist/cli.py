@@ -12,6 +12,7 @@ _COMMAND_MODULES = [
     "prmkd_dist.train.cli",     # train, eval, quickstart
     "prmkd_dist.data.shards_cli",  # shards inspect|validate|stats|merge
     "prmkd_dist.serve.cli",     # export, recommend
+    "prmkd_dist.teachers.cli",  # teachers train|export|eval|pipeline
 ]
 
 

@@ -1,0 +1,1 @@
+"""Teacher configs (YAML) for `prmkd-dist teachers train|pipeline` (prmkd_dist.teachers.pipeline)."""

@@ -1,0 +1,310 @@
+"""The teacher stage in one call: train a dataset's teachers, export each one's top-K over the training
+examples, merge the exports into the training shards, validate them, and measure every teacher
+(validation/test full-ranking metrics, parameters, inference cost) side by side.
+
+Teacher configs (``prmkd_dist/configs/teachers/<kind>-<ml|games>.yaml``)::
+
+    name: id-transformer          # teacher name = shard column prefix (letters, digits, _ -)
+    kind: id_transformer          # unisrec | id_transformer | ease
+    dataset: ml-latest-small      # for `teachers train`; the pipeline passes its own dataset
+    hparams: {dim: 256, ...}      # constructor keywords (ease: l2, or l2_grid to pick the best on validation)
+    train: {lr: 1.0e-3, ...}      # fit_teacher keywords (neural teachers only)
+    export: {k: 50, max_history: 200, batch_size: 512}
+    fast: {hparams: {...}, train: {...}, export: {...}}   # overrides for --fast (a smoke run)
+
+Layout of the pipeline's output directory (default ``artifacts/teachers/<dataset>``)::
+
+    models/<name>/      saved teachers (Teacher.save); reused when their recorded config is unchanged
+    exports/<name>/     one teacher's shards (+ embeddings/), resumable (prmkd_dist.teachers.export)
+    shards/             the merged training shards (all teachers), validated
+    pipeline.json       the report: stage times, metrics, parameters, inference cost
+"""
+from __future__ import annotations
+
+import copy
+import json
+import os
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+import yaml
+
+from prmkd_dist.data.dataset import LeaveOneOutSplit, left_pad
+from prmkd_dist.data.merge import merge_teacher_shards
+from prmkd_dist.data.paths import artifacts_root
+from prmkd_dist.data.shards import validate_shards
+from prmkd_dist.teachers.base import Teacher, TeacherError, load_teacher
+
+CONFIG_DIR = Path(__file__).resolve().parents[1] / "configs" / "teachers"
+KINDS = ("unisrec", "id_transformer", "ease")
+# The teachers of each builtin dataset: amazon-games has no item text, so no text teacher.
+DATASET_TEACHERS = {
+    "ml-latest-small": ("unisrec-ml", "id_transformer-ml", "ease-ml"),
+    "amazon-games": ("id_transformer-games", "ease-games"),
+}
+_SECTIONS = {"name", "kind", "dataset", "hparams", "train", "export", "fast"}
+_TRAIN_KEYS = {"lr", "batch_size", "epochs", "patience", "eval_every", "weight_decay", "grad_clip", "seed", "num_threads"}
+_EXPORT_KEYS = {"k", "max_history", "batch_size", "rows_per_file"}
+COST_COLUMNS = ["NDCG@10", "HR@10", "NDCG@20", "HR@20", "params", "ms/1k users", "train s"]
+
+
+class TeacherConfigError(ValueError):
+    """A teacher config file does not follow the documented form (the message names file and key)."""
+
+
+@dataclass
+class TeacherConfig:
+    name: str
+    kind: str
+    dataset: str
+    hparams: dict = field(default_factory=dict)
+    train: dict = field(default_factory=dict)
+    export: dict = field(default_factory=dict)
+    source: str = ""
+
+    def resolved(self) -> dict:
+        """What decides the trained weights (a saved teacher with the same record is reused)."""
+        return {"name": self.name, "kind": self.kind, "hparams": self.hparams, "train": self.train}
+
+
+def teacher_config_path(name_or_path: str | os.PathLike) -> Path:
+    """A YAML path, or the name of a builtin teacher config (``id_transformer-ml``)."""
+    path = Path(name_or_path)
+    if path.suffix in (".yaml", ".yml") or path.is_file():
+        if not path.is_file():
+            raise TeacherConfigError(f"{path}: no such teacher config file")
+        return path
+    builtin = CONFIG_DIR / f"{name_or_path}.yaml"
+    if builtin.is_file():
+        return builtin
+    names = ", ".join(sorted(p.stem for p in CONFIG_DIR.glob("*.yaml")))
+    raise TeacherConfigError(f"{name_or_path!r} is neither a teacher config file nor a builtin one ({names})")
+
+
+def load_teacher_config(name_or_path: str | os.PathLike, fast: bool = False) -> TeacherConfig:
+    """Read and check a teacher config; ``fast`` applies its ``fast:`` overrides section by section."""
+    path = teacher_config_path(name_or_path)
+    try:
+        raw = yaml.safe_load(path.read_text())
+    except yaml.YAMLError as e:
+        raise TeacherConfigError(f"{path}: not valid YAML ({e})") from None
+    if not isinstance(raw, dict):
+        raise TeacherConfigError(f"{path}: expected a mapping with keys {sorted(_SECTIONS)}")
+    unknown = set(raw) - _SECTIONS
+    if unknown:
+        raise TeacherConfigError(f"{path}: unknown key(s) {sorted(unknown)}; expected {sorted(_SECTIONS)}")
+    for key in ("name", "kind", "dataset"):
+        if not isinstance(raw.get(key), str) or not raw[key]:
+            raise TeacherConfigError(f"{path}: {key!r} must be a non-empty string")
+    if raw["kind"] not in KINDS:
+        raise TeacherConfigError(f"{path}: kind {raw['kind']!r}, expected one of {KINDS}")
+    sections = {}
+    for sec, allowed in (("hparams", None), ("train", _TRAIN_KEYS), ("export", _EXPORT_KEYS)):
+        value = copy.deepcopy(raw.get(sec) or {})
+        if fast:
+            value.update((raw.get("fast") or {}).get(sec) or {})
+        if not isinstance(value, dict):
+            raise TeacherConfigError(f"{path}: {sec!r} must be a mapping")
+        bad = set(value) - allowed if allowed is not None else set()
+        if bad:
+            raise TeacherConfigError(f"{path}: {sec}.{sorted(bad)[0]} is not a known key; expected {sorted(allowed)}")
+        sections[sec] = value
+    bad_fast = set(raw.get("fast") or {}) - {"hparams", "train", "export"}
+    if bad_fast:
+        raise TeacherConfigError(f"{path}: fast.{sorted(bad_fast)[0]}: only hparams, train and export can be overridden")
+    if raw["kind"] == "ease" and sections["train"]:
+        raise TeacherConfigError(f"{path}: EASE has a closed form; 'train' must be empty")
+    return TeacherConfig(raw["name"], raw["kind"], raw["dataset"], sections["hparams"], sections["train"],
+                         sections["export"], str(path))
+
+
+# ---- train ------------------------------------------------------------------------------------------
+def train_teacher(cfg: TeacherConfig, split: LeaveOneOutSplit, progress: bool = False,
+                  work_dir: str | os.PathLike | None = None) -> Teacher:
+    """Build and train (or fit) the teacher ``cfg`` describes on ``split``; ``info`` records the config,
+    the training summary and ``train_seconds_total``."""
+    from prmkd_dist.teachers import EASE, IDTransformerTeacher, UniSRecTeacher
+    from prmkd_dist.teachers.training import fit_teacher
+
+    t0 = time.perf_counter()
+    data = split.data
+    try:
+        if cfg.kind == "ease":
+            hp = dict(cfg.hparams)
+            grid = hp.pop("l2_grid", None)
+            if set(hp) - {"l2"}:
+                raise TeacherConfigError(f"{cfg.source}: EASE hparams are l2 or l2_grid, got {sorted(cfg.hparams)}")
+            teacher = (EASE.fit_select(split, grid=grid, name=cfg.name) if grid
+                       else EASE.fit(split, l2=float(hp.get("l2", 500.0)), name=cfg.name))
+        else:
+            cls = UniSRecTeacher if cfg.kind == "unisrec" else IDTransformerTeacher
+            teacher = cls.from_data(data, name=cfg.name, **cfg.hparams)
+            fit_teacher(teacher, split, progress=progress, out_dir=work_dir, **cfg.train)
+    except TypeError as e:  # an hparam the constructor does not take
+        raise TeacherConfigError(f"{cfg.source}: {e}") from None
+    teacher.info["pipeline_config"] = cfg.resolved()
+    teacher.info["dataset_fingerprint"] = data.fingerprint
+    teacher.info["train_seconds_total"] = round(time.perf_counter() - t0, 2)
+    return teacher
+
+
+# ---- measure ----------------------------------------------------------------------------------------
+def _eval_len(teacher, split: LeaveOneOutSplit) -> int:
+    """History length to evaluate with: the teacher's own max_len, else the longest test input."""
+    return int(getattr(teacher, "max_len", None) or np.diff(split.train_offsets).max() + 1)
+
+
+def inference_ms_per_1k_users(teacher, split: LeaveOneOutSplit, users: int = 1024, batch_size: int = 256,
+                              k: int = 10) -> float:
+    """Wall milliseconds to score the catalog and take the top-``k`` for 1,000 users' validation
+    histories (batches of ``batch_size``, after one warm-up batch), at the current torch thread count."""
+    ids = split.eval_users("valid")
+    ids = np.resize(ids, users) if len(ids) else ids  # small datasets: repeat users to fill the sample
+    hist = torch.from_numpy(left_pad([split.history(u, "valid") for u in ids], _eval_len(teacher, split)))
+    module = teacher if isinstance(teacher, torch.nn.Module) else None
+    was_training = module.training if module is not None else False
+    if module is not None:
+        module.eval()
+    try:
+        with torch.no_grad():
+            torch.topk(teacher.score(hist[:batch_size]), k, dim=1)  # warm-up
+            t0 = time.perf_counter()
+            for lo in range(0, len(hist), batch_size):
+                torch.topk(teacher.score(hist[lo:lo + batch_size]), k, dim=1)
+            seconds = time.perf_counter() - t0
+    finally:
+        if module is not None:
+            module.train(was_training)
+    return 1000.0 * seconds / max(len(hist), 1) * 1000.0
+
+
+def measure_teacher(teacher, split: LeaveOneOutSplit, progress: bool = False, cost_users: int = 1024) -> dict:
+    """Full-ranking validation/test metrics (the evaluation's exclusion rule), parameters, and the
+    inference cost measured on ``cost_users`` validation histories."""
+    from prmkd_dist.train.evaluate import evaluate
+
+    kw = dict(ks=(10, 20), max_len=_eval_len(teacher, split), batch_size=256, progress=progress)
+    params = teacher.num_parameters() if hasattr(teacher, "num_parameters") else sum(
+        t.numel() for t in teacher.state_dict().values())
+    return {"valid": evaluate(teacher, split, "valid", **kw), "test": evaluate(teacher, split, "test", **kw),
+            "params": int(params), "ms_per_1k_users": round(inference_ms_per_1k_users(teacher, split, users=cost_users), 1),
+            "threads": torch.get_num_threads()}
+
+
+def format_report(report: dict) -> str:
+    """Markdown table: one row per teacher, its validation metrics next to its size and inference cost,
+    then the stage times."""
+    from prmkd_dist.train.utils import format_table
+
+    rows = {}
+    for name, t in report["teachers"].items():
+        v = t["metrics"]["valid"]
+        rows[f"{name} ({t['kind']})"] = {"NDCG@10": v["NDCG@10"], "HR@10": v["HR@10"], "NDCG@20": v["NDCG@20"],
+                                         "HR@20": v["HR@20"], "params": t["metrics"]["params"],
+                                         "ms/1k users": int(round(t["metrics"]["ms_per_1k_users"])),
+                                         "train s": None if t["train_seconds"] is None else int(round(t["train_seconds"]))}
+    lines = [f"teachers of {report['dataset']} (validation, full ranking; inference = score + top-10 on "
+             f"{report['threads']} thread(s))", format_table(rows, COST_COLUMNS)]
+    lines.append("stage seconds: " + ", ".join(f"{k} {v:.1f}" for k, v in report["stage_seconds"].items()))
+    lines.append(f"training shards: {report['shards']['out_dir']} ({report['shards']['rows']} rows, "
+                 f"teachers {', '.join(report['shards']['teachers'])})")
+    return "\n".join(lines)
+
+
+# ---- the pipeline -----------------------------------------------------------------------------------
+def _trained_teacher(cfg: TeacherConfig, split: LeaveOneOutSplit, model_dir: Path, pretrained: str | None,
+                     progress: bool) -> tuple[Teacher, str]:
+    """(teacher, how): given (``pretrained`` dir), reused (saved here with the same config) or trained."""
+    fp = split.data.fingerprint
+    if pretrained:
+        teacher = load_teacher(pretrained, fingerprint=fp)
+        if teacher.name != cfg.name:
+            teacher.name = cfg.name  # the shard column follows the pipeline's name for it
+        return teacher, f"given ({pretrained})"
+    if (model_dir / "teacher.json").is_file():
+        meta = json.loads((model_dir / "teacher.json").read_text())
+        info = meta.get("info") or {}
+        if info.get("pipeline_config") == cfg.resolved() and meta.get("item_fingerprint") == fp:
+            return load_teacher(model_dir, fingerprint=fp), "reused"
+    teacher = train_teacher(cfg, split, progress=progress, work_dir=model_dir.parent / f".{cfg.name}-run")
+    teacher.save(model_dir)
+    return teacher, "trained"
+
+
+def run_teacher_pipeline(dataset: str, out_dir: str | os.PathLike | None = None, fast: bool = False, *,
+                         teachers: list[str] | None = None, pretrained: dict[str, str] | None = None,
+                         progress: bool = True, log=print) -> dict:
+    """Train/export/merge/validate/measure the teachers of ``dataset`` (module doc); returns the report
+    (also written to ``<out_dir>/pipeline.json``).
+
+    ``dataset``: a builtin name, reader YAML or prepared directory (anything ``load_split`` takes).
+    ``teachers``: teacher config names/paths (default: ``DATASET_TEACHERS`` of the dataset's name).
+    ``pretrained``: {teacher name: saved teacher dir} used instead of training that teacher.
+    ``fast``: each config's ``fast`` overrides (tiny models, one epoch: a smoke run, not real numbers)."""
+    from prmkd_dist.data.prepare import load_split
+
+    t_all = time.perf_counter()
+    stage: dict[str, float] = {}
+    t0 = time.perf_counter()
+    data, split = load_split(dataset)
+    stage["load data"] = time.perf_counter() - t0
+    names = list(teachers) if teachers else list(DATASET_TEACHERS.get(data.name, ()))
+    if not names:
+        raise TeacherConfigError(f"no default teachers for dataset {data.name!r} (defaults exist for "
+                                 f"{', '.join(DATASET_TEACHERS)}); pass teachers=[config, ...]")
+    configs = [load_teacher_config(n, fast=fast) for n in names]
+    dup = {c.name for c in configs if [d.name for d in configs].count(c.name) > 1}
+    if dup:
+        raise TeacherConfigError(f"teacher names must differ, {sorted(dup)} used twice")
+    pretrained = dict(pretrained or {})
+    unknown = set(pretrained) - {c.name for c in configs}
+    if unknown:
+        raise TeacherConfigError(f"pretrained teachers {sorted(unknown)} are not in this pipeline ({[c.name for c in configs]})")
+    out = Path(out_dir) if out_dir is not None else artifacts_root() / "teachers" / data.name
+    out.mkdir(parents=True, exist_ok=True)
+
+    report = {"dataset": data.name, "fingerprint": data.fingerprint, "fast": fast, "out_dir": str(out),
+              "threads": torch.get_num_threads(), "teachers": {}, "stage_seconds": stage}
+    exports = []
+    for cfg in configs:
+        log(f"[teachers] {cfg.name}: train ({cfg.kind}, {Path(cfg.source).name})")
+        t0 = time.perf_counter()
+        teacher, how = _trained_teacher(cfg, split, out / "models" / cfg.name, pretrained.get(cfg.name), progress)
+        stage[f"train {cfg.name}"] = time.perf_counter() - t0
+        from prmkd_dist.teachers.export import export_teacher_shards
+
+        log(f"[teachers] {cfg.name}: {how}; export top-{cfg.export.get('k', 50)}")
+        t0 = time.perf_counter()
+        exp = export_teacher_shards(teacher, split, out / "exports" / cfg.name, name=cfg.name, progress=progress,
+                                    **cfg.export)
+        stage[f"export {cfg.name}"] = time.perf_counter() - t0
+        exports.append(exp["out_dir"])
+        log(f"[teachers] {cfg.name}: {exp['num_rows']} rows; evaluate")
+        t0 = time.perf_counter()
+        # --fast is a smoke run: a smaller timing sample keeps it quick
+        metrics = measure_teacher(teacher, split, progress=progress, cost_users=256 if fast else 1024)
+        stage[f"measure {cfg.name}"] = time.perf_counter() - t0
+        report["teachers"][cfg.name] = {
+            "kind": cfg.kind, "config": cfg.source, "model_dir": pretrained.get(cfg.name) or str(out / "models" / cfg.name),
+            "how": how, "train_seconds": teacher.info.get("train_seconds_total", teacher.info.get("train_seconds",
+                                                                                               teacher.info.get("fit_seconds"))),
+            "score_semantics": exp["score_semantics"], "export": {k: v for k, v in exp.items() if k != "out_dir"},
+            "metrics": metrics, "info": teacher.info,
+        }
+        del teacher  # EASE at C = 24k is 2.2 GB: hold one teacher at a time
+
+    log(f"[teachers] merge {len(exports)} export(s)")
+    t0 = time.perf_counter()
+    merged = merge_teacher_shards(exports, str(out / "shards"), overwrite=True, producer="prmkd-dist teachers pipeline")
+    stage["merge"] = time.perf_counter() - t0
+    t0 = time.perf_counter()
+    summary = validate_shards(str(out / "shards"), num_items=data.num_items, item_fingerprint=data.fingerprint)
+    stage["validate"] = time.perf_counter() - t0
+    stage["total"] = time.perf_counter() - t_all
+    report["shards"] = {"out_dir": str(out / "shards"), "rows": summary["rows"], "files": summary["files"],
+                        "teachers": list(merged.teachers), "rows_missing": merged.rows_missing}
+    (out / "pipeline.json").write_text(json.dumps(report, indent=2, default=str))
+    return report

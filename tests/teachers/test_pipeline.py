@@ -1,0 +1,125 @@
+"""The one-command teacher pipeline (``teachers pipeline --fast``) and the teacher configs, on 12 real
+ml-latest-small users restricted to the 1,004 items they touched (so that EASE's Cholesky and the text
+encoding take seconds): all three teachers trained, exported, merged into T=3 shards the loader reads."""
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+
+from prmkd_dist.data.dataset import InteractionData
+from prmkd_dist.data.loader import TeacherShardDataset
+from prmkd_dist.data.shards import ShardSet
+from prmkd_dist.teachers.pipeline import (CONFIG_DIR, DATASET_TEACHERS, TeacherConfigError, load_teacher_config,
+                                          run_teacher_pipeline)
+
+ML_TEACHERS = list(DATASET_TEACHERS["ml-latest-small"])
+
+
+def remapped_subset(data: InteractionData, num_users: int) -> InteractionData:
+    """The first ``num_users`` users over only the items they interacted with (ids 0..C'-1 in raw-id order)."""
+    end = int(data.offsets[num_users])
+    kept = np.unique(data.items[:end])
+    remap = np.full(data.num_items, -1, dtype=np.int64)
+    remap[kept] = np.arange(len(kept))
+    return InteractionData(name="ml-tiny", num_users=num_users, num_items=len(kept),
+                           offsets=data.offsets[:num_users + 1].copy(), items=remap[data.items[:end]],
+                           timestamps=data.timestamps[:end], item_raw_ids=data.item_raw_ids[kept],
+                           user_raw_ids=data.user_raw_ids[:num_users],
+                           item_text=[data.item_text[i] for i in kept] if data.item_text is not None else None)
+
+
+@pytest.fixture(scope="module")
+def tiny_dir(ml_small, tmp_path_factory):
+    path = tmp_path_factory.mktemp("ml-tiny")
+    remapped_subset(ml_small, 12).save(str(path))
+    return path
+
+
+def test_builtin_configs_load():
+    for name in [*DATASET_TEACHERS["ml-latest-small"], *DATASET_TEACHERS["amazon-games"]]:
+        for fast in (False, True):
+            cfg = load_teacher_config(name, fast=fast)
+            assert name.startswith(cfg.kind) and cfg.dataset in ("ml-latest-small", "amazon-games")
+            assert cfg.export["k"] >= 1
+    assert sorted(p.stem for p in CONFIG_DIR.glob("*.yaml")) == sorted(
+        [*DATASET_TEACHERS["ml-latest-small"], *DATASET_TEACHERS["amazon-games"]])
+    full, fast = load_teacher_config("id_transformer-ml"), load_teacher_config("id_transformer-ml", fast=True)
+    assert full.hparams["dim"] == 256 and fast.hparams["dim"] == 16 and fast.hparams["dropout"] == full.hparams["dropout"]
+
+
+def test_config_errors(tmp_path):
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("name: x\nkind: gru\ndataset: ml-latest-small\n")
+    with pytest.raises(TeacherConfigError, match="bad.yaml: kind 'gru'"):
+        load_teacher_config(bad)
+    bad.write_text("name: x\nkind: ease\ndataset: d\ntrain: {epochs: 3}\n")
+    with pytest.raises(TeacherConfigError, match="closed form"):
+        load_teacher_config(bad)
+    bad.write_text("name: x\nkind: unisrec\ndataset: d\nexport: {topk: 3}\n")
+    with pytest.raises(TeacherConfigError, match="export.topk is not a known key"):
+        load_teacher_config(bad)
+    with pytest.raises(TeacherConfigError, match="neither a teacher config"):
+        load_teacher_config("no-such-teacher")
+
+
+def test_pipeline_fast_three_teachers(tiny_dir, tmp_path, capsys):
+    from prmkd_dist.cli import main
+
+    out = tmp_path / "teachers"
+    rc = main(["teachers", "pipeline", "--dataset", str(tiny_dir), "--out", str(out), "--fast", "--no-progress",
+               "--teachers", *ML_TEACHERS])
+    assert rc == 0
+    printed = capsys.readouterr().out
+    for name in ("unisrec", "id-transformer", "ease"):
+        assert name in printed
+    assert "ms/1k users" in printed and "NDCG@10" in printed
+    report = json.loads((out / "pipeline.json").read_text())
+    assert list(report["teachers"]) == ["unisrec", "id-transformer", "ease"]
+    data = InteractionData.load(str(tiny_dir))
+    rows = int(sum(max(len(data.sequence(u)) - (3 if len(data.sequence(u)) >= 3 else 1), 0)
+                   for u in range(data.num_users)))  # training prefix minus its first item
+    assert report["shards"]["rows"] == rows and report["shards"]["rows_missing"] == 0
+    for name, t in report["teachers"].items():
+        assert t["how"] == "trained" and t["metrics"]["params"] > 0 and t["metrics"]["ms_per_1k_users"] > 0
+        assert 0.0 <= t["metrics"]["valid"]["NDCG@10"] <= 1.0 and t["export"]["num_rows"] == rows
+    assert report["teachers"]["ease"]["score_semantics"] == "similarity"
+    assert report["teachers"]["unisrec"]["score_semantics"] == "logit"
+    meta = ShardSet.open(str(out / "shards"), item_fingerprint=data.fingerprint).meta
+    assert meta.teacher_names == ("unisrec", "id-transformer", "ease") and {t.k for t in meta.teachers} == {20}
+    ds = TeacherShardDataset(str(out / "shards"), batch_size=512, max_len=50, shuffle=False)
+    batches = list(ds)
+    assert sum(len(b["target"]) for b in batches) == rows and batches[0]["teacher_ids"].shape[1:] == (3, 20)
+    assert (out / "exports" / "unisrec" / "embeddings" / "_manifest.json").is_file()
+    assert not (out / "exports" / "ease" / "embeddings").exists(), "EASE has no item embeddings"
+
+    # a second run reuses the saved teachers and the finished exports
+    again = run_teacher_pipeline(str(tiny_dir), out, fast=True, teachers=ML_TEACHERS[1:], progress=False, log=lambda *_: None)
+    for t in again["teachers"].values():
+        assert t["how"] == "reused" and t["export"]["parts_skipped"] == list(range(t["export"]["num_parts"]))
+    assert again["shards"]["teachers"] == ["id-transformer", "ease"]
+
+    # the train/eval commands on the same configs and a given teacher
+    rc = main(["teachers", "eval", "--teacher", str(out / "models" / "ease"), "--dataset", str(tiny_dir), "--no-progress"])
+    assert rc == 0 and "ease (valid)" in capsys.readouterr().out
+    given = run_teacher_pipeline(str(tiny_dir), tmp_path / "given", fast=True, teachers=["ease-ml"], progress=False,
+                                 pretrained={"ease": str(out / "models" / "ease")}, log=lambda *_: None)
+    assert given["teachers"]["ease"]["how"].startswith("given")
+    with pytest.raises(TeacherConfigError, match="not in this pipeline"):
+        run_teacher_pipeline(str(tiny_dir), tmp_path / "x", fast=True, teachers=["ease-ml"], progress=False,
+                             pretrained={"sasrec": "somewhere"})
+
+
+def test_cli_train_one_teacher(tiny_dir, tmp_path, capsys):
+    from prmkd_dist.cli import main
+    from prmkd_dist.teachers import load_teacher
+
+    rc = main(["teachers", "train", "--config", "id_transformer-ml", "--dataset", str(tiny_dir), "--fast",
+               "--out", str(tmp_path / "idt"), "--no-progress"])
+    assert rc == 0 and "ms per 1,000 users" in capsys.readouterr().out
+    teacher = load_teacher(tmp_path / "idt")
+    assert teacher.name == "id-transformer" and teacher.config()["dim"] == 16
+    assert teacher.info["pipeline_config"]["kind"] == "id_transformer" and teacher.info["epochs_run"] == 1
+    rc = main(["teachers", "train", "--config", str(tmp_path / "missing.yaml"), "--no-progress"])
+    assert rc == 2 and "no such teacher config" in capsys.readouterr().err
