@@ -38,7 +38,16 @@ def cmd_train(args: argparse.Namespace) -> int:
         cfg.run.out_dir = args.out_dir
     if args.no_progress:
         cfg.run.progress = False
-    result = train(cfg)
+    if cfg.distill.enabled:  # a config with distill.shards trains on the teachers' shards
+        from prmkd_dist.data.shards import ShardFormatError
+        from prmkd_dist.distill.trainer import train_distilled
+
+        try:
+            result = train_distilled(cfg)
+        except (ConfigError, ShardFormatError, FileNotFoundError) as e:
+            return _user_error(e)
+    else:
+        result = train(cfg)
     print(f"best epoch {result.best_epoch} of {result.epochs_run}, train {result.train_seconds:.1f}s, "
           f"checkpoint {result.checkpoint_dir}")
     print(format_table(result_rows(cfg.model.name, result.valid, result.test), TABLE_COLUMNS))
@@ -80,16 +89,21 @@ class QuickstartResult:
     rows: dict[str, dict] = field(default_factory=dict)  # table rows, in print order
     seconds: float = 0.0
     train_result: object = None
+    distill_results: dict = field(default_factory=dict)  # {"no distillation" | "distilled": TrainResult}
 
     def table(self) -> str:
         return format_table(self.rows, TABLE_COLUMNS)
 
 
 def run_quickstart(fast: bool = False, out_dir: str | None = None, overrides: list[str] | None = None,
-                   progress: bool = True) -> QuickstartResult:
-    """Prepare ml-latest-small, fit Popularity and ItemKNN, train SASRec (configs/quickstart.yaml) and
-    return the validation/test table. ``fast`` trains a few epochs only (smoke run). Later stages
-    (teachers, distillation) extend this by adding rows to the returned result."""
+                   progress: bool = True, distill: bool = False) -> QuickstartResult:
+    """Prepare ml-latest-small, fit Popularity and ItemKNN, train SASRec (configs/quickstart.yaml); with
+    ``distill``, also train the teachers, export their shards and train SASRec on them with and without
+    distillation (configs/distill-quickstart.yaml); return the validation/test table. ``fast`` trains a
+    few epochs only and the teachers' fast settings (smoke run).
+
+    ``distill`` is off by default: training the three teachers takes far longer than the README's
+    minutes-long main command allows on a 2-core CPU (see benchmarks/RESULTS.md)."""
     from prmkd_dist.data.prepare import load_split
     from prmkd_dist.models import ItemKNN, Popularity
     from prmkd_dist.train.evaluate import evaluate
@@ -113,14 +127,45 @@ def run_quickstart(fast: bool = False, out_dir: str | None = None, overrides: li
     tr = train(cfg, split)
     result.rows.update(result_rows(f"SASRec (epoch {tr.best_epoch})", tr.valid, tr.test))
     result.train_result = tr
+    if distill:
+        result.distill_results = _distillation_stage(result, cfg.data.dataset, split, fast, cfg.run.out_dir, progress)
     result.seconds = time.perf_counter() - t0
     Path(cfg.run.out_dir).mkdir(parents=True, exist_ok=True)
     (Path(cfg.run.out_dir) / "quickstart.json").write_text(json.dumps({"rows": result.rows, "seconds": result.seconds}, indent=2))
     return result
 
 
+def _distillation_stage(result: QuickstartResult, dataset: str, split, fast: bool, out_dir: str,
+                        progress: bool) -> dict:
+    """Teachers -> shards -> SASRec trained on the shards twice from the same seed: without
+    distillation (lambda_kd = lambda_rank = 0: CE on the same examples) and distilled from all teachers
+    (configs/distill-quickstart.yaml). Adds the teachers' and both students' rows to ``result``."""
+    from prmkd_dist.distill.trainer import train_distilled
+    from prmkd_dist.teachers.pipeline import run_teacher_pipeline
+
+    report = run_teacher_pipeline(dataset, Path(out_dir) / "teachers", fast=fast, progress=progress)
+    for name, t in report["teachers"].items():
+        result.rows.update(result_rows(f"teacher {name}", t["metrics"]["valid"], t["metrics"]["test"]))
+    # --fast: a smoke run: a small SASRec, one epoch of 100 batches (25.6k of the ~99k training prefixes)
+    smoke = ["optim.epochs=1", "distill.max_batches_per_epoch=100", "data.max_len=20",
+             "model.hparams={dim: 32, num_layers: 1, num_heads: 1, dropout: 0.2}"]
+    common = [f"distill.shards={report['shards']['out_dir']}", *(smoke if fast else [])]
+    runs = {"no distillation": ["distill.lambda_kd=0", "distill.lambda_rank=0"], "distilled": []}
+    out = {}
+    for label, extra in runs.items():
+        dcfg = load_config("distill-quickstart", [*common, *extra,
+                                                  f"run.out_dir={Path(out_dir) / ('distill-' + label.replace(' ', '-'))}"])
+        dcfg.run.progress = progress
+        tr = train_distilled(dcfg, split)
+        out[label] = tr
+        name = "SASRec on shards, CE only" if label == "no distillation" else "SASRec distilled (all teachers)"
+        result.rows.update(result_rows(f"{name} (epoch {tr.best_epoch})", tr.valid, tr.test))
+    return out
+
+
 def cmd_quickstart(args: argparse.Namespace) -> int:
-    res = run_quickstart(fast=args.fast, out_dir=args.out_dir, overrides=args.set, progress=not args.no_progress)
+    res = run_quickstart(fast=args.fast, out_dir=args.out_dir, overrides=args.set, progress=not args.no_progress,
+                         distill=args.distill)
     print(f"ml-latest-small, full ranking over the catalog (history excluded), {res.seconds:.0f}s")
     print(res.table())
     return 0
@@ -145,8 +190,10 @@ def register(subparsers) -> None:
     p.add_argument("--no-progress", action="store_true")
     p.set_defaults(func=cmd_eval)
 
-    p = subparsers.add_parser("quickstart", help="ml-latest-small: baselines + SASRec, evaluation table")
+    p = subparsers.add_parser("quickstart", help="ml-latest-small: baselines, SASRec, teachers, distilled SASRec: table")
     p.add_argument("--fast", action="store_true", help="a few epochs only (smoke run)")
+    p.add_argument("--distill", action="store_true",
+                   help="also train the teachers, export shards and train a distilled SASRec (long on CPU)")
     p.add_argument("--out-dir", help="run directory (default from configs/quickstart.yaml)")
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override quickstart.yaml")
     p.add_argument("--no-progress", action="store_true")

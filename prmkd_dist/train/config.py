@@ -90,6 +90,116 @@ class RunConfig:
     progress: bool = True  # tqdm bars
 
 
+# ---- distillation (prmkd_dist.distill.trainer); off unless ``distill.shards`` is set ----------------
+CURRICULUM_KINDS = ("none", "disagreement", "length_popularity")
+PACINGS = ("linear", "root")
+WEIGHT_STRATEGIES = ("uniform", "confidence", "consistency", "confidence_consistency")
+
+
+@dataclass
+class EmbeddingDistillConfig:
+    """DLLM2Rec collaborative embedding distillation: item row = own row + projection(teacher rows)."""
+    enabled: bool = False
+    hidden: int = 0  # 0 = linear projection; > 0 = two-layer MLP of that width
+
+    def problems(self) -> dict[str, str]:
+        return {"hidden": "expected a value >= 0"} if self.hidden < 0 else {}
+
+
+@dataclass
+class CurriculumConfig:
+    """Per-batch curriculum: examples harder than the pacing quantile are masked out of the loss."""
+    kind: str = "none"  # none | disagreement (teacher-student KL on the teachers' top-K) | length_popularity
+    pacing: str = "linear"  # linear | root: fraction kept grows from ``start`` to 1 over ``epochs``
+    start: float = 0.5
+    epochs: int = 5
+
+    def problems(self) -> dict[str, str]:
+        out = {}
+        if self.kind not in CURRICULUM_KINDS:
+            out["kind"] = f"expected one of {CURRICULUM_KINDS}"
+        if self.pacing not in PACINGS:
+            out["pacing"] = f"expected one of {PACINGS}"
+        if not 0.0 < self.start <= 1.0:
+            out["start"] = "expected a fraction in (0, 1]"
+        if self.epochs < 1:
+            out["epochs"] = "expected a value >= 1"
+        return out
+
+
+@dataclass
+class MKDConfig:
+    """MKD parts (prmkd_dist.distill.mkd): NKD (input neighbours), CPD (hidden-state alignment), SLD."""
+    nkd: bool = False
+    nkd_neighbours: int = 10
+    nkd_beta: float = 0.5  # weight of the neighbour average added to each item row
+    cpd: float = 0.0  # weight of the consistent-preference loss; 0 = off
+    sld: float = 0.0  # weight of the blended soft-label loss; 0 = off
+    sld_beta: float = 0.5  # share of the teachers in the blended soft label (rest: the student's own)
+
+    def problems(self) -> dict[str, str]:
+        out = {}
+        if self.nkd_neighbours < 1:
+            out["nkd_neighbours"] = "expected a value >= 1"
+        for k in ("nkd_beta", "cpd", "sld"):
+            if getattr(self, k) < 0:
+                out[k] = "expected a value >= 0"
+        if not 0.0 <= self.sld_beta <= 1.0:
+            out["sld_beta"] = "expected a fraction in [0, 1]"
+        return out
+
+
+@dataclass
+class DistillConfig:
+    shards: str = ""  # merged teacher-score shard directory; "" = no distillation (plain trainer)
+    teachers: tuple[str, ...] = ()  # subset of the shards' teachers; empty = all
+    strategy: str = "confidence_consistency"  # teacher_weights strategy
+    alpha: float = 0.5
+    gamma: float = 0.2
+    temperature: float = 1.0
+    lambda_ce: float = 1.0
+    lambda_kd: float = 1.0
+    lambda_rank: float = 0.0  # > 0 turns on importance-aware ranking distillation
+    gamma_position: float = 0.3
+    gamma_confidence: float = 0.5
+    gamma_consistency: float = 0.1
+    student_topk: int = 0  # consistency cut-off of importance_weights; 0 = the shards' K
+    teacher_embeddings: tuple[str, ...] = ()  # embedding shard dirs (embedding distillation, NKD, CPD)
+    embedding: EmbeddingDistillConfig = field(default_factory=EmbeddingDistillConfig)
+    curriculum: CurriculumConfig = field(default_factory=CurriculumConfig)
+    mkd: MKDConfig = field(default_factory=MKDConfig)
+    shuffle_buffer_rows: int = 16384
+    # smoke runs only: stop each epoch after this many batches (the rows not read are logged); 0 = all
+    max_batches_per_epoch: int = 0
+
+    @property
+    def enabled(self) -> bool:
+        return bool(self.shards)
+
+    def problems(self) -> dict[str, str]:
+        out = {}
+        if self.strategy not in WEIGHT_STRATEGIES:
+            out["strategy"] = f"expected one of {WEIGHT_STRATEGIES}"
+        if not 0.0 <= self.alpha <= 1.0:
+            out["alpha"] = "expected a value in [0, 1]"
+        for k in ("gamma", "temperature"):
+            if not getattr(self, k) > 0:
+                out[k] = "expected a value > 0"
+        for k in ("lambda_ce", "lambda_kd", "lambda_rank", "gamma_position", "gamma_confidence",
+                  "gamma_consistency", "student_topk"):
+            if getattr(self, k) < 0:
+                out[k] = "expected a value >= 0"
+        if self.shuffle_buffer_rows < 1:
+            out["shuffle_buffer_rows"] = "expected a value >= 1"
+        if self.max_batches_per_epoch < 0:
+            out["max_batches_per_epoch"] = "expected a value >= 0"
+        needs_emb = self.embedding.enabled or self.mkd.nkd or self.mkd.cpd > 0
+        if needs_emb and not self.teacher_embeddings:
+            out["teacher_embeddings"] = ("expected at least one embedding shard directory "
+                                         "(embedding.enabled, mkd.nkd and mkd.cpd read teacher item embeddings)")
+        return out
+
+
 @dataclass
 class TrainConfig:
     data: DataConfig
@@ -97,6 +207,7 @@ class TrainConfig:
     optim: OptimConfig = field(default_factory=OptimConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
     run: RunConfig = field(default_factory=RunConfig)
+    distill: DistillConfig = field(default_factory=DistillConfig)
 
     def to_dict(self) -> dict:
         """Plain YAML-able dict (tuples become lists)."""

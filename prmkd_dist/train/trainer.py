@@ -88,6 +88,42 @@ def next_item_loss(engine: Engine, inputs: torch.Tensor, targets: torch.Tensor) 
     return engine.linear_loss(rows, targets[mask], *no_teachers(rows.shape[0], rows.device))
 
 
+class NextItemObjective:
+    """The default objective of :func:`train`: each epoch, users in a fresh random order (one rng seeded
+    by ``run.seed``), one example per user (``training_batch``), loss ``next_item_loss``.
+
+    An objective is what :func:`train` needs from a training method, so that every method shares one loop
+    (early stopping, evaluation, checkpoints, TensorBoard): ``batches(epoch)`` yields opaque batches,
+    ``loss(engine, batch)`` turns one into a scalar, ``epoch_stats()`` returns extra numbers logged per
+    epoch (e.g. rows a curriculum masked out), and ``checkpoint_model(model)`` gives the plain student
+    that a checkpoint stores (a method that extends the student bakes its extension in)."""
+
+    def __init__(self, split: LeaveOneOutSplit, max_len: int, batch_size: int, seed: int, device: torch.device):
+        self.split, self.max_len, self.batch_size, self.device = split, max_len, batch_size, device
+        self.users = trainable_users(split)
+        if len(self.users) == 0:
+            raise ValueError(f"{split.data.name}: no user has >= 2 training items; nothing to train on")
+        self.rng = np.random.default_rng(seed)
+
+    def num_batches(self) -> int:
+        return -(-len(self.users) // self.batch_size)
+
+    def batches(self, epoch: int):
+        order = self.rng.permutation(self.users)
+        for s in range(0, len(order), self.batch_size):
+            yield training_batch(self.split, order[s:s + self.batch_size], self.max_len)
+
+    def loss(self, engine: Engine, batch) -> torch.Tensor:
+        inputs, targets = batch
+        return next_item_loss(engine, inputs.to(self.device), targets.to(self.device))
+
+    def epoch_stats(self) -> dict[str, float]:
+        return {}
+
+    def checkpoint_model(self, model: SequentialStudent) -> SequentialStudent:
+        return model
+
+
 # ---- model / checkpoints ----------------------------------------------------------------------------
 def build_model(cfg: TrainConfig, num_items: int) -> SequentialStudent:
     """``build_student(cfg.model.name, num_items, **cfg.model.hparams)``; the model's ``max_len``
@@ -146,10 +182,11 @@ def _eval_kwargs(cfg: TrainConfig) -> dict:
 
 
 def train(cfg: TrainConfig, split: LeaveOneOutSplit | None = None,
-          model: SequentialStudent | None = None) -> TrainResult:
+          model: SequentialStudent | None = None, objective=None) -> TrainResult:
     """Train ``model`` (default: built from ``cfg.model``) on ``split`` (default: ``cfg.data.dataset``)
     with early stopping on validation NDCG@10; returns the best epoch's validation and test metrics.
-    Same config, seed and thread count -> same numbers on CPU."""
+    ``objective`` (default :class:`NextItemObjective`) supplies the batches and the loss; the
+    distillation trainer passes its own. Same config, seed and thread count -> same numbers on CPU."""
     set_num_threads(cfg.run.num_threads)
     seed_everything(cfg.run.seed)
     split = split if split is not None else load_split_for(cfg.data.dataset)
@@ -166,11 +203,8 @@ def train(cfg: TrainConfig, split: LeaveOneOutSplit | None = None,
 
     engine = LocalEngine(model, lr=cfg.optim.lr, weight_decay=cfg.optim.weight_decay, grad_clip=cfg.optim.grad_clip,
                          loss_backend=cfg.optim.loss_backend)
-    rng = np.random.default_rng(cfg.run.seed)
-    users = trainable_users(split)
-    if len(users) == 0:
-        raise ValueError(f"{split.data.name}: no user has >= 2 training items; nothing to train on")
-    bs = cfg.optim.batch_size
+    if objective is None:
+        objective = NextItemObjective(split, cfg.data.max_len, cfg.optim.batch_size, cfg.run.seed, device)
     writer = _tb_writer(cfg)
     eval_kw = _eval_kwargs(cfg)
 
@@ -180,12 +214,10 @@ def train(cfg: TrainConfig, split: LeaveOneOutSplit | None = None,
     epochs_bar = tqdm(range(1, cfg.optim.epochs + 1), desc="epochs", unit="ep", disable=not cfg.run.progress)
     for epoch in epochs_bar:
         engine.train()
-        order = rng.permutation(users)
         loss_sum, n_batches = 0.0, 0
-        for s in tqdm(range(0, len(order), bs), desc=f"epoch {epoch}", unit="batch", leave=False,
-                      disable=not cfg.run.progress):
-            inputs, targets = training_batch(split, order[s:s + bs], cfg.data.max_len)
-            loss = next_item_loss(engine, inputs.to(device), targets.to(device))
+        for batch in tqdm(objective.batches(epoch), total=objective.num_batches(), desc=f"epoch {epoch}",
+                          unit="batch", leave=False, disable=not cfg.run.progress):
+            loss = objective.loss(engine, batch)
             if not torch.isfinite(loss.detach()):
                 raise FloatingPointError(f"epoch {epoch} step {step}: loss is {float(loss.detach())}; lower optim.lr?")
             engine.step(loss)
@@ -196,12 +228,16 @@ def train(cfg: TrainConfig, split: LeaveOneOutSplit | None = None,
             if writer is not None:
                 writer.add_scalar("train/loss", loss_value, step)
         train_loss = loss_sum / max(n_batches, 1)
+        stats = objective.epoch_stats()  # read every epoch: an objective may reset its counters here
+        if writer is not None:
+            for k, v in stats.items():
+                writer.add_scalar(f"train/{k}", v, epoch)
         budget = cfg.optim.max_train_seconds
         out_of_time = budget > 0 and time.perf_counter() - t0 >= budget
         if epoch % cfg.optim.eval_every and epoch != cfg.optim.epochs and not out_of_time:
             continue
         valid = evaluate(model, split, "valid", **eval_kw)
-        history.append({"epoch": epoch, "train_loss": train_loss, **valid})
+        history.append({"epoch": epoch, "train_loss": train_loss, **stats, **valid})
         if writer is not None:
             writer.add_scalar("train/epoch_loss", train_loss, epoch)
             for k, v in valid.items():
@@ -212,7 +248,7 @@ def train(cfg: TrainConfig, split: LeaveOneOutSplit | None = None,
         if valid[SELECT_METRIC] > best["score"]:
             best = {"score": valid[SELECT_METRIC], "epoch": epoch, "valid": valid,
                     "state": copy.deepcopy(model.state_dict())}
-            save_checkpoint(ckpt_dir, model, cfg, split, epoch, valid)
+            save_checkpoint(ckpt_dir, objective.checkpoint_model(model), cfg, split, epoch, valid)
             bad_evals = 0
         else:
             bad_evals += 1

@@ -1,0 +1,158 @@
+"""Quality of multi-teacher distillation: one student, the same shards, several distillation methods.
+
+For a dataset and a student config (default ``distill-<student>-ml``), each variant is trained from the
+same seeds on the same examples (every training prefix in the teachers' shards); the model is selected
+on validation NDCG@10 (early stopping) and the test split is read once, at the end of each run:
+
+    no distillation              lambda_kd = lambda_rank = 0 (CE on the same examples)
+    teacher <name> alone         one teacher column (for each teacher in the shards)
+    all teachers, uniform        teacher_weights strategy "uniform"
+    all teachers, conf+cons      strategy "confidence_consistency"
+    + ranking distillation       lambda_rank > 0 (importance-aware, DLLM2Rec)
+    + embedding distillation     collaborative embedding distillation (needs teacher item embeddings)
+    + curriculum                 disagreement curriculum, linear pacing
+    MKD                          conf+cons + NKD + CPD + SLD (needs teacher item embeddings)
+
+Reports mean and std over seeds of validation and test metrics and the relative test improvement over
+"no distillation"; prints markdown and writes JSON. Shards come from ``--shards`` (with
+``--teacher-embeddings``) or from running the teacher pipeline on ``--dataset`` (``--fast-teachers``
+for its smoke settings).
+
+    python benchmarks/quality.py --dataset ml-latest-small --student sasrec --seeds 3
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+
+from prmkd_dist.data.prepare import load_split
+from prmkd_dist.distill.trainer import train_distilled
+from prmkd_dist.train.config import load_config
+from prmkd_dist.train.utils import format_table
+
+METRICS = ("NDCG@10", "HR@10", "NDCG@20", "HR@20", "MRR")
+BASELINE = "no distillation"
+
+
+def variants(teachers: list[str], have_embeddings: bool, rank: float, curriculum_epochs: int) -> dict[str, list[str]]:
+    """{variant name: config overrides}, in report order."""
+    cc = ["distill.strategy=confidence_consistency"]
+    out = {BASELINE: ["distill.lambda_kd=0", "distill.lambda_rank=0"]}
+    for t in teachers:
+        out[f"teacher {t} alone"] = [f"distill.teachers=[{t}]", "distill.strategy=uniform", "distill.lambda_rank=0"]
+    out["all teachers, uniform"] = ["distill.strategy=uniform", "distill.lambda_rank=0"]
+    out["all teachers, conf+cons"] = [*cc, "distill.lambda_rank=0"]
+    out["+ ranking distillation"] = [*cc, f"distill.lambda_rank={rank}"]
+    if have_embeddings:
+        out["+ embedding distillation"] = [*cc, f"distill.lambda_rank={rank}", "distill.embedding.enabled=true"]
+    out["+ curriculum"] = [*cc, f"distill.lambda_rank={rank}", "distill.curriculum.kind=disagreement",
+                           f"distill.curriculum.epochs={curriculum_epochs}"]
+    if have_embeddings:
+        out["MKD (NKD + CPD + SLD)"] = [*cc, "distill.lambda_rank=0", "distill.mkd.nkd=true", "distill.mkd.cpd=0.5",
+                                        "distill.mkd.sld=0.5"]
+    return out
+
+
+def summarise(runs: list[dict]) -> dict:
+    out = {}
+    for stage in ("valid", "test"):
+        for m in METRICS:
+            vals = np.array([r[stage][m] for r in runs], dtype=np.float64)
+            out[f"{stage} {m}"] = {"mean": float(vals.mean()), "std": float(vals.std(ddof=1)) if len(vals) > 1 else 0.0}
+    out["best_epoch"] = [r["best_epoch"] for r in runs]
+    out["train_seconds"] = float(np.mean([r["train_seconds"] for r in runs]))
+    return out
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--dataset", default="ml-latest-small", help="builtin name, reader YAML or prepared dir")
+    ap.add_argument("--student", default="sasrec", choices=["sasrec", "gru4rec", "caser"])
+    ap.add_argument("--config", help="base config (default: distill-<student>-ml)")
+    ap.add_argument("--seeds", type=int, default=3)
+    ap.add_argument("--shards", help="merged teacher shards (default: run the teacher pipeline)")
+    ap.add_argument("--teacher-embeddings", nargs="*", default=None, help="embedding shard dirs (with --shards)")
+    ap.add_argument("--teachers-out", help="teacher pipeline output dir (default artifacts/teachers/<dataset>)")
+    ap.add_argument("--fast-teachers", action="store_true", help="teacher pipeline smoke settings")
+    ap.add_argument("--only", nargs="*", help="run only these variants (names as printed)")
+    ap.add_argument("--rank", type=float, default=0.5, help="lambda_rank of the ranking variants")
+    ap.add_argument("--curriculum-epochs", type=int, default=3)
+    ap.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="config override (repeatable)")
+    ap.add_argument("--out", default="benchmarks/results/quality.json")
+    ap.add_argument("--progress", action="store_true")
+    args = ap.parse_args(argv)
+
+    t_all = time.perf_counter()
+    _, split = load_split(args.dataset)
+    if args.shards:
+        shards, embeddings = args.shards, list(args.teacher_embeddings or [])
+    else:
+        from prmkd_dist.teachers.pipeline import run_teacher_pipeline
+
+        report = run_teacher_pipeline(args.dataset, args.teachers_out, fast=args.fast_teachers, progress=args.progress)
+        shards = report["shards"]["out_dir"]
+        embeddings = [t["export"]["embeddings"] for t in report["teachers"].values() if t["export"].get("embeddings")]
+    from prmkd_dist.data.shards import ShardSet
+
+    teachers = list(ShardSet.open(shards).meta.teacher_names)
+    base = args.config or f"distill-{args.student}-ml"
+    emb_set = [f"distill.teacher_embeddings=[{','.join(embeddings)}]"] if embeddings else []
+    plan = variants(teachers, bool(embeddings), args.rank, args.curriculum_epochs)
+    if args.only:
+        unknown = [v for v in args.only if v not in plan]
+        if unknown:
+            ap.error(f"unknown variant {unknown[0]!r}; variants: {list(plan)}")
+        plan = {k: v for k, v in plan.items() if k in args.only or k == BASELINE}
+    out_root = Path(args.out).with_suffix("")
+    results: dict[str, dict] = {}
+    for name, overrides in plan.items():
+        runs = []
+        for seed in range(args.seeds):
+            run_dir = out_root / name.replace(" ", "_").replace(",", "").replace("+", "plus") / f"seed{seed}"
+            cfg = load_config(base, [f"data.dataset={args.dataset}", f"distill.shards={shards}", *emb_set, *overrides,
+                                     *args.set, f"run.seed={seed}", f"run.out_dir={run_dir}", "run.tensorboard=false"])
+            cfg.run.progress = args.progress
+            t0 = time.perf_counter()
+            res = train_distilled(cfg, split)
+            runs.append({"seed": seed, "valid": res.valid, "test": res.test, "best_epoch": res.best_epoch,
+                         "epochs_run": res.epochs_run, "train_seconds": res.train_seconds})
+            print(f"[quality] {name} seed {seed}: valid NDCG@10 {res.valid['NDCG@10']:.4f} test NDCG@10 "
+                  f"{res.test['NDCG@10']:.4f} (epoch {res.best_epoch}, {time.perf_counter() - t0:.0f}s)", flush=True)
+        results[name] = {"overrides": overrides, "runs": runs, "summary": summarise(runs)}
+
+    base_test = results[BASELINE]["summary"]["test NDCG@10"]["mean"]
+    rows = {}
+    for name, r in results.items():
+        s = r["summary"]
+        rel = (s["test NDCG@10"]["mean"] / base_test - 1.0) * 100 if base_test > 0 else float("nan")
+        r["relative_test_ndcg10_vs_no_distillation_pct"] = rel
+        rows[name] = {
+            "valid NDCG@10": f"{s['valid NDCG@10']['mean']:.4f} ± {s['valid NDCG@10']['std']:.4f}",
+            "test NDCG@10": f"{s['test NDCG@10']['mean']:.4f} ± {s['test NDCG@10']['std']:.4f}",
+            "test HR@10": f"{s['test HR@10']['mean']:.4f} ± {s['test HR@10']['std']:.4f}",
+            "vs no KD": "-" if name == BASELINE else f"{rel:+.1f}%",
+            "epochs": ",".join(map(str, s["best_epoch"])),
+            "s/run": f"{s['train_seconds']:.0f}",
+        }
+    table = format_table(rows)
+    header = (f"{split.data.name}, student {base}, {args.seeds} seed(s), teachers {teachers}; full ranking, "
+              f"validation-selected, test read once per run; mean ± std over seeds")
+    print(header)
+    print(table)
+    os.makedirs(os.path.dirname(args.out) or ".", exist_ok=True)
+    Path(args.out).write_text(json.dumps({
+        "dataset": split.data.name, "config": base, "seeds": args.seeds, "shards": shards, "teachers": teachers,
+        "teacher_embeddings": embeddings, "overrides": args.set, "results": results, "table": table,
+        "seconds": time.perf_counter() - t_all, "command": " ".join(sys.argv)}, indent=2))
+    print(f"wrote {args.out} ({time.perf_counter() - t_all:.0f}s)")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

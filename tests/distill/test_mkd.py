@@ -1,0 +1,82 @@
+import torch
+
+from prmkd_dist.distill.embedding import ItemTableExtension, extend_items, is_tied
+from prmkd_dist.distill.mkd import ConsistentPreference, blended_soft_label, teacher_neighbours
+from prmkd_dist.distill.trainer import train_distilled
+from prmkd_dist.models import build_student
+
+from .test_distill_trainer import distill_cfg, random_init_ndcg, embeddings, shards, small_split  # noqa: F401  (fixtures)
+
+
+def test_teacher_neighbours_by_cosine_in_chunks():
+    torch.manual_seed(0)
+    emb = torch.randn(30, 4)
+    emb[7] = 0.0  # an item without teacher embedding
+    ids, w = teacher_neighbours(emb, 5, chunk_rows=7)
+    unit = torch.nn.functional.normalize(emb, dim=1)
+    sim = unit @ unit.T
+    sim.fill_diagonal_(-float("inf"))
+    assert torch.equal(ids[3], sim[3].topk(5).indices)
+    assert (ids != torch.arange(30)[:, None]).all()
+    pos = sim[3].topk(5).values.clamp(min=0)
+    assert torch.allclose(w[3], pos / pos.sum())
+    assert (w[7] == 0).all()  # no embedding -> no augmentation
+    assert torch.allclose(w.sum(1)[w.sum(1) > 0], torch.ones(1))
+
+
+def test_nkd_rows_add_the_weighted_neighbour_rows():
+    torch.manual_seed(0)
+    student = build_student("sasrec", 12, dim=8, max_len=4, dropout=0.0)
+    own = student.item_table_weight().detach().clone()
+    nbr = torch.stack([torch.tensor([(i + 1) % 12, (i + 2) % 12]) for i in range(12)])
+    w = torch.tensor([[0.75, 0.25]]).repeat(12, 1)
+    extend_items(student, ItemTableExtension(8, is_tied(student), None, neighbours=nbr, neighbour_weights=w, beta=0.5))
+    rows = student.embed_items(torch.tensor([[-1, 3, 11]]))[0]
+    assert torch.equal(rows[0], torch.zeros(8))
+    assert torch.allclose(rows[1], own[3] + 0.5 * (0.75 * own[4] + 0.25 * own[5]), atol=1e-6)
+    assert torch.allclose(rows[2], own[11] + 0.5 * (0.75 * own[0] + 0.25 * own[1]), atol=1e-6)
+    assert torch.allclose(student.output_weight()[3], rows[1], atol=1e-6)  # tied: the same rows score
+
+
+def test_cpd_preference_and_gradient():
+    torch.manual_seed(0)
+    temb = torch.randn(10, 6)
+    ids = torch.tensor([[[1, 2], [2, -1]], [[-1, -1], [-1, -1]]])
+    scores = torch.tensor([[[1.0, 0.0], [3.0, 0.0]], [[0.0, 0.0], [0.0, 0.0]]])
+    w = torch.tensor([[0.4, 0.6], [0.0, 0.0]])
+    pref, has = ConsistentPreference.preference(temb, ids, scores, w)
+    p = torch.softmax(torch.tensor([1.0, 0.0]), 0)
+    assert torch.allclose(pref[0], 0.4 * (p[0] * temb[1] + p[1] * temb[2]) + 0.6 * temb[2], atol=1e-6)
+    assert has.tolist() == [True, False]
+    cpd = ConsistentPreference(8, 6)
+    user = torch.randn(2, 8, requires_grad=True)
+    loss = cpd.loss(user, temb, ids, scores, w)
+    loss.backward()
+    assert 0 < loss.item() < 2 and user.grad[0].abs().sum() > 0 and user.grad[1].abs().sum() == 0
+
+
+def test_blended_soft_label_merges_teachers_and_student():
+    ids = torch.tensor([[[4, 2], [2, 7]]])
+    scores = torch.tensor([[[1.0, 0.0], [2.0, 1.0]]])
+    w = torch.tensor([[0.5, 0.5]])
+    s_logits = torch.tensor([[[0.3, -0.2], [-0.2, 1.0]]])  # the student's logits at those ids
+    tau = 2.0
+    out_ids, out_scores = blended_soft_label(s_logits, ids, scores, w, beta=0.7, temperature=tau)
+    assert out_ids.tolist() == [[[4, 2, -1, 7]]]  # item 2 kept once
+    q = torch.softmax(out_scores[0, 0, [0, 1, 3]] / tau, 0)  # what kd_loss reads back
+    p1, p2 = torch.softmax(scores[0, 0] / tau, 0), torch.softmax(scores[0, 1] / tau, 0)
+    teacher = torch.tensor([0.5 * p1[0], 0.5 * p1[1] + 0.5 * p2[0], 0.5 * p2[1]])
+    student = torch.softmax(torch.tensor([0.3, -0.2, 1.0]) / tau, 0)
+    assert torch.allclose(q, 0.7 * teacher + 0.3 * student, atol=1e-6)
+
+
+def test_mkd_trains_with_all_three_parts(small_split, shards, embeddings, tmp_path):
+    cfg = distill_cfg(tmp_path, shards, distill={
+        "teacher_embeddings": [embeddings],
+        "mkd": {"nkd": True, "nkd_neighbours": 5, "cpd": 0.5, "sld": 0.5}})
+    cfg.optim.epochs = 1
+    res = train_distilled(cfg, small_split)
+    h = res.history
+    assert h[0]["loss_cpd"] > 0 and h[0]["loss_sld"] > 0
+    assert type(res).__name__ == "TrainResult" and res.epochs_run == 1
+    assert res.valid["NDCG@10"] > 3 * random_init_ndcg(cfg, small_split) + 0.004
