@@ -2,7 +2,15 @@
 from $PRMKD_SHARED_DATA; they never use copies committed to the repository."""
 from __future__ import annotations
 
+import os
+import shutil
 from pathlib import Path
+
+# Triton decorates its own language helpers (tl.zeros, ...) when it is FIRST imported, and torchrec/fbgemm
+# and deepspeed import it while pytest collects other test modules. So the interpreter switch must be set
+# here, before anything else: on a machine without a CUDA driver the Triton kernels run in the interpreter.
+if "TRITON_INTERPRET" not in os.environ and shutil.which("nvidia-smi") is None:
+    os.environ["TRITON_INTERPRET"] = "1"
 
 import pytest
 
