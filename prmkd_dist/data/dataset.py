@@ -88,6 +88,18 @@ class InteractionData:
             self.fingerprint = item_fingerprint(self.item_raw_ids)
         self.validate()
 
+    @classmethod
+    def from_sequences(cls, sequences: list[list[int]], num_items: int, name: str = "sequences") -> "InteractionData":
+        """A dataset from explicit per-user item-id lists, already chronological (timestamps = positions;
+        raw ids "i<id>" / "u<user>"): hand-made cases for tests and examples."""
+        offsets = np.zeros(len(sequences) + 1, dtype=np.int64)
+        np.cumsum([len(s) for s in sequences], out=offsets[1:])
+        items = (np.concatenate([np.asarray(s, dtype=np.int64) for s in sequences]) if sequences
+                 else np.zeros(0, dtype=np.int64))
+        return cls(name, len(sequences), num_items, offsets, items, np.arange(len(items), dtype=np.int64),
+                   np.array([f"i{i}" for i in range(num_items)], dtype=object),
+                   np.array([f"u{u}" for u in range(len(sequences))], dtype=object))
+
     # ---- checks -------------------------------------------------------------------------------
     def validate(self) -> None:
         off, it = self.offsets, self.items

@@ -31,10 +31,4 @@ class MeanPoolStudent(SequentialStudent):
 
 def tiny_data(sequences: list[list[int]], num_items: int) -> InteractionData:
     """InteractionData from explicit per-user item lists (timestamps = positions)."""
-    offsets = np.zeros(len(sequences) + 1, dtype=np.int64)
-    np.cumsum([len(s) for s in sequences], out=offsets[1:])
-    items = np.concatenate([np.asarray(s, dtype=np.int64) for s in sequences])
-    return InteractionData("tiny", len(sequences), num_items, offsets, items,
-                           np.arange(len(items), dtype=np.int64),
-                           np.array([f"i{i}" for i in range(num_items)], dtype=object),
-                           np.array([f"u{u}" for u in range(len(sequences))], dtype=object))
+    return InteractionData.from_sequences(sequences, num_items, name="tiny")
