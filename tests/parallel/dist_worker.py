@@ -163,4 +163,7 @@ if __name__ == "__main__":
         train(out, sys.argv[3], sys.argv[4:])
     else:
         raise SystemExit(f"unknown scenario {scenario!r}")
+    # Tear down together: a rank that destroys its gloo group while a peer still has work in flight with it
+    # can abort at exit ("terminate called without an active exception", seen once in CI on `placement`).
+    dist.barrier()
     dist.destroy_process_group()
