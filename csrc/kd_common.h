@@ -1,19 +1,23 @@
-// Shared pieces of the C++ CPU distillation-loss ops (kd_loss.cpp, kd_loss_linear.cpp).
+// Shared pieces of the C++ CPU distillation-loss ops (kd_loss.cpp, kd_loss_linear.cpp, kd_catalog_local.cpp).
 //
 // The loss is defined in /work/shared/specs/kd-loss.md and by prmkd_dist/distill/reference.py; this header
 // holds (1) the vectorised dense kernels over a run of logits (declared here, defined once in kd_vec.cpp,
-// compiled for several instruction sets) and (2) the per-row "sparse" part of the loss (cross-entropy at the
+// compiled for several instruction sets), (2) the per-row "sparse" part of the loss (cross-entropy at the
 // target, per-teacher KL and ranking terms at the teacher ids), written once as templates over how a logit
-// s_j is fetched, so the logits-given op and the fused linear op share the same semantics.
+// s_j is fetched, so the logits-given op and the fused linear op share the same semantics, and (3) the tiled
+// passes over logits = user_emb @ item_emb.T (+ bias) that the fused-linear op and the catalog-parallel
+// local op share (online LSE statistics forward, softmax-weighted gradient backward).
 #pragma once
 
 #include <ATen/ATen.h>
+#include <ATen/Parallel.h>
 
 #include <algorithm>
 #include <cmath>
 #include <cstdint>
 #include <cstdlib>
 #include <limits>
+#include <vector>
 
 #ifdef __linux__
 #include <sys/mman.h>
@@ -213,6 +217,190 @@ inline void row_sparse_grad(const TeacherRow& r, int64_t y, double g, const Loss
         d -= g * P.lambda_rank * w * rho * (1.0 - sigmoid(double(logit(ids[k]))));
       }
       emit(ids[k], d);
+    }
+  }
+}
+
+// --------------------------------------------------------------------------- tiled passes over u @ E.T
+// The catalog is cut into item tiles of kTileItems rows of item_emb; the tiles are split into one contiguous
+// share per thread (parallel over tiles, not rows: each thread then streams its own part of item_emb once and
+// the item gradient of a tile has a single writer). Inside a share, a tile is multiplied with a block of
+// kTileRows users at a time by BLAS (at::mm, single-threaded inside the parallel region), so the logits block
+// [kTileRows, kTileItems] (256 KiB) stays in cache while it is consumed.
+constexpr int64_t kTileItems = 512;
+constexpr int64_t kTileRows = 128;
+
+struct LinearInputs {
+  at::Tensor user, item, bias;  // float32 contiguous; bias undefined when absent
+  int64_t B, C, d;
+};
+
+// allow_empty: a catalog shard may hold no rows (C = 0); the full-catalog op needs at least one item.
+inline LinearInputs prepare_linear(const at::Tensor& user_emb, const at::Tensor& item_emb,
+                                   const c10::optional<at::Tensor>& bias, bool allow_empty = false) {
+  TORCH_CHECK(user_emb.dim() == 2 && item_emb.dim() == 2 && user_emb.size(1) == item_emb.size(1),
+              "prmkd: user_emb [B, d] and item_emb [C, d] must share d, got ", user_emb.sizes(), " and ",
+              item_emb.sizes());
+  TORCH_CHECK(user_emb.scalar_type() == item_emb.scalar_type() &&
+                  (user_emb.scalar_type() == at::kFloat || user_emb.scalar_type() == at::kBFloat16),
+              "prmkd: user_emb and item_emb must both be float32 or both bfloat16, got ", user_emb.scalar_type(),
+              " and ", item_emb.scalar_type());
+  TORCH_CHECK(user_emb.device().is_cpu() && item_emb.device().is_cpu(), "prmkd: embeddings must be CPU tensors");
+  TORCH_CHECK(allow_empty || item_emb.size(0) > 0, "prmkd: item_emb needs at least one item");
+  LinearInputs in;
+  // detached: these are kernel inputs, not part of an autograd graph (out= BLAS calls refuse grad-requiring args)
+  in.user = user_emb.detach().to(at::kFloat).contiguous();
+  in.item = item_emb.detach().to(at::kFloat).contiguous();
+  in.B = user_emb.size(0);
+  in.C = item_emb.size(0);
+  in.d = user_emb.size(1);
+  if (bias.has_value() && bias->defined()) {
+    TORCH_CHECK(bias->dim() == 1 && bias->size(0) == in.C && bias->device().is_cpu(),
+                "prmkd: item_bias must be a CPU [C=", in.C, "] tensor, got ", bias->sizes());
+    in.bias = bias->detach().to(at::kFloat).contiguous();
+  }
+  return in;
+}
+
+// s_bj = <user_b, item_j> + bias_j, for the sparse terms.
+struct DotLogit {
+  const float* u;
+  const float* it;
+  const float* bias;
+  int64_t d;
+  float operator()(int64_t b, int64_t j) const {
+    const float* x = u + b * d;
+    const float* y = it + j * d;
+    float s = 0.0f;
+#pragma omp simd reduction(+ : s)
+    for (int64_t k = 0; k < d; ++k) s += x[k] * y[k];
+    return bias ? s + bias[j] : s;
+  }
+};
+
+inline DotLogit dot_logit(const LinearInputs& in) {
+  return DotLogit{in.user.data_ptr<float>(), in.item.data_ptr<float>(),
+                  in.bias.defined() ? in.bias.data_ptr<float>() : nullptr, in.d};
+}
+
+inline int64_t share_count(int64_t C) {
+  const int64_t n_tiles = (C + kTileItems - 1) / kTileItems;
+  return std::max<int64_t>(1, std::min<int64_t>(at::get_num_threads(), n_tiles));
+}
+
+// Calls body(share, tile_begin, tile_end) for each thread's contiguous share of the item tiles, in parallel.
+template <class Body>
+void for_each_share(int64_t C, int64_t n_shares, Body&& body) {
+  const int64_t n_tiles = (C + kTileItems - 1) / kTileItems;
+  at::parallel_for(0, n_shares, 1, [&](int64_t s0, int64_t s1) {
+    for (int64_t s = s0; s < s1; ++s) body(s, s * n_tiles / n_shares, (s + 1) * n_tiles / n_shares);
+  });
+}
+
+// logits block = user[r0:r0+m] @ item[c0:c0+n].T (+ bias[c0:c0+n]) into buf (m x n, row-major).
+inline at::Tensor logits_block(const LinearInputs& in, int64_t r0, int64_t m, int64_t c0, int64_t n, float* buf) {
+  at::Tensor out = at::from_blob(buf, {m, n}, at::TensorOptions().dtype(at::kFloat));
+  const at::Tensor u = in.user.narrow(0, r0, m), it = in.item.narrow(0, c0, n).t();
+  if (in.bias.defined())
+    at::addmm_out(out, in.bias.narrow(0, c0, n), u, it);
+  else
+    at::mm_out(out, u, it);
+  return out;
+}
+
+// Forward pass: each row's online (max, sum-exp at 1 and tau) over all in.C items, merged across threads.
+// A row of an empty catalog keeps the initial state (m = -inf, sums 0).
+inline std::vector<LseState> linear_row_states(const LinearInputs& in, float inv_tau, bool same_tau) {
+  const int64_t B = in.B, C = in.C;
+  const int64_t n_shares = share_count(C);
+  std::vector<LseState> states(n_shares * B);
+  for_each_share(C, n_shares, [&](int64_t share, int64_t t0, int64_t t1) {
+    std::vector<float> buf(kTileRows * kTileItems);
+    LseState* st = states.data() + share * B;
+    for (int64_t tile = t0; tile < t1; ++tile) {
+      const int64_t c0 = tile * kTileItems, n = std::min(kTileItems, C - c0);
+      for (int64_t r0 = 0; r0 < B; r0 += kTileRows) {
+        const int64_t m = std::min(kTileRows, B - r0);
+        logits_block(in, r0, m, c0, n, buf.data());
+        for (int64_t r = 0; r < m; ++r) st[r0 + r].update(buf.data() + r * n, n, inv_tau, same_tau);
+      }
+    }
+  });
+  at::parallel_for(0, B, 64, [&](int64_t b0, int64_t b1) {
+    for (int64_t b = b0; b < b1; ++b)
+      for (int64_t s = 1; s < n_shares; ++s) states[b].merge(states[s * B + b], inv_tau);
+  });
+  states.resize(B);
+  return states;
+}
+
+// Backward, dense part: with dS_bj = a_b exp(s_bj - lse1_b) + c_b exp(s_bj / tau - lse_tau_b) (recomputed tile
+// by tile, never stored), returns dS @ item (float32 [B, d]) and writes dS^T @ user into d_item [C, d] and the
+// column sums of dS into d_bias [C] (both float32, zero-initialised by the caller).
+inline at::Tensor linear_dense_grad(const LinearInputs& in, const float* coef_a, const float* coef_c,
+                                    const float* lse1, const float* lse_tau, float inv_tau, bool same_tau,
+                                    at::Tensor& d_item, at::Tensor& d_bias) {
+  const int64_t B = in.B, C = in.C, d = in.d;
+  const int64_t n_shares = share_count(C);
+  at::Tensor d_user_shares = at::zeros({n_shares, B, d}, at::TensorOptions().dtype(at::kFloat));
+  float* d_bias_p = d_bias.data_ptr<float>();
+  for_each_share(C, n_shares, [&](int64_t share, int64_t t0, int64_t t1) {
+    std::vector<float> buf(kTileRows * kTileItems);
+    at::Tensor d_user = d_user_shares[share];
+    for (int64_t tile = t0; tile < t1; ++tile) {
+      const int64_t c0 = tile * kTileItems, n = std::min(kTileItems, C - c0);
+      at::Tensor d_item_tile = d_item.narrow(0, c0, n);
+      for (int64_t r0 = 0; r0 < B; r0 += kTileRows) {
+        const int64_t m = std::min(kTileRows, B - r0);
+        at::Tensor ds = logits_block(in, r0, m, c0, n, buf.data());
+        for (int64_t r = 0; r < m; ++r) {
+          const int64_t b = r0 + r;
+          float* row = buf.data() + r * n;  // in place: logits -> d loss / d logits
+          vec_softmax_mix(row, n, coef_a[b], lse1[b], coef_c[b], inv_tau, lse_tau[b], same_tau, row);
+          vec_add(d_bias_p + c0, row, n);
+        }
+        d_user.narrow(0, r0, m).addmm_(ds, in.item.narrow(0, c0, n));
+        d_item_tile.addmm_(ds.t(), in.user.narrow(0, r0, m));
+      }
+    }
+  });
+  return n_shares == 1 ? d_user_shares[0] : d_user_shares.sum(0);
+}
+
+// Backward, sparse part: row b has `slots` entries (item j = sp_id[b * slots + s], -1 = none, and its
+// d loss / d s_bj = sp_delta[...]); adds them to d_user [B, d], d_item [C, d] and d_bias [C] (float32).
+// d user per row in parallel (one writer per row); d item / d bias serially (ids repeat across rows).
+inline void linear_sparse_grad(const LinearInputs& in, int64_t slots, const int64_t* sp_id, const float* sp_delta,
+                               at::Tensor& d_user, at::Tensor& d_item, at::Tensor& d_bias) {
+  const int64_t B = in.B, d = in.d;
+  float* du = d_user.data_ptr<float>();
+  float* di = d_item.data_ptr<float>();
+  float* db = d_bias.data_ptr<float>();
+  const float* item_p = in.item.data_ptr<float>();
+  const float* user_p = in.user.data_ptr<float>();
+  at::parallel_for(0, B, 16, [&](int64_t b0, int64_t b1) {
+    for (int64_t b = b0; b < b1; ++b) {
+      float* du_b = du + b * d;
+      for (int64_t s = 0; s < slots; ++s) {
+        const int64_t j = sp_id[b * slots + s];
+        if (j < 0) continue;
+        const float fd = sp_delta[b * slots + s];
+        const float* it = item_p + j * d;
+#pragma omp simd
+        for (int64_t k = 0; k < d; ++k) du_b[k] += fd * it[k];
+      }
+    }
+  });
+  for (int64_t b = 0; b < B; ++b) {
+    const float* u = user_p + b * d;
+    for (int64_t s = 0; s < slots; ++s) {
+      const int64_t j = sp_id[b * slots + s];
+      if (j < 0) continue;
+      const float fd = sp_delta[b * slots + s];
+      float* di_j = di + j * d;
+#pragma omp simd
+      for (int64_t k = 0; k < d; ++k) di_j[k] += fd * u[k];
+      db[j] += fd;
     }
   }
 }

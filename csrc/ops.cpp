@@ -1,6 +1,6 @@
 // Schemas of the torch ops `torch.ops.prmkd.*` and the (empty) Python module `prmkd_dist._C` whose import
 // loads this library and so registers them. The CPU kernels are registered next to their code
-// (kd_loss.cpp, kd_loss_linear.cpp); autograd is attached in prmkd_dist/distill/cpp_backend.py.
+// (kd_loss.cpp, kd_loss_linear.cpp, kd_catalog_local.cpp); autograd is attached in prmkd_dist/distill/cpp_backend.py.
 #include <Python.h>
 #include <torch/library.h>
 
@@ -25,6 +25,15 @@ TORCH_LIBRARY(prmkd, m) {
       "Tensor lse_tau, Tensor target, Tensor teacher_ids, Tensor teacher_scores, Tensor teacher_weights, "
       "Tensor? rank_weights, float temperature, float lambda_ce, float lambda_kd, float lambda_rank) "
       "-> (Tensor, Tensor, Tensor)");
+  // catalog-parallel local part over a row shard [R, d] (R may be 0):
+  // -> (local max [B], sum exp(s - max) [B], sum exp((s - max) / tau) [B]), all float64
+  m.def("kd_catalog_local_stats(Tensor user_emb, Tensor item_emb, Tensor? item_bias, float temperature) "
+        "-> (Tensor, Tensor, Tensor)");
+  // -> (local d user_emb [B, d], d item_emb [R, d], d item_bias [R] or [0] without bias), all float32
+  m.def(
+      "kd_catalog_local_grad(Tensor user_emb, Tensor item_emb, Tensor? item_bias, Tensor coef_lse1, "
+      "Tensor coef_lse_tau, Tensor lse1, Tensor lse_tau, Tensor sparse_idx, Tensor sparse_grad, "
+      "float temperature) -> (Tensor, Tensor, Tensor)");
 }
 
 extern "C" {

@@ -1,0 +1,96 @@
+// prmkd::kd_catalog_local_stats / prmkd::kd_catalog_local_grad: the local part of the catalog-parallel loss
+// (prmkd_dist/parallel/catalog_loss.py), where each rank holds a contiguous shard of R rows of the item table.
+//
+// The loss needs only per-row statistics of the full [B, C] logits; a rank computes its share of them over its
+// own rows, tile by tile with the same passes as the fused-linear op (kd_common.h), never holding [B, R]:
+//   stats: the local max m_b and, relative to it, sum_j exp(s_bj - m_b) and sum_j exp((s_bj - m_b) / tau);
+//          the caller all-reduces them into the global LSE_1 and LSE_tau.
+//   grad:  given the global LSEs and the upstream gradients g1_b = dL/dLSE_1, gt_b = dL/dLSE_tau and
+//          dL/ds at a few (row, local item) pairs (the target / teacher logits this rank owns),
+//            dS_bj = g1_b softmax_1(s_b)_j + gt_b / tau softmax_tau(s_b)_j + sparse entries,
+//          and returns dS @ shard (this rank's contribution to d user_emb), dS^T @ user_emb (d of its own rows)
+//          and the column sums of dS (d of its own bias).
+// Arithmetic is float32 (bfloat16 embeddings are upcast once, O(R d)); the statistics come back in float64
+// because the all-reduce adds them across ranks.
+#include <torch/library.h>
+
+#include <vector>
+
+#include "kd_common.h"
+
+namespace prmkd {
+namespace {
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> kd_catalog_local_stats(const at::Tensor& user_emb,
+                                                                      const at::Tensor& item_emb,
+                                                                      const c10::optional<at::Tensor>& item_bias,
+                                                                      double temperature) {
+  const LinearInputs in = prepare_linear(user_emb, item_emb, item_bias, /*allow_empty=*/true);
+  TORCH_CHECK(temperature > 0.0 && std::isfinite(temperature), "prmkd: temperature must be > 0 and finite, got ",
+              temperature);
+  const bool same_tau = temperature == 1.0;
+  const float inv_tau = float(1.0 / temperature);
+  const std::vector<LseState> states = linear_row_states(in, inv_tau, same_tau);
+  auto opts = at::TensorOptions().dtype(at::kDouble);
+  at::Tensor m = at::empty({in.B}, opts), s1 = at::empty({in.B}, opts), st = at::empty({in.B}, opts);
+  double* m_p = m.data_ptr<double>();
+  double* s1_p = s1.data_ptr<double>();
+  double* st_p = st.data_ptr<double>();
+  for (int64_t b = 0; b < in.B; ++b) {
+    m_p[b] = states[b].m;  // -inf (with zero sums) for a shard without rows
+    s1_p[b] = states[b].s1;
+    st_p[b] = states[b].s_tau;
+  }
+  return {m, s1, st};
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> kd_catalog_local_grad(
+    const at::Tensor& user_emb, const at::Tensor& item_emb, const c10::optional<at::Tensor>& item_bias,
+    const at::Tensor& coef_lse1, const at::Tensor& coef_lse_tau, const at::Tensor& lse1, const at::Tensor& lse_tau,
+    const at::Tensor& sparse_idx, const at::Tensor& sparse_grad, double temperature) {
+  const LinearInputs in = prepare_linear(user_emb, item_emb, item_bias, /*allow_empty=*/true);
+  const int64_t B = in.B, R = in.C, d = in.d;
+  TORCH_CHECK(temperature > 0.0 && std::isfinite(temperature), "prmkd: temperature must be > 0 and finite, got ",
+              temperature);
+  for (const at::Tensor* t : {&coef_lse1, &coef_lse_tau, &lse1, &lse_tau})
+    TORCH_CHECK(t->dim() == 1 && t->size(0) == B && t->scalar_type() == at::kFloat && t->is_contiguous(),
+                "prmkd: coef_lse1 / coef_lse_tau / lse1 / lse_tau must be contiguous float32 [B=", B, "], got ",
+                t->sizes(), " ", t->scalar_type());
+  TORCH_CHECK(sparse_idx.dim() == 2 && sparse_idx.size(0) == B && sparse_idx.scalar_type() == at::kLong &&
+                  sparse_idx.is_contiguous(),
+              "prmkd: sparse_idx must be a contiguous int64 [B=", B, ", M] tensor, got ", sparse_idx.sizes(), " ",
+              sparse_idx.scalar_type());
+  TORCH_CHECK(sparse_grad.sizes() == sparse_idx.sizes() && sparse_grad.scalar_type() == at::kFloat &&
+                  sparse_grad.is_contiguous(),
+              "prmkd: sparse_grad must be a contiguous float32 tensor of sparse_idx's shape ", sparse_idx.sizes(),
+              ", got ", sparse_grad.sizes(), " ", sparse_grad.scalar_type());
+  const int64_t slots = sparse_idx.size(1);
+  const int64_t* sp_id = sparse_idx.data_ptr<int64_t>();
+  // a local row index outside [-1, R) would be an out-of-bounds write: refuse it (O(B M), cheap)
+  for (int64_t i = 0; i < B * slots; ++i)
+    TORCH_CHECK(sp_id[i] >= -1 && sp_id[i] < R, "prmkd: sparse_idx[", i / slots, ", ", i % slots, "] = ", sp_id[i],
+                " is not a local row of this shard ([-1, ", R, "))");
+
+  const bool same_tau = temperature == 1.0;  // then lse_tau = lse1 and one exp serves both terms
+  const float inv_tau = float(1.0 / temperature);
+  std::vector<float> coef_c(B);
+  const float* gt = coef_lse_tau.data_ptr<float>();
+  for (int64_t b = 0; b < B; ++b) coef_c[b] = gt[b] * inv_tau;  // d LSE_tau / d s_j = softmax_tau(s)_j / tau
+
+  auto opts = at::TensorOptions().dtype(at::kFloat);
+  at::Tensor d_item = at::zeros({R, d}, opts);
+  at::Tensor d_bias = at::zeros({R}, opts);
+  at::Tensor d_user = linear_dense_grad(in, coef_lse1.data_ptr<float>(), coef_c.data(), lse1.data_ptr<float>(),
+                                        lse_tau.data_ptr<float>(), inv_tau, same_tau, d_item, d_bias);
+  linear_sparse_grad(in, slots, sp_id, sparse_grad.data_ptr<float>(), d_user, d_item, d_bias);
+  return {d_user.contiguous(), d_item, in.bias.defined() ? d_bias : at::empty({0}, opts)};
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(prmkd, CPU, m) {
+  m.impl("kd_catalog_local_stats", &kd_catalog_local_stats);
+  m.impl("kd_catalog_local_grad", &kd_catalog_local_grad);
+}
+
+}  // namespace prmkd
