@@ -14,7 +14,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-__all__ = ["available", "kd_loss_rows", "kd_loss_linear_rows"]
+__all__ = ["available", "kd_loss_rows", "kd_loss_linear_rows", "catalog_local_stats", "catalog_local_grad"]
 
 try:
     import prmkd_dist._C  # noqa: F401  (registers torch.ops.prmkd.*)
@@ -106,6 +106,29 @@ def kd_loss_linear_rows(user_emb: Tensor, item_emb: Tensor, item_bias: Tensor | 
                                    float(lambda_kd), float(lambda_rank))
 
 
+def catalog_local_stats(user_emb: Tensor, item_emb: Tensor, item_bias: Tensor | None, temperature: float,
+                        chunk_rows: int | None = None) -> tuple[Tensor, Tensor, Tensor]:
+    """The catalog-parallel local statistics (see ``reference.catalog_local_stats``) by the fused C++ op:
+    float64 (max, sum-exp at 1, sum-exp at tau) [B], without holding [B, R]. ``chunk_rows`` is unused (the op
+    tiles by itself); float32 / bfloat16 embeddings."""
+    bias = None if item_bias is None else item_bias.detach().contiguous()
+    return torch.ops.prmkd.kd_catalog_local_stats(user_emb.detach().contiguous(), item_emb.detach().contiguous(),
+                                                  bias, float(temperature))
+
+
+def catalog_local_grad(user_emb: Tensor, item_emb: Tensor, item_bias: Tensor | None, coef_lse1: Tensor,
+                       coef_lse_tau: Tensor, lse1: Tensor, lse_tau: Tensor, sparse_idx: Tensor, sparse_grad: Tensor,
+                       temperature: float, chunk_rows: int | None = None) -> tuple[Tensor, Tensor, Tensor | None]:
+    """The catalog-parallel local gradients (see ``reference.catalog_local_grad``) by the fused C++ op, tile
+    by tile: (local d user_emb [B, d], d item_emb [R, d], d item_bias [R] or None), float32."""
+    f32 = lambda t: t.detach().to(torch.float32).contiguous()  # noqa: E731
+    bias = None if item_bias is None else item_bias.detach().contiguous()
+    d_user, d_item, d_bias = torch.ops.prmkd.kd_catalog_local_grad(
+        user_emb.detach().contiguous(), item_emb.detach().contiguous(), bias, f32(coef_lse1), f32(coef_lse_tau),
+        f32(lse1), f32(lse_tau), sparse_idx.to(torch.int64).contiguous(), f32(sparse_grad), float(temperature))
+    return d_user, d_item, (d_bias if item_bias is not None else None)
+
+
 if not _IMPORT_ERROR:
     # shapes only, no data: lets torch.compile / FakeTensor trace through the ops
 
@@ -129,3 +152,14 @@ if not _IMPORT_ERROR:
         d_bias = item_bias.new_empty(item_bias.shape) if item_bias is not None else \
             user_emb.new_empty((0,), dtype=torch.float32)
         return torch.empty_like(user_emb), torch.empty_like(item_emb), d_bias
+
+    @torch.library.register_fake("prmkd::kd_catalog_local_stats")
+    def _kd_catalog_local_stats_fake(user_emb, *_):
+        m = user_emb.new_empty((user_emb.shape[0],), dtype=torch.float64)
+        return m, torch.empty_like(m), torch.empty_like(m)
+
+    @torch.library.register_fake("prmkd::kd_catalog_local_grad")
+    def _kd_catalog_local_grad_fake(user_emb, item_emb, item_bias, *_):
+        d_bias = item_emb.new_empty((item_emb.shape[0] if item_bias is not None else 0,), dtype=torch.float32)
+        return (user_emb.new_empty(user_emb.shape, dtype=torch.float32),
+                item_emb.new_empty(item_emb.shape, dtype=torch.float32), d_bias)

@@ -35,6 +35,9 @@ Precisions of the contract, as the dispatcher guarantees them to every backend:
 Backend selection (:func:`resolve_backend`, the only place that decides): "auto" picks Triton for CUDA
 tensors, the C++ extension for CPU tensors, and the reference otherwise, and records why each
 unavailable backend was passed over (``last_resolution()``, and an INFO log line the first time).
+The same function decides for the local part of the catalog-parallel loss (``op="catalog_local"``:
+``catalog_local_stats`` / ``catalog_local_grad``, see :mod:`prmkd_dist.parallel.catalog_loss`): the C++ op
+serves CPU tensors; Triton has no kernel for it yet, so CUDA tensors get the chunked PyTorch reference.
 
 Input checks
 ------------
@@ -68,11 +71,17 @@ __all__ = [
     "last_resolution",
     "BACKENDS",
     "REDUCTIONS",
+    "OPS",
 ]
 
 log = logging.getLogger(__name__)
 
 BACKENDS = ("reference", "triton", "cpp")
+# what a backend module must provide for each op resolve_backend decides on
+OPS = {
+    "loss": ("kd_loss_rows", "kd_loss_linear_rows"),
+    "catalog_local": ("catalog_local_stats", "catalog_local_grad"),
+}
 REDUCTIONS = ("mean", "sum", "none")
 _LOGIT_DTYPES = (torch.float32, torch.bfloat16, torch.float64)
 _FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
@@ -229,7 +238,7 @@ class Resolution(NamedTuple):
 
 
 _last: Resolution | None = None
-_logged: set[tuple[str, str, str]] = set()
+_logged: set[tuple[str, str, str, str]] = set()
 
 
 @functools.lru_cache(maxsize=None)
@@ -282,15 +291,30 @@ def _unavailable_on(name: str, device: torch.device, dtype: torch.dtype | None, 
     return ""
 
 
-def resolve_backend(requested: str, device: torch.device | str, dtype: torch.dtype | None = None) -> Resolution:
+def _lacks_op(name: str, mod: Any, op: str) -> str:
+    """Why backend ``name`` (imported as ``mod``) has no implementation of ``op`` ("" if it has one)."""
+    missing = [fn for fn in OPS[op] if not hasattr(mod, fn)]
+    if not missing:
+        return ""
+    if name == "triton" and op == "catalog_local":
+        return "triton: no catalog-parallel local kernel yet (the chunked PyTorch reference serves CUDA tensors)"
+    return f"{name}: does not implement {op} ({', '.join(missing)})"
+
+
+def resolve_backend(requested: str, device: torch.device | str, dtype: torch.dtype | None = None,
+                    op: str = "loss") -> Resolution:
     """Choose the backend for tensors on ``device`` (of ``dtype``, when given): the one place that decides.
 
     ``requested`` is "auto", "reference", "triton" or "cpp". "auto" tries triton (CUDA tensors), then cpp
     (CPU tensors), then falls back to the reference; the returned ``reason`` says why each skipped backend
     was skipped (e.g. "cpp: extension not built (ImportError ...)"). An explicitly requested backend that
-    cannot serve these tensors raises RuntimeError with the reason. Returns (name, module, reason) where
-    ``module`` has ``kd_loss_rows`` and ``kd_loss_linear_rows``."""
+    cannot serve these tensors raises RuntimeError with the reason. ``op`` names what is needed (a key of
+    ``OPS``): "loss" (``kd_loss_rows`` and ``kd_loss_linear_rows``) or "catalog_local" (the local part of the
+    catalog-parallel loss); a backend without it is unavailable for that op. Returns (name, module, reason)
+    where ``module`` has the functions of ``OPS[op]``."""
     global _last
+    if op not in OPS:
+        raise ValueError(f"op must be one of {tuple(OPS)}, got {op!r}")
     device = torch.device(device)
     if requested != "auto":
         if requested not in BACKENDS:
@@ -300,6 +324,8 @@ def resolve_backend(requested: str, device: torch.device | str, dtype: torch.dty
         mod = None
         if not why:
             mod, why = _probe(requested)
+        if not why:
+            why = _lacks_op(requested, mod, op)
         if why:
             raise RuntimeError(f"backend {requested!r} was requested but is unavailable: {why}")
         res = Resolution(requested, mod, f"{requested}: requested explicitly")
@@ -311,16 +337,18 @@ def resolve_backend(requested: str, device: torch.device | str, dtype: torch.dty
             if not why:
                 mod, why = _probe(name)
                 if not why:
+                    why = _lacks_op(name, mod, op)
+                if not why:
                     res = Resolution(name, mod, f"auto -> {name}" + (f" (skipped {'; '.join(skipped)})" if skipped else ""))
                     break
             skipped.append(why)
         if res is None:
             res = Resolution("reference", reference, "auto -> reference (" + "; ".join(skipped) + ")")
     _last = res
-    key = (requested, device.type, res.name)
+    key = (requested, device.type, res.name, op)
     if key not in _logged:
         _logged.add(key)
-        log.info("kd_loss backend for %s tensors: %s", device.type, res.reason)
+        log.info("%s backend for %s tensors: %s", "kd_loss" if op == "loss" else op, device.type, res.reason)
     return res
 
 
@@ -329,12 +357,18 @@ def last_resolution() -> Resolution | None:
     return _last
 
 
-def available_backends(device: torch.device | str = "cpu") -> dict[str, tuple[bool, str]]:
-    """For each backend, whether it can serve float32 tensors on ``device`` and, if not, why."""
+def available_backends(device: torch.device | str = "cpu", op: str = "loss") -> dict[str, tuple[bool, str]]:
+    """For each backend, whether it can serve ``op`` (a key of ``OPS``) on float32 tensors on ``device`` and,
+    if not, why."""
+    if op not in OPS:
+        raise ValueError(f"op must be one of {tuple(OPS)}, got {op!r}")
     device = torch.device(device)
     out = {}
     for name in BACKENDS:
-        why = _unavailable_on(name, device, None) or _probe(name)[1]
+        why = _unavailable_on(name, device, None)
+        if not why:
+            mod, why = _probe(name)
+            why = why or _lacks_op(name, mod, op)
         out[name] = (not why, why)
     return out
 

@@ -14,7 +14,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-__all__ = ["kd_loss_rows", "kd_loss_linear_rows", "kd_rows_from_stats", "compute_dtype"]
+__all__ = ["kd_loss_rows", "kd_loss_linear_rows", "kd_rows_from_stats", "compute_dtype", "catalog_local_stats",
+           "catalog_local_grad"]
 
 
 def compute_dtype(dtype: torch.dtype) -> torch.dtype:
@@ -139,3 +140,79 @@ def kd_loss_linear_rows(
         logits = logits + item_bias.to(cdt)
     return kd_loss_rows(logits, target, teacher_ids, teacher_scores, teacher_weights, rank_weights,
                         temperature, lambda_ce, lambda_kd, lambda_rank)
+
+
+# ------------------------------------------------------------------------- catalog-parallel local part
+# The per-rank pieces of :mod:`prmkd_dist.parallel.catalog_loss` (the item table split by rows over ranks).
+# This chunked PyTorch form is the reference of the fused ones (``torch.ops.prmkd.kd_catalog_local_*``);
+# it walks the shard in chunks of ``chunk_rows`` rows so that [B, R] logits are never held at once.
+
+def _shard_logits(u: Tensor, item: Tensor, bias: Tensor | None, lo: int, hi: int, cdt: torch.dtype) -> Tensor:
+    """Logits of shard rows [lo, hi) for every user, in the compute dtype: [B, hi - lo]."""
+    s = u @ item[lo:hi].to(cdt).T
+    if bias is not None:
+        s = s + bias[lo:hi].to(cdt)
+    return s
+
+
+def catalog_local_stats(user_emb: Tensor, item_emb: Tensor, item_bias: Tensor | None, temperature: float,
+                        chunk_rows: int) -> tuple[Tensor, Tensor, Tensor]:
+    """Per-row statistics of the local logits s = user_emb @ item_emb.T (+ item_bias) over the R shard rows:
+    (m [B] = max_j s_j, sum_j exp(s_j - m), sum_j exp((s_j - m) / tau)), in the compute dtype. With R = 0:
+    m = -inf and both sums 0. Both sums share one max, so a single max all-reduce merges them across ranks."""
+    cdt = compute_dtype(user_emb.dtype)
+    u = user_emb.detach().to(cdt)
+    batch, rows = u.shape[0], item_emb.shape[0]
+    tau = float(temperature)
+    m = torch.full((batch,), float("-inf"), dtype=cdt, device=u.device)
+    z1, zt = torch.zeros_like(m), torch.zeros_like(m)
+    with torch.no_grad():
+        for lo in range(0, rows, chunk_rows):
+            s = _shard_logits(u, item_emb.detach(), None if item_bias is None else item_bias.detach(), lo,
+                              min(lo + chunk_rows, rows), cdt)
+            new_m = torch.maximum(m, s.max(dim=1).values)
+            # -inf - -inf is nan: the running sums are 0 while m is still -inf (before the first chunk)
+            finite = torch.isfinite(m)
+            d = torch.where(finite, m - new_m, torch.zeros_like(m))
+            z1 = torch.where(finite, z1 * d.exp(), z1) + (s - new_m[:, None]).exp().sum(dim=1)
+            zt = torch.where(finite, zt * (d / tau).exp(), zt) + ((s - new_m[:, None]) / tau).exp().sum(dim=1)
+            m = new_m
+    return m, z1, zt
+
+
+def catalog_local_grad(user_emb: Tensor, item_emb: Tensor, item_bias: Tensor | None, coef_lse1: Tensor,
+                       coef_lse_tau: Tensor, lse1: Tensor, lse_tau: Tensor, sparse_idx: Tensor, sparse_grad: Tensor,
+                       temperature: float, chunk_rows: int) -> tuple[Tensor, Tensor, Tensor | None]:
+    """The local chain rule of the catalog-parallel loss: with the GLOBAL ``lse1`` / ``lse_tau`` [B] and the
+    upstream gradients ``coef_lse1`` = dL/dLSE_1, ``coef_lse_tau`` = dL/dLSE_tau [B] and ``sparse_grad`` [B, M]
+    = dL/ds at local rows ``sparse_idx`` [B, M] (-1 = not on this shard), the gradient of the local logits is
+      dS_bj = coef_lse1_b softmax_1(s_b)_j + coef_lse_tau_b / tau softmax_tau(s_b)_j + sparse entries;
+    returns (dS @ item_emb [B, d] (this shard's part of d user_emb), dS^T @ user_emb [R, d], column sums of
+    dS [R] or None without a bias), in the compute dtype."""
+    cdt = compute_dtype(user_emb.dtype)
+    u = user_emb.detach().to(cdt)
+    item = item_emb.detach()
+    bias = None if item_bias is None else item_bias.detach()
+    rows, tau = item.shape[0], float(temperature)
+    g1, gt = coef_lse1.to(cdt), coef_lse_tau.to(cdt)
+    l1, lt = lse1.to(cdt), lse_tau.to(cdt)
+    grad_u = torch.zeros_like(u)
+    grad_w = torch.zeros(item.shape, dtype=cdt, device=u.device)
+    grad_b = torch.zeros(rows, dtype=cdt, device=u.device) if bias is not None else None
+    for lo in range(0, rows, chunk_rows):
+        hi = min(lo + chunk_rows, rows)
+        s = _shard_logits(u, item, bias, lo, hi, cdt)
+        gs = g1[:, None] * (s - l1[:, None]).exp() + (gt / tau)[:, None] * (s / tau - lt[:, None]).exp()
+        grad_w[lo:hi] = gs.T @ u
+        grad_u += gs @ item[lo:hi].to(cdt)
+        if grad_b is not None:
+            grad_b[lo:hi] = gs.sum(dim=0)
+    owned = sparse_idx >= 0
+    if rows > 0 and bool(owned.any()):
+        idx = torch.where(owned, sparse_idx, torch.zeros_like(sparse_idx))
+        g = torch.where(owned, sparse_grad.to(cdt), torch.zeros((), dtype=cdt, device=u.device))
+        grad_w.index_add_(0, idx.reshape(-1), (g[:, :, None] * u[:, None, :]).reshape(-1, u.shape[1]))
+        grad_u += torch.einsum("bm,bmd->bd", g, item[idx].to(cdt))
+        if grad_b is not None:
+            grad_b.index_add_(0, idx.reshape(-1), g.reshape(-1))
+    return grad_u, grad_w, grad_b

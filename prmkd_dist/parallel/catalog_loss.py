@@ -21,9 +21,15 @@ Contract
   (averaging identical values is harmless; summing them is not).
 - Every rank must call this function (it runs collectives) and then ``backward`` on its result.
 
-Memory: the [B, R] logits of the local rows are never held at once: forward and backward walk the local
-rows in chunks of ``chunk_rows`` (online max / sum-exp forward, recompute in backward), so the working set
-is O(B * chunk_rows + B * T * K * d) whatever the catalog size.
+Local part and backends: a rank's share of the statistics (local max and sum-exp at 1 and tau) and, in
+backward, the gradient of its local logits (turned into its part of d user_emb and the gradients of its own
+rows) come from ``catalog_local_stats`` / ``catalog_local_grad`` of the backend chosen by
+:func:`prmkd_dist.distill.loss.resolve_backend` (``op="catalog_local"``, the one place that decides):
+"auto" takes the fused C++ op on CPU (float32 / bfloat16: ``torch.ops.prmkd.kd_catalog_local_*``, tiled over
+the shard like ``kd_loss_linear``'s C++ op) and the chunked PyTorch reference otherwise (float64; CUDA tensors,
+Triton has no kernel for this part yet). Neither holds the [B, R] logits at once: the reference walks the
+local rows in chunks of ``chunk_rows`` (online max / sum-exp forward, recompute in backward), so the working
+set is O(B * chunk_rows + B * T * K * d) whatever the catalog size; the C++ op in cache-sized tiles.
 """
 from __future__ import annotations
 
@@ -37,6 +43,7 @@ from prmkd_dist.distill.loss import (
     check_loss_inputs,
     normalise_teacher_inputs,
     reduce_rows,
+    resolve_backend,
 )
 from prmkd_dist.distill.reference import compute_dtype, kd_rows_from_stats
 
@@ -50,54 +57,32 @@ def default_chunk_rows(batch: int) -> int:
     return max(64, _CHUNK_ELEMENTS // max(batch, 1))
 
 
-def _chunk_logits(u: Tensor, w: Tensor, b: Tensor | None, lo: int, hi: int, cdt: torch.dtype) -> Tensor:
-    """Logits of local rows [lo, hi) for every user, in the compute dtype: [B, hi - lo]."""
-    s = u @ w[lo:hi].to(cdt).T
-    if b is not None:
-        s = s + b[lo:hi].to(cdt)
-    return s
-
-
-def _merge_max_sumexp(m: Tensor, z: Tensor, block: Tensor) -> tuple[Tensor, Tensor]:
-    """Online log-sum-exp: fold ``block`` [B, n] into the running (max m [B], sum z [B] of exp(x - m))."""
-    bm = block.max(dim=1).values
-    new_m = torch.maximum(m, bm)
-    # -inf - -inf is nan; a running max of -inf only happens before the first non-empty block (z = 0 then)
-    scale = torch.where(torch.isfinite(m), (m - new_m).exp(), torch.zeros_like(m))
-    z = z * scale + (block - new_m[:, None]).exp().sum(dim=1)
-    return new_m, z
-
-
 class _CatalogStats(torch.autograd.Function):
     """(u, W_local, b_local) -> (LSE_1 [B], LSE_tau [B], logits at ``sel_ids`` [B, M]), all global.
 
-    Backward assumes (as the contract guarantees) that the upstream gradients are identical on all ranks:
-    then the gradient of a sum all-reduce w.r.t. each rank's input is the upstream gradient itself, and the
-    gradient of the log-sum-exp w.r.t. a local logit is its global softmax probability."""
+    ``local`` is the backend module (``catalog_local_stats`` / ``catalog_local_grad``). Backward assumes (as
+    the contract guarantees) that the upstream gradients are identical on all ranks: then the gradient of a
+    sum all-reduce w.r.t. each rank's input is the upstream gradient itself, and the gradient of the
+    log-sum-exp w.r.t. a local logit is its global softmax probability."""
 
     @staticmethod
-    def forward(ctx, u, w, b, sel_ids, item_offset, temperature, need_tau, chunk_rows, group):
+    def forward(ctx, u, w, b, sel_ids, item_offset, temperature, need_tau, chunk_rows, group, local):
         cdt = compute_dtype(u.dtype)
-        uc = u.detach().to(cdt)
-        batch, rows = uc.shape[0], w.shape[0]
-        neg_inf = torch.full((batch,), float("-inf"), dtype=cdt, device=u.device)
-        m1, z1 = neg_inf.clone(), torch.zeros(batch, dtype=cdt, device=u.device)
-        mt, zt = neg_inf.clone(), torch.zeros(batch, dtype=cdt, device=u.device)
-        same_tau = temperature == 1.0
+        rows = w.shape[0]
+        # without a KL term LSE_tau is not needed: tau = 1 makes the local pass compute one exp per logit
+        tau = float(temperature) if need_tau else 1.0
         with torch.no_grad():
-            for lo in range(0, rows, chunk_rows):
-                s = _chunk_logits(uc, w, b, lo, min(lo + chunk_rows, rows), cdt)
-                m1, z1 = _merge_max_sumexp(m1, z1, s)
-                if need_tau and not same_tau:
-                    mt, zt = _merge_max_sumexp(mt, zt, s / temperature)
-            lse1 = _global_lse(m1, z1, group)
-            lse_tau = lse1.clone() if (need_tau and same_tau) else (
-                _global_lse(mt, zt, group) if need_tau else torch.zeros_like(lse1))
+            m, z1, zt = local.catalog_local_stats(u, w, b, tau, chunk_rows)
+            lse1, lse_tau = _global_lse(m, z1, zt, tau, group)
+            lse1, lse_tau = lse1.to(cdt), lse_tau.to(cdt)
+            if tau == 1.0:
+                lse_tau = lse1.clone()  # the same quantity: bit-identical, as the fused op assumes at tau = 1
 
             # logits at the selected ids: the owner computes, everyone else adds 0
-            local = sel_ids - item_offset
-            owned = (sel_ids >= 0) & (local >= 0) & (local < rows)
-            idx = torch.where(owned, local, torch.zeros_like(local))
+            uc = u.detach().to(cdt)
+            local_ids = sel_ids - item_offset
+            owned = (sel_ids >= 0) & (local_ids >= 0) & (local_ids < rows)
+            idx = torch.where(owned, local_ids, torch.zeros_like(local_ids))
             sel = torch.zeros(sel_ids.shape, dtype=cdt, device=u.device)
             if rows > 0:
                 sel = torch.einsum("bd,bmd->bm", uc, w[idx].to(cdt))
@@ -108,56 +93,43 @@ class _CatalogStats(torch.autograd.Function):
 
         ctx.save_for_backward(u, w, b if b is not None else torch.empty(0), lse1, lse_tau, idx, owned)
         ctx.has_bias = b is not None
-        ctx.temperature, ctx.need_tau, ctx.chunk_rows, ctx.group = temperature, need_tau, chunk_rows, group
-        return lse1, lse_tau, sel
+        ctx.tau, ctx.need_tau, ctx.chunk_rows, ctx.group, ctx.local = tau, need_tau, chunk_rows, group, local
+        return lse1, (lse_tau if need_tau else torch.zeros_like(lse1)), sel
 
     @staticmethod
     def backward(ctx, g_lse1, g_lse_tau, g_sel):
         u, w, b, lse1, lse_tau, idx, owned = ctx.saved_tensors
         b = b if ctx.has_bias else None
-        cdt = compute_dtype(u.dtype)
-        uc = u.detach().to(cdt)
-        tau, rows = ctx.temperature, w.shape[0]
         g1 = g_lse1 if g_lse1 is not None else torch.zeros_like(lse1)
-        gt = g_lse_tau if (g_lse_tau is not None and ctx.need_tau) else None
-
-        grad_u = torch.zeros_like(uc)
-        grad_w = torch.zeros(w.shape, dtype=cdt, device=w.device)
-        grad_b = torch.zeros(rows, dtype=cdt, device=w.device) if b is not None else None
-        for lo in range(0, rows, ctx.chunk_rows):
-            hi = min(lo + ctx.chunk_rows, rows)
-            s = _chunk_logits(uc, w, b, lo, hi, cdt)
-            # d LSE_1 / d s_j = softmax_1(s)_j ;  d LSE_tau / d s_j = softmax_tau(s)_j / tau
-            gs = g1[:, None] * (s - lse1[:, None]).exp()
-            if gt is not None:
-                gs = gs + (gt / tau)[:, None] * (s / tau - lse_tau[:, None]).exp()
-            grad_w[lo:hi] = gs.T @ uc
-            grad_u += gs @ w[lo:hi].to(cdt)
-            if grad_b is not None:
-                grad_b[lo:hi] = gs.sum(dim=0)
-
-        if g_sel is not None and rows > 0:
-            gsel = torch.where(owned, g_sel, torch.zeros_like(g_sel))  # only the owner's rows are touched
-            flat_idx = idx.reshape(-1)
-            grad_w.index_add_(0, flat_idx, (gsel[:, :, None] * uc[:, None, :]).reshape(-1, uc.shape[1]))
-            grad_u += torch.einsum("bm,bmd->bd", gsel, w[idx].to(cdt))
-            if grad_b is not None:
-                grad_b.index_add_(0, flat_idx, gsel.reshape(-1))
-
-        # u is replicated: its gradient is the sum of every rank's contribution
+        gt = g_lse_tau if (g_lse_tau is not None and ctx.need_tau) else torch.zeros_like(lse1)
+        if g_sel is None:
+            g_sel = torch.zeros(idx.shape, dtype=lse1.dtype, device=lse1.device)
+        # only the owner's rows are touched: the other ranks' entries are -1 (skipped)
+        sparse_idx = torch.where(owned, idx, torch.full_like(idx, -1))
+        sparse_grad = torch.where(owned, g_sel, torch.zeros_like(g_sel))
+        grad_u, grad_w, grad_b = ctx.local.catalog_local_grad(u, w, b, g1, gt, lse1, lse_tau, sparse_idx,
+                                                              sparse_grad, ctx.tau, ctx.chunk_rows)
+        # u is replicated: its gradient is the sum of every rank's contribution (summed before any downcast)
+        grad_u = grad_u.to(compute_dtype(u.dtype)).contiguous()
         dist.all_reduce(grad_u, op=dist.ReduceOp.SUM, group=ctx.group)
-        grad_b = grad_b.to(b.dtype) if grad_b is not None else None
-        return (grad_u.to(u.dtype), grad_w.to(w.dtype), grad_b, None, None, None, None, None, None)
+        grad_b = grad_b.to(b.dtype) if (b is not None and grad_b is not None) else None
+        return (grad_u.to(u.dtype), grad_w.to(w.dtype), grad_b) + (None,) * 7
 
 
-def _global_lse(m: Tensor, z: Tensor, group) -> Tensor:
-    """log sum exp over all ranks from each rank's (max, sum of exp(x - max)); ranks without rows send -inf/0."""
+def _global_lse(m: Tensor, z1: Tensor, zt: Tensor, tau: float, group) -> tuple[Tensor, Tensor]:
+    """(LSE_1, LSE_tau) [B] float64 over all ranks from each rank's local max ``m`` and sums
+    ``z1`` = sum exp(s - m), ``zt`` = sum exp((s - m) / tau); ranks without rows send -inf / 0.
+    One max and one (stacked) sum all-reduce, in float64 (the sums of far-apart ranks must not underflow
+    early)."""
+    m, z1, zt = m.to(torch.float64), z1.to(torch.float64), zt.to(torch.float64)
     gm = m.clone()
     dist.all_reduce(gm, op=dist.ReduceOp.MAX, group=group)
-    scale = torch.where(torch.isfinite(m), (m - gm).exp(), torch.zeros_like(m))
-    gz = z * scale
-    dist.all_reduce(gz, op=dist.ReduceOp.SUM, group=group)
-    return gm + gz.log()
+    finite = torch.isfinite(m)
+    d = torch.where(finite, m - gm, torch.zeros_like(m))  # -inf - finite is fine, but keep it explicit
+    z = torch.stack([torch.where(finite, z1 * d.exp(), torch.zeros_like(z1)),
+                     torch.where(finite, zt * (d / tau).exp(), torch.zeros_like(zt))])
+    dist.all_reduce(z, op=dist.ReduceOp.SUM, group=group)
+    return gm + z[0].log(), gm / tau + z[1].log()
 
 
 def _check_tiling(item_offset: int, rows: int, num_items: int, device: torch.device, group) -> None:
@@ -199,13 +171,15 @@ def kd_loss_linear_catalog_parallel(
     chunk_rows: int | None = None,
     check_inputs: bool = True,
     group: dist.ProcessGroup | None = None,
+    backend: str = "auto",
 ) -> Tensor:
     """``kd_loss_linear`` over a catalog split by rows across ``group`` (see the module docstring).
 
     ``user_emb`` [B, d] and the batch tensors are replicated; ``item_emb_shard`` [R, d] holds global item
     rows [item_offset, item_offset + R) (``item_bias_shard`` [R] likewise). Returns the same loss on every
-    rank: a scalar, or [B] for ``reduction="none"``. ``chunk_rows`` bounds the [B, chunk_rows] logits block
-    (default: about 4M values). ``check_inputs`` as in ``kd_loss`` (the data scans; it also verifies, with
+    rank: a scalar, or [B] for ``reduction="none"``. ``backend`` picks the local part ("auto", "cpp" or
+    "reference"; see the module docstring). ``chunk_rows`` bounds the [B, chunk_rows] logits block of the
+    reference local part (default: about 4M values; the C++ op tiles by itself). ``check_inputs`` as in ``kd_loss`` (the data scans; it also verifies, with
     one small all-gather, that the ranks' ranges tile the catalog)."""
     if not dist.is_available() or not dist.is_initialized():
         raise RuntimeError("kd_loss_linear_catalog_parallel needs an initialised torch.distributed process group")
@@ -244,6 +218,7 @@ def kd_loss_linear_catalog_parallel(
         check_finite("item_bias_shard", item_bias_shard)
         _check_tiling(item_offset, rows, num_items, user_emb.device, group)
 
+    local = resolve_backend(backend, user_emb.device, user_emb.dtype, op="catalog_local").module
     fdt = compute_dtype(user_emb.dtype)
     tgt, ids, scores, tw, rw = normalise_teacher_inputs(target, teacher_ids, teacher_scores, teacher_weights,
                                                         rank_weights, lambda_rank, fdt)
@@ -254,7 +229,7 @@ def kd_loss_linear_catalog_parallel(
     lse1, lse_tau, sel = _CatalogStats.apply(user_emb.contiguous(), item_emb_shard.contiguous(),
                                              item_bias_shard.contiguous() if item_bias_shard is not None else None,
                                              sel_ids, int(item_offset), float(temperature), need_tau,
-                                             int(chunk_rows), group)
+                                             int(chunk_rows), group, local)
     rows_loss = kd_rows_from_stats(lse1, lse_tau if need_tau else None, sel[:, 0], sel[:, 1:].reshape(ids.shape),
                                    tgt, ids, scores, tw, rw, float(temperature), float(lambda_ce),
                                    float(lambda_kd), float(lambda_rank))
