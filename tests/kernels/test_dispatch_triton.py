@@ -8,7 +8,8 @@ import torch
 
 import prmkd_dist
 
-def test_kd_loss_triton_backend(device, make_case, relative_error):
+@pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
+def test_kd_loss_triton_backend(reduction, device, make_case, relative_error):
     case = make_case(5, 210, 3, 7, seed=31, with_rank=True, device=device)
     logits = (3.0 * torch.randn(5, 210, generator=torch.Generator().manual_seed(31))).to(device)
     kwargs = dict(temperature=0.7, lambda_ce=1.0, lambda_kd=0.5, lambda_rank=0.3)
@@ -16,15 +17,16 @@ def test_kd_loss_triton_backend(device, make_case, relative_error):
     for backend in ("triton", "reference"):
         x = logits.clone().requires_grad_(True)
         loss = prmkd_dist.kd_loss(x, case.target, case.teacher_ids, case.teacher_scores, case.teacher_weights,
-                                  case.rank_weights, backend=backend, **kwargs)
-        loss.backward()
+                                  case.rank_weights, backend=backend, reduction=reduction, **kwargs)
+        (loss * torch.linspace(0.5, 1.5, loss.numel(), device=device).reshape(loss.shape)).sum().backward()
         out[backend] = (loss.detach(), x.grad)
-    assert out["triton"][0].shape == ()
+    assert out["triton"][0].shape == ((5,) if reduction == "none" else ())
     assert relative_error(out["triton"][0], out["reference"][0]) <= 1e-4
     assert relative_error(out["triton"][1], out["reference"][1]) <= 1e-4
 
 
-def test_kd_loss_linear_triton_backend(device, make_case, relative_error):
+@pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
+def test_kd_loss_linear_triton_backend(reduction, device, make_case, relative_error):
     case = make_case(7, 160, 2, 5, seed=32, with_rank=False, device=device)
     gen = torch.Generator().manual_seed(32)
     user, item = torch.randn(7, 24, generator=gen).to(device), (0.3 * torch.randn(160, 24, generator=gen)).to(device)
@@ -33,8 +35,8 @@ def test_kd_loss_linear_triton_backend(device, make_case, relative_error):
     for backend in ("triton", "reference"):
         leaves = [t.clone().requires_grad_(True) for t in (user, item, bias)]
         loss = prmkd_dist.kd_loss_linear(leaves[0], leaves[1], case.target, case.teacher_ids, case.teacher_scores,
-                                         case.teacher_weights, item_bias=leaves[2], reduction="sum", backend=backend)
-        loss.backward()
+                                         case.teacher_weights, item_bias=leaves[2], reduction=reduction, backend=backend)
+        (loss * torch.linspace(0.5, 1.5, loss.numel(), device=device).reshape(loss.shape)).sum().backward()
         out[backend] = [loss.detach()] + [t.grad for t in leaves]
     for got, want in zip(out["triton"], out["reference"]):
         assert relative_error(got, want) <= 1e-4
@@ -47,3 +49,18 @@ def test_auto_never_picks_the_interpreter_on_cpu():
     if torch.cuda.is_available():
         pytest.skip("CPU-only behaviour")
     assert resolve_backend("auto", "cpu", torch.float32).name != "triton"
+
+
+def test_catalog_local_part_has_no_triton_kernel_and_says_so():
+    """The catalog-parallel local part has a C++ op only: an explicit Triton request is refused with the reason,
+    and "auto" on CUDA tensors falls back to the chunked PyTorch reference (saying why)."""
+    from prmkd_dist.distill.loss import available_backends, resolve_backend
+
+    dev = "cuda" if torch.cuda.is_available() else "cpu"
+    with pytest.raises(RuntimeError, match="no catalog-parallel local kernel"):
+        resolve_backend("triton", dev, torch.float32, op="catalog_local")
+    if torch.cuda.is_available():
+        res = resolve_backend("auto", "cuda", torch.float32, op="catalog_local")
+        assert res.name == "reference" and "no catalog-parallel local kernel" in res.reason
+        ok, why = available_backends("cuda", op="catalog_local")["triton"]
+        assert not ok and "no catalog-parallel local kernel" in why

@@ -1,5 +1,8 @@
 """kd_loss_linear_catalog_parallel with 2 real gloo processes against the single-process reference: value,
 gradient of user_emb, and each rank's gradient of its own rows (and bias), over several configurations.
+Both local parts are checked: the chunked PyTorch reference (float64, chosen by "auto" for float64) and the
+fused C++ op (float32 and bfloat16, backend="cpp", on a catalog of 1100 items: more than two 512-row tiles,
+not a multiple of any tile size).
 
 The workers are this file run as a script (``python test_catalog_loss.py RANK WORLD PORT OUT``), so they do
 not depend on how pytest imports test modules."""
@@ -15,6 +18,8 @@ from pathlib import Path
 import pytest
 
 C, D = 23, 5
+C_FUSED = 1100  # the fused-op pass: several C++ item tiles, split unevenly
+TOL = {"float32": 1e-4, "bfloat16": 1e-2}
 # (name, rank-0 rows, kwargs): uneven splits, a rank holding nothing, tau = 1 (shared LSE) and != 1
 CONFIGS = [
     ("full", 9, dict(temperature=1.7, lambda_ce=0.8, lambda_kd=1.2, lambda_rank=0.6, bias=True, reduction="mean")),
@@ -25,20 +30,20 @@ CONFIGS = [
 ]
 
 
-def make_case(kw, seed=0):
+def make_case(kw, seed=0, n_items=C):
     import torch
 
     g = torch.Generator().manual_seed(seed)
     b, t, k = 7, kw.get("teachers", 3), 4
     user = torch.randn(b, D, generator=g, dtype=torch.float64)
-    item = torch.randn(C, D, generator=g, dtype=torch.float64)
-    bias = torch.randn(C, generator=g, dtype=torch.float64) if kw["bias"] else None
-    ids = torch.randint(0, C, (b, t, k), generator=g)
+    item = torch.randn(n_items, D, generator=g, dtype=torch.float64)
+    bias = torch.randn(n_items, generator=g, dtype=torch.float64) if kw["bias"] else None
+    ids = torch.randint(0, n_items, (b, t, k), generator=g)
     ids[torch.rand(b, t, k, generator=g) < 0.3] = -1
     if t > 1:
         ids[1, 1] = ids[1, 0]            # duplicates across teachers
         ids[2, 2] = -1                   # an empty teacher
-    target = torch.randint(0, C, (b,), generator=g)
+    target = torch.randint(0, n_items, (b,), generator=g)
     target[3] = -1
     scores = torch.randn(b, t, k, generator=g, dtype=torch.float64)
     weights = torch.rand(b, t, generator=g, dtype=torch.float64)
@@ -50,11 +55,60 @@ def loss_kwargs(kw):
     return {n: kw[n] for n in ("temperature", "lambda_ce", "lambda_kd", "lambda_rank", "reduction") if n in kw}
 
 
+def rel_err(got, want) -> float:
+    """max |got - want| / max |want| (scale-free), in float64."""
+    got, want = got.double(), want.double()
+    return float((got - want).abs().max() / want.abs().max().clamp_min(1e-12))
+
+
+def check_fused(rank: int, name: str, split: int, kw: dict, dtype_name: str, report: dict) -> None:
+    """The fused C++ local part in ``dtype_name`` against the float64 single-process reference on the same
+    (rounded) values: loss, d user_emb, this rank's rows and bias; never NaN."""
+    import torch
+
+    from prmkd_dist import kd_loss_linear
+    from prmkd_dist.distill.loss import last_resolution
+    from prmkd_dist.parallel.catalog_loss import kd_loss_linear_catalog_parallel
+
+    dtype = getattr(torch, dtype_name)
+    user, item, bias, target, ids, scores, weights, rank_w = make_case(kw, seed=2, n_items=C_FUSED)
+    # the same ids land on either rank: rank 0 owns [0, split), rank 1 the rest (split 0: rank 0 holds nothing)
+    split = round(split * C_FUSED / C)
+    lo, hi = (0, split) if rank == 0 else (split, C_FUSED)
+    user, item = user.to(dtype), item.to(dtype)
+    bias = bias.to(dtype) if bias is not None else None
+    u = user.clone().requires_grad_()
+    shard = item[lo:hi].clone().requires_grad_()
+    bshard = bias[lo:hi].clone().requires_grad_() if bias is not None else None
+    got = kd_loss_linear_catalog_parallel(u, shard, lo, C_FUSED, target, ids, scores, weights, rank_w,
+                                          item_bias_shard=bshard, backend="cpp", **loss_kwargs(kw))
+    assert last_resolution().name == "cpp", last_resolution()
+    got.sum().backward()
+
+    ru, ri = user.double().requires_grad_(), item.double().requires_grad_()
+    rb = bias.double().requires_grad_() if bias is not None else None
+    want = kd_loss_linear(ru, ri, target, ids, scores, weights, rank_w, item_bias=rb, backend="reference",
+                          **loss_kwargs(kw))
+    want.sum().backward()
+    pairs = [("value", got.detach(), want.detach()), ("d user", u.grad, ru.grad),
+             ("d rows", shard.grad, ri.grad[lo:hi])]
+    if bias is not None:
+        pairs.append(("d bias", bshard.grad, rb.grad[lo:hi]))
+    for what, g, w in pairs:
+        assert g.dtype == (torch.float32 if what == "value" else dtype), (name, what, g.dtype)
+        assert torch.isfinite(g.float()).all(), f"{name} {dtype_name} {what}: not finite"
+        if w.numel():
+            err = rel_err(g, w)
+            assert err <= TOL[dtype_name], f"{name} {dtype_name} {what}: relative error {err:.2e}"
+    report[f"{name}/{dtype_name}"] = float(got.detach().double().sum())
+
+
 def worker(rank: int, world: int, port: int, out: str) -> None:
     import torch
     import torch.distributed as dist
 
     from prmkd_dist import kd_loss_linear
+    from prmkd_dist.distill.loss import last_resolution
     from prmkd_dist.parallel.catalog_loss import kd_loss_linear_catalog_parallel
 
     dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world)
@@ -68,6 +122,7 @@ def worker(rank: int, world: int, port: int, out: str) -> None:
             bshard = bias[lo:hi].clone().requires_grad_() if bias is not None else None
             got = kd_loss_linear_catalog_parallel(u, shard, lo, C, target, ids, scores, weights, rank_w,
                                                   item_bias_shard=bshard, chunk_rows=4, **loss_kwargs(kw))
+            assert last_resolution().name == "reference"  # "auto" sends float64 to the chunked reference
             got.sum().backward()
 
             ru, ri = user.clone().requires_grad_(), item.clone().requires_grad_()
@@ -84,14 +139,22 @@ def worker(rank: int, world: int, port: int, out: str) -> None:
                                            msg=lambda m: f"{name} d bias: {m}")
             report[name] = float(got.detach().sum())
 
-        # float32 with the default chunking agrees too
+        # the fused C++ local part, float32 and bfloat16
+        for name, split, kw in CONFIGS:
+            for dtype_name in ("float32", "bfloat16"):
+                check_fused(rank, name, split, kw, dtype_name, report)
+
+        # float32 with the default chunking agrees too, through the chunked reference and through "auto" (C++)
         user, item, bias, target, ids, scores, weights, rank_w = make_case(CONFIGS[0][2], seed=1)
         lo, hi = (0, 12) if rank == 0 else (12, C)
-        got = kd_loss_linear_catalog_parallel(user.float(), item[lo:hi].float(), lo, C, target, ids, scores,
-                                              weights, rank_w, item_bias_shard=bias[lo:hi].float(), lambda_rank=0.3)
         want = kd_loss_linear(user.float(), item.float(), target, ids, scores, weights, rank_w,
                               item_bias=bias.float(), lambda_rank=0.3, backend="reference")
-        torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
+        for backend, name in (("reference", "reference"), ("auto", "cpp")):
+            got = kd_loss_linear_catalog_parallel(user.float(), item[lo:hi].float(), lo, C, target, ids, scores,
+                                                  weights, rank_w, item_bias_shard=bias[lo:hi].float(),
+                                                  lambda_rank=0.3, backend=backend)
+            assert last_resolution().name == name
+            torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
 
         # ranges that do not tile the catalog are refused on every rank
         lo, hi = (0, 10) if rank == 0 else (9, C)
@@ -123,7 +186,8 @@ def test_two_gloo_ranks_match_single_process_reference(tmp_path):
         assert p.returncode == 0, f"rank {r} failed:\n{logs[r]}"
     reports = [json.loads(o.read_text()) for o in outs]
     assert reports[0] == reports[1]  # the same loss on both ranks
-    assert set(reports[0]) == {name for name, _, _ in CONFIGS} | {"tiling_error"}
+    fused = {f"{name}/{dt}" for name, _, _ in CONFIGS for dt in TOL}
+    assert set(reports[0]) == {name for name, _, _ in CONFIGS} | fused | {"tiling_error"}
     assert "do not tile [0, 23)" in reports[0]["tiling_error"]
 
 
