@@ -1,6 +1,7 @@
 """Per-step time split and throughput of distributed training (DistributedEngine) for 1 and 2 ranks.
 
-    .venv/bin/python benchmarks/scaling.py [--steps 20] [--batch 128] [--worlds 1 2] [--out FILE.json]
+    .venv/bin/python benchmarks/scaling.py [--steps 20] [--batch 128] [--worlds 1 2] [--loss-backend auto]
+                                           [--out FILE.json]
 
 For each world size the script starts itself under torchrun (gloo; CPU unless CUDA is present) and trains
 SASRec on ml-latest-small with the same GLOBAL batch, timing per step (median over steps after warm-up):
@@ -9,7 +10,9 @@ SASRec on ml-latest-small with the same GLOBAL batch, timing per step (median ov
   loss     all-gather of the hidden rows + catalog-parallel loss forward
   backward DeepSpeed backward: dense grads, fused table update, all-to-all / all-reduce of gradients
   step     DeepSpeed dense optimizer step (+ ZeRO gathers)
-and examples/s (global batch / step time). Prints a table and writes JSON.
+and examples/s (global batch / step time). ``--loss-backend`` picks the local part of the catalog-parallel loss
+("auto": the fused C++ op on CPU; "reference": the chunked PyTorch form), to compare the two in one run.
+Prints a table and writes JSON.
 """
 from __future__ import annotations
 
@@ -61,7 +64,7 @@ def worker(args) -> None:
         t1 = time.perf_counter()
         mask = y >= 0
         h = hidden[mask]
-        loss = eng.linear_loss(h, y[mask], *no_teachers(h.shape[0]))
+        loss = eng.linear_loss(h, y[mask], *no_teachers(h.shape[0]), backend=args.loss_backend)
         t2 = time.perf_counter()
         eng._stash = None
         eng.ds.backward(loss)
@@ -90,6 +93,8 @@ def main() -> None:
     ap.add_argument("--dim", type=int, default=64)
     ap.add_argument("--zero", type=int, default=1)
     ap.add_argument("--worlds", type=int, nargs="+", default=[1, 2])
+    ap.add_argument("--loss-backend", default="auto", choices=["auto", "cpp", "reference"],
+                    help="local part of the catalog-parallel loss")
     ap.add_argument("--out", default=str(ROOT / "benchmarks" / "scaling.json"))
     ap.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
     ap.add_argument("--result", help=argparse.SUPPRESS)
@@ -103,15 +108,15 @@ def main() -> None:
             cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", str(w),
                    __file__, "--worker", "--result", str(res), "--steps", str(args.steps), "--warmup",
                    str(args.warmup), "--batch", str(args.batch), "--max-len", str(args.max_len),
-                   "--dim", str(args.dim), "--zero", str(args.zero)]
+                   "--dim", str(args.dim), "--zero", str(args.zero), "--loss-backend", args.loss_backend]
             env = {**os.environ, "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "1"),
                    "PRMKD_LOG_LEVEL": "WARNING"}
             subprocess.run(cmd, cwd=ROOT, env=env, check=True, capture_output=True)
             results.append(json.loads(res.read_text()))
-    print("| ranks | " + " | ".join(f"{k} ms" for k in PHASES) + " | examples/s |")
-    print("|---" * (len(PHASES) + 2) + "|")
+    print("| loss backend | ranks | " + " | ".join(f"{k} ms" for k in PHASES) + " | examples/s |")
+    print("|---" * (len(PHASES) + 3) + "|")
     for r in results:
-        print(f"| {r['world']} | " + " | ".join(f"{1000 * r[k]:.1f}" for k in PHASES) + f" | {r['examples_per_s']:.0f} |")
+        print(f"| {args.loss_backend} | {r['world']} | " + " | ".join(f"{1000 * r[k]:.1f}" for k in PHASES) + f" | {r['examples_per_s']:.0f} |")
     Path(args.out).write_text(json.dumps({"config": {k: v for k, v in vars(args).items()
                                                      if k not in ("worker", "result")},
                                           "results": results}, indent=2))
