@@ -206,6 +206,13 @@ def _rows_of_positions(offsets: np.ndarray, positions: np.ndarray) -> np.ndarray
     return np.searchsorted(offsets, positions, side="right") - 1
 
 
+def _any_outside(v: np.ndarray, num_items: int) -> bool:
+    """Any value outside [0, num_items)? For int64 one pass: negatives wrap to >= 2**63 as uint64."""
+    if v.dtype == np.int64:
+        return int(v.view(np.uint64).max()) >= num_items
+    return bool(v.min() < 0 or v.max() >= num_items)
+
+
 def check_id_lists(
     offsets: np.ndarray,
     ids: np.ndarray,
@@ -228,21 +235,25 @@ def check_id_lists(
         m[_rows_of_positions(offsets, np.flatnonzero(value_mask) + lo)] = True
         return m
 
-    if len(v) and (v.min() < 0 or v.max() >= num_items):
+    if len(v) and _any_outside(v, num_items):
         found[f"item id outside [0, {num_items})"] = rows_mask((v < 0) | (v >= num_items))
     lengths = np.diff(offsets)
     if k is not None and n and lengths.max() > k:
         found[f"more than the declared K={k} entries"] = lengths > k
     if scores is not None:
         s = scores
-        finite = np.isfinite(s)
-        if not finite.all():
-            found["score is NaN or infinite"] = rows_mask(~finite)
+        # a float64 sum is finite iff every value is (float32 values cannot overflow it): one pass,
+        # no temporary; the exact mask only when something is off (a float64 sum may overflow)
+        if len(s) and not np.isfinite(s.sum(dtype=np.float64)):
+            finite = np.isfinite(s)
+            if not finite.all():
+                found["score is NaN or infinite"] = rows_mask(~finite)
         if check_sorted and len(s) > 1:
-            # a violation is an increase between two neighbours of the same list
-            starts = np.zeros(len(s), dtype=bool)
-            starts[(offsets[:-1] - lo)[lengths > 0]] = True
-            up = (s[1:] > s[:-1]) & ~starts[1:]
+            # a violation is an increase between two neighbours of the same list; the pair that
+            # straddles two lists (index = next list's start - 1) is not one
+            up = s[1:] > s[:-1]
+            cut = offsets[1:-1] - (lo + 1)
+            up[cut[(cut >= 0) & (cut < len(up))]] = False
             if up.any():
                 found["scores not sorted descending"] = rows_mask(np.concatenate([[False], up]))
     if check_duplicates and len(v) > 1:
