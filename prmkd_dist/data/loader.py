@@ -21,7 +21,9 @@ from __future__ import annotations
 
 import math
 import queue
+import sys
 import threading
+import time
 from typing import Iterator
 
 import numpy as np
@@ -52,6 +54,134 @@ class LoaderStateError(ValueError):
 
 def _cat(parts: list):
     return torch.cat(parts) if torch.is_tensor(parts[0]) else np.concatenate(parts)
+
+
+def _as_rows(a: np.ndarray) -> np.ndarray:
+    """[m, k] array with a contiguous last axis -> [m] of k-item opaque records: a fancy-indexed row
+    copy then moves one record per row instead of running numpy's inner loop over k items."""
+    return a.view(np.dtype((np.void, a.shape[1] * a.itemsize)))[:, 0]
+
+
+class _WindowPool:
+    """Memory for shuffle windows, reused from window to window. A fresh window of tens of MB costs
+    a page fault per 4 KiB page (the kernel zero-fills each one) and, in a DataLoader worker, new
+    shared memory as well: that cost was about as large as copying the data in. A buffer is reused
+    only once nothing points into it any more:
+    - in-process, batches are numpy/torch views of the buffer, so its CPython reference count says
+      whether a batch (or any view of one) is still alive;
+    - in a worker, batches cross into the main process, which tells through ``release`` (a shared
+      counter per stream, set by ShardLoader) how many of the stream's batches it has copied out.
+      Without that channel (a plain DataLoader) every window gets new shared memory, as before.
+    """
+
+    def __init__(self, layout: dict, rows: int, max_buffers: int, shared: bool,
+                 release: torch.Tensor | None, stream: int, stop: threading.Event):
+        self.layout, self.rows, self.max_buffers = layout, rows, max_buffers
+        self.shared, self.release, self.stream, self.stop = shared, release, stream, stop
+        self.pool: list[dict] = []
+        self.allocated = 0  # buffers allocated (for tests and diagnostics)
+
+    def _allocate(self) -> dict:
+        offsets, total = {}, 0
+        for key, (shape, dtype, _) in self.layout.items():
+            offsets[key] = total
+            nbytes = self.rows * math.prod(shape) * torch.empty(0, dtype=dtype).element_size()
+            total += -(-nbytes // 64) * 64  # 64-byte aligned sub-arrays
+        total = max(total, 64)
+        if self.shared:  # one shared-memory block, carved into typed tensors
+            block = torch.empty(total, dtype=torch.uint8).share_memory_()
+            storage = block.untyped_storage()
+            tensors = {}
+            for key, (shape, dtype, _) in self.layout.items():
+                item = torch.empty(0, dtype=dtype).element_size()
+                tensors[key] = torch.empty(0, dtype=dtype).set_(storage, offsets[key] // item, (self.rows, *shape))
+            arrays = {k: t.numpy() for k, t in tensors.items()}
+            base = block
+        else:  # one block; every view of a carved array has ``base`` as its numpy base
+            base = np.empty(total, np.uint8)
+            arrays = {}
+            for key, (shape, dtype, _) in self.layout.items():
+                npdt = torch.empty(0, dtype=dtype).numpy().dtype
+                nbytes = self.rows * math.prod(shape) * npdt.itemsize
+                arrays[key] = base[offsets[key] : offsets[key] + nbytes].view(npdt).reshape(self.rows, *shape)
+            tensors = None
+        self.allocated += 1
+        return {"arrays": arrays, "tensors": tensors, "base": base, "release_at": 0}
+
+    def _new(self) -> dict:
+        buf = self._allocate()
+        # the pool's own references (the carved arrays) are the baseline of "nothing else points here";
+        # measured here, where no local variable of _allocate holds the block any more
+        buf["base_refs"] = self._refs(buf)
+        return buf
+
+    @staticmethod
+    def _refs(buf: dict) -> int:
+        return sys.getrefcount(buf["base"])
+
+    def _is_free(self, buf: dict) -> bool:
+        if self.release is not None:
+            return int(self.release[self.stream]) >= buf["release_at"]
+        return self._refs(buf) <= buf["base_refs"]
+
+    def acquire(self, n: int, release_at: int) -> tuple[dict, dict] | None:
+        """(numpy arrays [n, ...] to fill, what the window yields: the same memory, as tensors in a
+        worker), or None once ``stop`` is set. ``release_at``: the stream's count of released
+        batches from which the buffer may be reused (release channel only)."""
+        while True:
+            buf = next((b for b in self.pool if self._is_free(b)), None)
+            if buf is None and len(self.pool) < self.max_buffers:
+                buf = self._new()
+                self.pool.append(buf)
+            if buf is None and self.release is None:
+                buf = self._new()  # the pooled buffers all hold live batches: one more, not pooled
+            if buf is not None:
+                break
+            if self.stop.is_set():
+                return None
+            time.sleep(0.0005)  # the main process releases batches as it consumes them
+        buf["release_at"] = release_at
+        arrays = {k: v[:n] for k, v in buf["arrays"].items()}
+        out = {k: v[:n] for k, v in buf["tensors"].items()} if buf["tensors"] is not None else dict(arrays)
+        for key, (_, _, fill) in self.layout.items():
+            if fill is not None:
+                arrays[key].fill(fill)
+        arrays["bad"] = out["bad"] = np.empty(n, bool)
+        return arrays, out
+
+
+def _scatter_right_aligned(out: np.ndarray, rows: np.ndarray, offsets: np.ndarray, values: np.ndarray,
+                           scratch: dict) -> None:
+    """Write ragged lists (``offsets`` [m+1] absolute into ``values``) into rows ``rows`` of ``out``
+    [n, L] (already PAD-filled), right-aligned, keeping each list's last L items. One flat scatter
+    straight into the window: no padded [m, L] intermediate and no per-row loop."""
+    lo, hi = int(offsets[0]), int(offsets[-1])
+    if hi == lo:
+        return
+    L = out.shape[1]
+    lengths = np.diff(offsets)
+    ends = offsets[1:].astype(np.int64)
+    vals = values[lo:hi]
+    if lengths.max() > L:  # longer lists keep their last L items
+        # value at flat position p of a list ending at e lands in column L - (e - p) of its row
+        dest = np.repeat(rows * L + L - ends, lengths)
+        dest += np.arange(lo, hi)
+        keep = dest >= np.repeat(rows * L, lengths)
+        out.reshape(-1)[dest[keep]] = vals[keep]
+        return
+    # dest[p] = p + shift[row of p]: steps of 1 inside a list, a jump at each list start, summed in
+    # place in a reused buffer (np.repeat would allocate, and page-fault, a new array every call)
+    nz = lengths > 0
+    shift = (rows * L + L - ends)[nz]
+    first = (offsets[:-1] - lo)[nz]
+    if len(scratch.get("dest", ())) < hi - lo:
+        scratch["dest"] = np.empty(int((hi - lo) * 1.25), np.int64)
+    dest = scratch["dest"][: hi - lo]
+    dest.fill(1)
+    dest[first[1:]] += np.diff(shift)
+    dest[0] = lo + shift[0]
+    np.cumsum(dest, out=dest)
+    out.reshape(-1)[dest] = vals
 
 
 class TeacherShardDataset(IterableDataset):
@@ -118,6 +248,7 @@ class TeacherShardDataset(IterableDataset):
         self._resume: dict | None = None  # {"num_workers", "batches_done"} applied by the next __iter__
         self._done = 0  # in-process iteration: this rank's batches yielded in the epoch
         self.counters = {"bad_rows_skipped": 0}
+        self._release: torch.Tensor | None = None  # set by ShardLoader for its workers (see _WindowPool)
 
     # ---- plan -------------------------------------------------------------------------------------
     @property
@@ -181,7 +312,6 @@ class TeacherShardDataset(IterableDataset):
                 raise_first(found, path, first_row)
             for m in found.values():
                 bad |= m
-        off, vals = list_parts(table.column("history"))
         ids, scores = [], []
         for t in self.meta.teachers:
             ioff, iv = list_parts(table.column(t.ids_column))
@@ -192,43 +322,30 @@ class TeacherShardDataset(IterableDataset):
             "example_key": np.asarray(table.column("example_key")),
             "user_id": np.asarray(table.column("user_id")),
             "domain_id": np.asarray(table.column("domain_id")),
-            "history": pad_ragged(off, vals, self.max_len, PAD_ID, np.int64, "last"),
+            "history": list_parts(table.column("history")),  # (offsets, values): scattered into the window
             "target": np.asarray(table.column("target")),
             "teacher_ids": ids,
             "teacher_scores": scores,
             "bad": bad,
         }
 
-    def _new_window(self, n: int) -> tuple[dict, dict]:
-        """(numpy arrays to fill, what the window yields). In a DataLoader worker the arrays live in
-        torch shared memory and the window yields those tensors: batches are then views of it and
-        travel to the main process without the copy into shared memory the DataLoader would make."""
+    def _layout(self) -> dict:
+        """Window columns: {key: (shape of one row, dtype, fill before use or None)}."""
         T, K = len(self.meta.teachers), self.k
         ragged = any(t.k < K for t in self.meta.teachers)  # narrower teachers leave empty slots
-        shapes = {
-            "example_key": ((n,), torch.int64, None),
-            "user_id": ((n,), torch.int64, None),
-            "domain_id": ((n,), torch.int64, None),
-            "history": ((n, self.max_len), torch.int64, None),
-            "target": ((n,), torch.int64, None),
-            "teacher_ids": ((n, T, K), torch.int64, PAD_ID if ragged else None),
-            "teacher_scores": ((n, T, K), torch.float32, 0.0 if ragged else None),
+        return {
+            "example_key": ((), torch.int64, None),
+            "user_id": ((), torch.int64, None),
+            "domain_id": ((), torch.int64, None),
+            "history": ((self.max_len,), torch.int64, PAD_ID),  # lists are scattered in right-aligned
+            "target": ((), torch.int64, None),
+            "teacher_ids": ((T, K), torch.int64, PAD_ID if ragged else None),
+            "teacher_scores": ((T, K), torch.float32, 0.0 if ragged else None),
         }
-        shared = get_worker_info() is not None
-        arrays, out = {}, {}
-        for key, (shape, dtype, fill) in shapes.items():
-            t = torch.empty(shape, dtype=dtype)
-            if shared:
-                t.share_memory_()
-            if fill is not None:
-                t.fill_(fill)
-            arrays[key] = t.numpy()
-            out[key] = t if shared else arrays[key]
-        arrays["bad"] = out["bad"] = np.empty(n, bool)
-        return arrays, out
 
-    def _windows(self, epoch: int, lo: int, hi: int, start_row: int, stop: threading.Event) -> Iterator[dict]:
-        """Decoded, shuffled windows covering rows [start_row, hi) of the worker's range [lo, hi)."""
+    def _windows(self, epoch: int, stream: int, lo: int, hi: int, start_row: int,
+                 stop: threading.Event) -> Iterator[dict]:
+        """Decoded, shuffled windows covering rows [start_row, hi) of the stream's range [lo, hi)."""
         order = self._group_order(epoch)
         sizes = np.array([self._groups[i][2] for i in order], dtype=np.int64)
         starts = np.concatenate([[0], np.cumsum(sizes)])
@@ -237,15 +354,25 @@ class TeacherShardDataset(IterableDataset):
         w0 = lo + ((start_row - lo) // S) * S
         first_j = int(np.searchsorted(starts, w0, side="right")) - 1
         last_j = int(np.searchsorted(starts, hi, side="left"))  # exclusive
+        # in a DataLoader worker windows live in shared memory, reused only with ShardLoader's release
+        # channel; in-process they are reused once no batch view of them is alive
+        shared = get_worker_info() is not None
+        release = self._release if shared else None
+        pool = _WindowPool(self._layout(), min(S, hi - w0), 0 if shared and release is None else self.prefetch_windows + 3,
+                           shared, release, stream, stop)
+        scratch: dict = {}
         # reading (pyarrow, GIL released) runs one thread ahead of decoding (numpy)
         tables = self._prefetched(lambda stop: self._read_groups(order, range(first_j, last_j), stop), depth=2)
         for a in range(w0, hi, S):
             if stop.is_set():
                 return
             b = min(a + S, hi)
-            win, window_out = self._new_window(b - a)
-            ids2d = win["teacher_ids"].reshape(b - a, -1)
-            scores2d = win["teacher_scores"].reshape(b - a, -1)
+            got = pool.acquire(b - a, release_at=-(-(b - lo) // self.batch_size))
+            if got is None:
+                return
+            win, window_out = got
+            ids_rows = [_as_rows(win["teacher_ids"][:, t, : info.k]) for t, info in enumerate(self.meta.teachers)]
+            scores_rows = [_as_rows(win["teacher_scores"][:, t, : info.k]) for t, info in enumerate(self.meta.teachers)]
             # window row r lands at output row dest[r]: one scatter per row group, no extra copy
             dest = np.arange(b - a)
             if self.shuffle:
@@ -262,13 +389,13 @@ class TeacherShardDataset(IterableDataset):
                 s0, s1 = max(a, starts[j]) - starts[j], min(b, starts[j + 1]) - starts[j]
                 d = dest[starts[j] + s0 - a : starts[j] + s1 - a]
                 part = cache[1]
-                for key in ("example_key", "user_id", "domain_id", "history", "target", "bad"):
+                for key in ("example_key", "user_id", "domain_id", "target", "bad"):
                     win[key][d] = part[key][s0:s1]
-                for t, info in enumerate(self.meta.teachers):
-                    # 2-D views: a row scatter into [n, T*K] is about 2x faster than into [n, T, K]
-                    cols = slice(t * self.k, t * self.k + info.k)
-                    ids2d[d, cols] = part["teacher_ids"][t][s0:s1]
-                    scores2d[d, cols] = part["teacher_scores"][t][s0:s1]
+                hoff, hvals = part["history"]
+                _scatter_right_aligned(win["history"], d, hoff[s0 : s1 + 1], hvals, scratch)
+                for t in range(len(self.meta.teachers)):
+                    ids_rows[t][d] = _as_rows(part["teacher_ids"][t][s0:s1])
+                    scores_rows[t][d] = _as_rows(part["teacher_scores"][t][s0:s1])
             yield window_out
 
     def _read_groups(self, order: np.ndarray, js: range, stop: threading.Event) -> Iterator[tuple]:
@@ -350,7 +477,7 @@ class TeacherShardDataset(IterableDataset):
         self._done = consumed
         if start >= nb:
             return
-        windows = self._prefetched(lambda stop: self._windows(epoch, lo, hi, lo + start * B, stop))
+        windows = self._prefetched(lambda stop: self._windows(epoch, stream, lo, hi, lo + start * B, stop))
         # rows of the first window before the resume point were consumed before the restart
         skip = (lo + start * B - lo) % self.shuffle_buffer_rows
         pending: list[dict] = []
@@ -467,14 +594,31 @@ class ShardLoader:
         if resume and resume["num_workers"] != max(1, self.num_workers):
             raise LoaderStateError(f"state was saved with {resume['num_workers']} worker stream(s), "
                                    f"this loader has {max(1, self.num_workers)}")
-        it = iter(DataLoader(self.dataset, batch_size=None, **self._dl_kwargs))
-        if self.num_workers:
+        W = self.num_workers
+        release = None
+        if W:
+            # the release channel (see _WindowPool): per stream, how many of its batches this process
+            # has copied out of the workers' shared windows, which they then reuse
+            release = torch.tensor([max(0, -(-(self._consumed - s) // W)) for s in range(W)],
+                                   dtype=torch.int64).share_memory_()
+            self.dataset._release = release
+        try:
+            it = iter(DataLoader(self.dataset, batch_size=None, **self._dl_kwargs))
+        finally:
+            self.dataset._release = None  # the workers hold their copy
+        if W:
             self.dataset._resume = None  # the workers hold their copy; later epochs start fresh
         for batch in it:
             info = batch.pop("info")
             if info["rank_batch"] != self._consumed:
                 raise RuntimeError(f"batch {info['rank_batch']} arrived while {self._consumed} was expected: "
                                    "the DataLoader must deliver worker batches in order (in_order=True)")
+            if release is not None:
+                # a worker overwrites its window once released: hand out a private copy (one memcpy of
+                # the batch, far cheaper than fresh shared memory per window); pinned ones are copies
+                # (numpy's copy: single-threaded, where torch's would wake the intra-op thread pool)
+                batch = {k: v if v.is_pinned() else torch.from_numpy(v.numpy().copy()) for k, v in batch.items()}
+                release[info["stream"]] = info["rank_batch"] // W + 1
             self._consumed += 1
             self.counters["bad_rows_skipped"] += int(info["skipped_bad_rows"])
             yield batch

@@ -258,3 +258,103 @@ def test_two_real_processes_lockstep(shards, tmp_path):
     keys = np.load(out + ".keys.npy")
     assert counts[0] == counts[1] == -(-(N // 2) // 30)
     assert len(keys) == len(np.unique(keys)) == 2 * (N // 2)
+
+
+def _check_content(batches, ex, max_len: int) -> np.ndarray:
+    """Every row of every batch holds exactly the written example of its key; returns the keys."""
+    keys = _keys(batches)
+    b = {k: torch.cat([x[k] for x in batches]).numpy() for k in ("target", "history", "teacher_ids", "teacher_scores")}
+    np.testing.assert_array_equal(b["target"], ex["target"][keys])
+    off, vals = ex["history"]
+    want = np.full((len(keys), max_len), -1)
+    for r, key in enumerate(keys):  # test-side reference: a plain per-row loop
+        h = vals[off[key] : off[key + 1]][-max_len:]
+        want[r, max_len - len(h):] = h
+    np.testing.assert_array_equal(b["history"], want)
+    for t, (ids, sc) in enumerate(ex["teachers"].values()):
+        k = ids.shape[1]
+        np.testing.assert_array_equal(b["teacher_ids"][:, t, :k], ids[keys])
+        np.testing.assert_array_equal(b["teacher_scores"][:, t, :k], np.where(ids[keys] >= 0, sc[keys], 0.0))
+        assert (b["teacher_ids"][:, t, k:] == -1).all() and (b["teacher_scores"][:, t, k:] == 0).all()
+    return keys
+
+
+def _count_window_allocations(monkeypatch) -> list:
+    from prmkd_dist.data import loader as loader_mod
+
+    calls = []
+    original = loader_mod._WindowPool._new
+
+    def counted(self):
+        calls.append(1)
+        return original(self)
+
+    monkeypatch.setattr(loader_mod._WindowPool, "_new", counted)
+    return calls
+
+
+@pytest.mark.parametrize("max_len", [6, 20])  # truncated histories, and the in-place (no truncation) path
+def test_window_memory_is_reused_only_once_batches_are_gone(shards, monkeypatch, max_len):
+    root, ex = shards
+    calls = _count_window_allocations(monkeypatch)
+    kw = dict(max_len=max_len, seed=2, shuffle_buffer_rows=48)  # 21 windows of 48 rows
+    ds = TeacherShardDataset(root, 16, **kw)
+    copies = [{k: v.clone() for k, v in b.items() if k != "info"} for b in ds]  # batches dropped at once
+    assert len(calls) <= ds.prefetch_windows + 3  # the buffers went round
+    del calls[:]
+    held = list(TeacherShardDataset(root, 16, **kw))  # every batch kept: no buffer may be overwritten
+    assert len(calls) >= 21
+    assert len(np.unique(_check_content(held, ex, max_len))) == N
+    for x, y in zip(held, copies):
+        for k in y:
+            assert torch.equal(x[k], y[k]), k
+    # a single live view (one tensor of a one-batch window) must keep its buffer out of reuse too
+    one = [b["teacher_ids"] for b in TeacherShardDataset(root, 48, **kw)]
+    want = [b["teacher_ids"].clone() for b in TeacherShardDataset(root, 48, **kw)]
+    assert len(one) == 21 and all(torch.equal(x, y) for x, y in zip(one, want))
+
+
+def test_workers_reuse_shared_windows_exactly(shards, monkeypatch):
+    """Workers recycle their shared windows as ShardLoader releases batches; content, exact-once over
+    2 ranks x 2 workers, and resume stay exact while the buffers go round many times."""
+    root, ex = shards
+    kw = dict(max_len=20, seed=4, shuffle_buffer_rows=40)
+    seen = []
+    for rank in range(2):
+        loader = ShardLoader(TeacherShardDataset(root, 20, rank=rank, world_size=2, **kw), num_workers=2)
+        batches = list(loader)
+        assert len(batches) == len(loader)
+        seen.append(_check_content(batches, ex, 20))
+    allk = np.concatenate(seen)
+    assert len(allk) == len(np.unique(allk)) == N - 1
+    loader = ShardLoader(TeacherShardDataset(root, 20, **kw), num_workers=2)
+    full = list(loader)
+    it = iter(loader)
+    head = [next(it) for _ in range(9)]
+    state = loader.state_dict()
+    del it
+    again = ShardLoader(TeacherShardDataset(root, 20, **kw), num_workers=2)
+    again.load_state_dict(state)
+    rest = list(again)
+    assert len(head) + len(rest) == len(full)
+    for x, y in zip(head + rest, full):
+        for k in y:
+            assert torch.equal(x[k], y[k]), k
+
+
+def test_scatter_right_aligned_matches_pad_ragged():
+    from prmkd_dist.data.dataset import pad_ragged
+    from prmkd_dist.data.loader import _scatter_right_aligned
+
+    rng = np.random.default_rng(0)
+    for max_list in (5, 9):  # with width 7: no list truncated, then some truncated
+        lengths = rng.integers(0, max_list + 1, 300)
+        lengths[:3] = 0  # empty lists, also at the start
+        offsets = np.concatenate([[0], np.cumsum(lengths)]) + 4  # absolute offsets into a larger buffer
+        values = rng.integers(0, 1000, int(offsets[-1]) + 3)
+        rows = rng.permutation(400)[:300]
+        out = np.full((400, 7), -1, dtype=np.int64)
+        _scatter_right_aligned(out, rows, offsets, values, {})
+        want = np.full((400, 7), -1, dtype=np.int64)
+        want[rows] = pad_ragged(offsets, values, 7, -1, np.int64, "last")
+        np.testing.assert_array_equal(out, want)
