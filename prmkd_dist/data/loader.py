@@ -75,10 +75,13 @@ class _WindowPool:
     """
 
     def __init__(self, layout: dict, rows: int, max_buffers: int, shared: bool,
-                 release: torch.Tensor | None, stream: int, stop: threading.Event):
+                 release: torch.Tensor | None, stream: int):
         self.layout, self.rows, self.max_buffers = layout, rows, max_buffers
-        self.shared, self.release, self.stream, self.stop = shared, release, stream, stop
+        self.shared, self.release, self.stream = shared, release, stream
+        self.stop = threading.Event()  # replaced by the reading thread's own
         self.pool: list[dict] = []
+        self.pooled_storages: set[int] = set()  # data_ptr of the pooled shared blocks
+        self.sent: set[int] = set()  # pooled blocks already handed to the main process once
         self.allocated = 0  # buffers allocated (for tests and diagnostics)
 
     def _allocate(self) -> dict:
@@ -89,8 +92,8 @@ class _WindowPool:
             total += -(-nbytes // 64) * 64  # 64-byte aligned sub-arrays
         total = max(total, 64)
         if self.shared:  # one shared-memory block, carved into typed tensors
-            block = torch.empty(total, dtype=torch.uint8).share_memory_()
-            storage = block.untyped_storage()
+            storage = torch.UntypedStorage._new_shared(total)  # (share_memory_() would copy garbage)
+            block = torch.empty(0, dtype=torch.uint8).set_(storage)
             tensors = {}
             for key, (shape, dtype, _) in self.layout.items():
                 item = torch.empty(0, dtype=dtype).element_size()
@@ -133,6 +136,8 @@ class _WindowPool:
             if buf is None and len(self.pool) < self.max_buffers:
                 buf = self._new()
                 self.pool.append(buf)
+                if buf["tensors"] is not None:
+                    self.pooled_storages.add(buf["base"].untyped_storage().data_ptr())
             if buf is None and self.release is None:
                 buf = self._new()  # the pooled buffers all hold live batches: one more, not pooled
             if buf is not None:
@@ -148,6 +153,32 @@ class _WindowPool:
                 arrays[key].fill(fill)
         arrays["bad"] = out["bad"] = np.empty(n, bool)
         return arrays, out
+
+
+def _pack(out: dict, pool: _WindowPool) -> dict:
+    """A worker's batch whose tensors are all views of one pooled shared window, sent as offsets into
+    that window: each tensor would otherwise pass its own file descriptor (a connection to the
+    worker's resource sharer) and be mapped anew by the main process. The window itself goes along
+    only the first time; ShardLoader keeps it mapped (``_unpack``)."""
+    ptr = out["teacher_ids"].untyped_storage().data_ptr()
+    if ptr not in pool.pooled_storages or any(v.untyped_storage().data_ptr() != ptr for v in out.values()):
+        return out  # a batch stitched from two windows, or with bad rows removed: its own memory
+    block = None
+    if ptr not in pool.sent:
+        block = torch.empty(0, dtype=torch.uint8).set_(out["teacher_ids"].untyped_storage())
+        pool.sent.add(ptr)
+    views = {k: (v.dtype, v.storage_offset(), tuple(v.shape)) for k, v in out.items()}
+    return {"_packed": {"window": ptr, "block": block, "views": views}}
+
+
+def _unpack(packed: dict, stream: int, windows: dict) -> dict:
+    """Private copies (numpy: one single-threaded memcpy each) of a packed batch's tensors."""
+    key = (stream, packed["window"])
+    if packed["block"] is not None:
+        windows[key] = packed["block"].untyped_storage()
+    storage = windows[key]
+    return {k: torch.from_numpy(torch.empty(0, dtype=dt).set_(storage, off, shape).numpy().copy())
+            for k, (dt, off, shape) in packed["views"].items()}
 
 
 def _scatter_right_aligned(out: np.ndarray, rows: np.ndarray, offsets: np.ndarray, values: np.ndarray,
@@ -249,6 +280,7 @@ class TeacherShardDataset(IterableDataset):
         self._done = 0  # in-process iteration: this rank's batches yielded in the epoch
         self.counters = {"bad_rows_skipped": 0}
         self._release: torch.Tensor | None = None  # set by ShardLoader for its workers (see _WindowPool)
+        self._packed = False  # ShardLoader unpacks batches sent as views of the pooled windows (_pack)
 
     # ---- plan -------------------------------------------------------------------------------------
     @property
@@ -343,7 +375,7 @@ class TeacherShardDataset(IterableDataset):
             "teacher_scores": ((T, K), torch.float32, 0.0 if ragged else None),
         }
 
-    def _windows(self, epoch: int, stream: int, lo: int, hi: int, start_row: int,
+    def _windows(self, epoch: int, lo: int, hi: int, start_row: int, pool: _WindowPool,
                  stop: threading.Event) -> Iterator[dict]:
         """Decoded, shuffled windows covering rows [start_row, hi) of the stream's range [lo, hi)."""
         order = self._group_order(epoch)
@@ -354,12 +386,7 @@ class TeacherShardDataset(IterableDataset):
         w0 = lo + ((start_row - lo) // S) * S
         first_j = int(np.searchsorted(starts, w0, side="right")) - 1
         last_j = int(np.searchsorted(starts, hi, side="left"))  # exclusive
-        # in a DataLoader worker windows live in shared memory, reused only with ShardLoader's release
-        # channel; in-process they are reused once no batch view of them is alive
-        shared = get_worker_info() is not None
-        release = self._release if shared else None
-        pool = _WindowPool(self._layout(), min(S, hi - w0), 0 if shared and release is None else self.prefetch_windows + 3,
-                           shared, release, stream, stop)
+        pool.stop = stop
         scratch: dict = {}
         # reading (pyarrow, GIL released) runs one thread ahead of decoding (numpy)
         tables = self._prefetched(lambda stop: self._read_groups(order, range(first_j, last_j), stop), depth=2)
@@ -477,7 +504,13 @@ class TeacherShardDataset(IterableDataset):
         self._done = consumed
         if start >= nb:
             return
-        windows = self._prefetched(lambda stop: self._windows(epoch, stream, lo, hi, lo + start * B, stop))
+        # in a DataLoader worker windows live in shared memory, reused only with ShardLoader's release
+        # channel; in-process they are reused once no batch view of them is alive
+        shared = info is not None
+        release = self._release if shared else None
+        pool = _WindowPool(self._layout(), min(self.shuffle_buffer_rows, hi - lo),
+                           0 if shared and release is None else self.prefetch_windows + 3, shared, release, stream)
+        windows = self._prefetched(lambda stop: self._windows(epoch, lo, hi, lo + start * B, pool, stop))
         # rows of the first window before the resume point were consumed before the restart
         skip = (lo + start * B - lo) % self.shuffle_buffer_rows
         pending: list[dict] = []
@@ -506,12 +539,13 @@ class TeacherShardDataset(IterableDataset):
                         pending[0] = {k: v[m:] for k, v in p.items()}
                 batch = head[0] if len(head) == 1 else {k: _cat([h[k] for h in head]) for k in head[0]}
                 pending_rows -= take
-                yield self._emit(batch, stream, num_workers, batch_index, epoch)
+                yield self._emit(batch, stream, num_workers, batch_index, epoch, pool)
                 batch_index += 1
                 if batch_index >= nb:
                     return
 
-    def _emit(self, batch: dict, stream: int, num_workers: int, batch_index: int, epoch: int) -> dict:
+    def _emit(self, batch: dict, stream: int, num_workers: int, batch_index: int, epoch: int,
+              pool: _WindowPool) -> dict:
         bad = batch.pop("bad")
         skipped = int(bad.sum())
         if skipped:
@@ -521,6 +555,8 @@ class TeacherShardDataset(IterableDataset):
         # window rows are contiguous, so a batch slice is already a contiguous view (no copy)
         out = {k: batch[k] if torch.is_tensor(batch[k]) else torch.from_numpy(np.ascontiguousarray(batch[k]))
                for k in TENSOR_KEYS}
+        if self._packed and pool.release is not None:
+            out = _pack(out, pool)
         rank_batch = batch_index * num_workers + stream
         out["info"] = {"rank_batch": rank_batch, "stream": stream, "epoch": epoch, "skipped_bad_rows": skipped}
         self._done = rank_batch + 1  # meaningful in-process (num_workers=0), where yield = consumed
@@ -601,11 +637,13 @@ class ShardLoader:
             # has copied out of the workers' shared windows, which they then reuse
             release = torch.tensor([max(0, -(-(self._consumed - s) // W)) for s in range(W)],
                                    dtype=torch.int64).share_memory_()
-            self.dataset._release = release
+            # packed batches would make the DataLoader's pin thread copy whole windows
+            self.dataset._release, self.dataset._packed = release, not self._dl_kwargs["pin_memory"]
         try:
             it = iter(DataLoader(self.dataset, batch_size=None, **self._dl_kwargs))
         finally:
-            self.dataset._release = None  # the workers hold their copy
+            self.dataset._release, self.dataset._packed = None, False  # the workers hold their copy
+        windows: dict = {}  # (stream, window id) -> the worker's pooled window, mapped here once
         if W:
             self.dataset._resume = None  # the workers hold their copy; later epochs start fresh
         for batch in it:
@@ -615,9 +653,12 @@ class ShardLoader:
                                    "the DataLoader must deliver worker batches in order (in_order=True)")
             if release is not None:
                 # a worker overwrites its window once released: hand out a private copy (one memcpy of
-                # the batch, far cheaper than fresh shared memory per window); pinned ones are copies
-                # (numpy's copy: single-threaded, where torch's would wake the intra-op thread pool)
-                batch = {k: v if v.is_pinned() else torch.from_numpy(v.numpy().copy()) for k, v in batch.items()}
+                # the batch, far cheaper than fresh shared memory per window); pinned ones are copies.
+                # numpy copies: single-threaded, where torch's would wake the intra-op thread pool
+                if "_packed" in batch:
+                    batch = _unpack(batch["_packed"], info["stream"], windows)
+                elif self._dl_kwargs["pin_memory"]:  # (packed mode: an unpacked batch has its own memory)
+                    batch = {k: v if v.is_pinned() else torch.from_numpy(v.numpy().copy()) for k, v in batch.items()}
                 release[info["stream"]] = info["rank_batch"] // W + 1
             self._consumed += 1
             self.counters["bad_rows_skipped"] += int(info["skipped_bad_rows"])

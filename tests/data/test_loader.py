@@ -358,3 +358,21 @@ def test_scatter_right_aligned_matches_pad_ragged():
         want = np.full((400, 7), -1, dtype=np.int64)
         want[rows] = pad_ragged(offsets, values, 7, -1, np.int64, "last")
         np.testing.assert_array_equal(out, want)
+
+
+def test_worker_windows_without_the_packed_channel(shards):
+    """A plain DataLoader (no release channel: fresh shared windows) and ShardLoader(pin_memory=True)
+    (release channel, batches as tensor views, copied out unless pinned) deliver the same content."""
+    from torch.utils.data import DataLoader
+
+    root, ex = shards
+    kw = dict(max_len=20, seed=6, shuffle_buffer_rows=40)
+    plain = [{k: v for k, v in b.items() if k != "info"}
+             for b in DataLoader(TeacherShardDataset(root, 20, **kw), batch_size=None, num_workers=2)]
+    assert len(np.unique(_check_content(plain, ex, 20))) == N
+    with pytest.warns(UserWarning):  # no accelerator here: the DataLoader pins nothing
+        pinned = list(ShardLoader(TeacherShardDataset(root, 20, **kw), num_workers=2, pin_memory=True))
+    assert len(pinned) == len(plain)
+    for x, y in zip(pinned, plain):
+        for k in y:
+            assert torch.equal(x[k], y[k]), k
