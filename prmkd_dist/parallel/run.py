@@ -7,9 +7,10 @@ see ``launch/``). The run config is the trainer's YAML plus an optional ``parall
 dotted keys of either (``--set parallel.zero_stage=2 optim.lr=1e-3``).
 
 Semantics:
-- ``optim.batch_size`` is the GLOBAL batch: global batch j of an epoch is users ``order[j*B:(j+1)*B]`` of one
+- ``optim.batch_size`` is the GLOBAL batch: global batch j of an epoch is the training examples
+  (``trainer.training_examples``: user windows, per ``data.windows``) ``order[j*B:(j+1)*B]`` of one
   permutation (a function of seed and epoch only), and rank r trains on the r-th contiguous 1/W of it, so
-  the ranks concatenated see exactly what one process sees with the same config (the ``len % W`` users
+  the ranks concatenated see exactly what one process sees with the same config (the ``len % W`` examples
   left over by the permutation are skipped that epoch). All ranks run the same number of batches.
 - The loss is the global-batch loss (``DistributedEngine.linear_loss``).
 - Evaluation is sharded over the catalog: every rank encodes the same evaluation batch (the dense part is
@@ -44,8 +45,8 @@ from prmkd_dist.train import config as config_mod
 from prmkd_dist.train.config import TrainConfig
 from prmkd_dist.train.evaluate import stage_histories
 from prmkd_dist.train.metrics import MetricAccumulator
-from prmkd_dist.train.trainer import (SELECT_METRIC, build_model, load_split_for, next_item_loss, trainable_users,
-                                      training_batch)
+from prmkd_dist.train.trainer import (SELECT_METRIC, build_model, load_split_for, next_item_loss, training_batch,
+                                      training_examples)
 from prmkd_dist.train.utils import get_logger, seed_everything, set_num_threads
 
 log = get_logger(__name__)
@@ -73,20 +74,20 @@ def load_run_config(path: str | Path, overrides: list[str] | None = None) -> tup
 
 # ---- data -------------------------------------------------------------------------------------------
 class GlobalBatchSampler:
-    """The users of global batch j of an epoch, and this rank's share (module doc). State = (epoch, batch):
-    the plan is a pure function of (seed, epoch), so resuming needs nothing else."""
+    """The example ids of global batch j of an epoch, and this rank's share (module doc). State = (epoch,
+    batch): the plan is a pure function of (seed, epoch), so resuming needs nothing else."""
 
-    def __init__(self, users: np.ndarray, batch_size: int, seed: int, rank: int, world_size: int):
+    def __init__(self, ids: np.ndarray, batch_size: int, seed: int, rank: int, world_size: int):
         if batch_size % world_size:
             raise ValueError(f"optim.batch_size={batch_size} (the global batch) must be a multiple of the world size "
                              f"{world_size}")
-        if len(users) < world_size:
-            raise ValueError(f"{len(users)} trainable users for {world_size} ranks")
-        self.users, self.batch_size, self.seed = np.asarray(users), batch_size, seed
+        if len(ids) < world_size:
+            raise ValueError(f"{len(ids)} training examples for {world_size} ranks")
+        self.ids, self.batch_size, self.seed = np.asarray(ids), batch_size, seed
         self.rank, self.world_size = rank, world_size
 
     def order(self, epoch: int) -> np.ndarray:
-        perm = np.random.default_rng([self.seed, epoch]).permutation(self.users)
+        perm = np.random.default_rng([self.seed, epoch]).permutation(self.ids)
         return perm[:len(perm) - len(perm) % self.world_size]
 
     def num_batches(self, epoch: int) -> int:
@@ -189,10 +190,11 @@ def unsharded_state_dict(engine: DistributedEngine) -> dict[str, torch.Tensor]:
 
 
 # ---- the loop ---------------------------------------------------------------------------------------
-def _record(path: Path | None, epoch: int, step: int, users: np.ndarray) -> None:
+def _record(path: Path | None, epoch: int, step: int, examples: np.ndarray, users: np.ndarray) -> None:
     if path is not None:
         with path.open("a") as f:
-            f.write(json.dumps({"epoch": epoch, "step": step, "users": [int(u) for u in users]}) + "\n")
+            f.write(json.dumps({"epoch": epoch, "step": step, "examples": [int(e) for e in examples],
+                                "users": [int(u) for u in users]}) + "\n")
 
 
 def _truncate_record(path: Path | None, step: int) -> None:
@@ -205,7 +207,7 @@ def _truncate_record(path: Path | None, step: int) -> None:
 def train_distributed(cfg: TrainConfig, pcfg: ParallelConfig, max_steps: int = 0, record_examples: bool = False,
                       fail_at_step: int = 0, evaluate_at_end: bool = True) -> dict:
     """Train under the current process group (see the module doc). ``max_steps`` > 0 stops early (tests,
-    benchmarks); ``record_examples`` appends every rank's consumed user ids to
+    benchmarks); ``record_examples`` appends every rank's consumed example ids (and their users) to
     ``<out_dir>/examples_rank<r>.jsonl``; ``fail_at_step`` raises once at that step (restart tests; a marker
     file makes the second attempt pass). Returns the result dict (also written as results.json by rank 0)."""
     rank, world, _ = init_process_group(pcfg.backend)
@@ -228,7 +230,8 @@ def train_distributed(cfg: TrainConfig, pcfg: ParallelConfig, max_steps: int = 0
     dist.barrier()
     ckpt_root = out_dir / "dist_checkpoint"
     record = out_dir / f"examples_rank{rank}.jsonl" if record_examples else None
-    sampler = GlobalBatchSampler(trainable_users(split), cfg.optim.batch_size, cfg.run.seed, rank, world)
+    examples = training_examples(split, cfg.data.max_len, cfg.data.windows)  # [N, 2] (user, end)
+    sampler = GlobalBatchSampler(np.arange(len(examples)), cfg.optim.batch_size, cfg.run.seed, rank, world)
 
     epoch, batch, step, history, losses = 1, 0, 0, [], []
     last = ckpt.latest(ckpt_root) if pcfg.resume else None
@@ -250,8 +253,9 @@ def train_distributed(cfg: TrainConfig, pcfg: ParallelConfig, max_steps: int = 0
         engine.train()
         loss_sum, n = 0.0, 0
         for j in range(batch, sampler.num_batches(epoch)):
-            users = sampler.local_batch(epoch, j)
-            inputs, targets = training_batch(split, users, cfg.data.max_len)
+            ids = sampler.local_batch(epoch, j)
+            users, ends = examples[ids, 0], examples[ids, 1]
+            inputs, targets = training_batch(split, users, cfg.data.max_len, ends)
             loss = next_item_loss(engine, inputs.to(device), targets.to(device))
             if not torch.isfinite(loss.detach()):
                 raise FloatingPointError(f"rank {rank} epoch {epoch} step {step}: loss is {float(loss.detach())}")
@@ -259,7 +263,7 @@ def train_distributed(cfg: TrainConfig, pcfg: ParallelConfig, max_steps: int = 0
             step += 1
             loss_sum, n = loss_sum + float(loss.detach()), n + 1
             losses.append(float(loss.detach()))
-            _record(record, epoch, step, users)
+            _record(record, epoch, step, ids, users)
             if fail_at_step and step == fail_at_step and rank == world - 1:
                 marker = out_dir / "failed_once"
                 if not marker.exists():
@@ -296,7 +300,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--config", required=True, help="run YAML (path or packaged name)")
     ap.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE", help="dotted overrides (parallel.* too)")
     ap.add_argument("--max-steps", type=int, default=0, help="stop after this many steps (0: train all epochs)")
-    ap.add_argument("--record-examples", action="store_true", help="log each rank's consumed user ids")
+    ap.add_argument("--record-examples", action="store_true", help="log each rank's consumed example ids")
     ap.add_argument("--fail-at-step", type=int, default=0, help=argparse.SUPPRESS)  # restart tests
     ap.add_argument("--no-test", action="store_true", help="skip the final test evaluation")
     ap.add_argument("--local_rank", "--local-rank", type=int, default=None, help=argparse.SUPPRESS)  # deepspeed launcher

@@ -46,7 +46,8 @@ DATASET_TEACHERS = {
     "amazon-games": ("id_transformer-games", "ease-games"),
 }
 _SECTIONS = {"name", "kind", "dataset", "hparams", "train", "export", "fast"}
-_TRAIN_KEYS = {"lr", "batch_size", "epochs", "patience", "eval_every", "weight_decay", "grad_clip", "seed", "num_threads"}
+_TRAIN_KEYS = {"lr", "batch_size", "epochs", "patience", "eval_every", "weight_decay", "grad_clip", "seed", "num_threads",
+               "windows"}
 _EXPORT_KEYS = {"k", "max_history", "batch_size", "rows_per_file"}
 COST_COLUMNS = ["NDCG@10", "HR@10", "NDCG@20", "HR@20", "params", "ms/1k users", "train s"]
 

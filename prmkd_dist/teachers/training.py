@@ -16,16 +16,19 @@ from prmkd_dist.train.trainer import TrainResult, train
 def fit_teacher(teacher: SequentialModelTeacher, split: LeaveOneOutSplit, *, lr: float = 1e-3,
                 batch_size: int = 128, epochs: int = 200, patience: int = 5, eval_every: int = 1,
                 weight_decay: float = 0.0, grad_clip: float = 0.0, seed: int = 0, num_threads: int = 0,
-                out_dir: str | Path | None = None, progress: bool = False, tensorboard: bool = False) -> TrainResult:
+                windows: str = "last", out_dir: str | Path | None = None, progress: bool = False,
+                tensorboard: bool = False) -> TrainResult:
     """Train ``teacher`` in place on ``split``'s training prefixes; returns the trainer's TrainResult and
     stores its summary (best epoch, validation/test metrics, seconds) in ``teacher.info``.
+    ``windows``: the trainer's ``data.windows`` ("all" trains on every training interaction of long
+    histories, see ``prmkd_dist.train.trainer.training_examples``).
 
     ``out_dir``: where the trainer writes its checkpoint/results (default: a temporary directory)."""
     teacher.check_compatible(split.data.fingerprint)
     if teacher.num_items != split.data.num_items:
         raise TeacherError(f"teacher {teacher.name!r} has {teacher.num_items} items, dataset {split.data.name!r} has {split.data.num_items}")
     cfg = TrainConfig(
-        data=DataConfig(dataset=split.data.name, max_len=teacher.max_len),
+        data=DataConfig(dataset=split.data.name, max_len=teacher.max_len, windows=windows),
         model=ModelConfig(name=f"teacher:{teacher.kind}", hparams=teacher.config()),
         optim=OptimConfig(lr=lr, weight_decay=weight_decay, batch_size=batch_size, epochs=epochs, patience=patience,
                           eval_every=eval_every, grad_clip=grad_clip),
@@ -44,6 +47,6 @@ def fit_teacher(teacher: SequentialModelTeacher, split: LeaveOneOutSplit, *, lr:
         "valid": result.valid,
         "test": result.test,
         "optim": {"lr": lr, "batch_size": batch_size, "epochs": epochs, "patience": patience,
-                  "weight_decay": weight_decay, "seed": seed},
+                  "weight_decay": weight_decay, "seed": seed, "windows": windows},
     })
     return result

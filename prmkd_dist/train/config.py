@@ -28,9 +28,15 @@ class ConfigError(ValueError):
 class DataConfig:
     dataset: str  # builtin name ("ml-latest-small", "amazon-games"), reader YAML, or prepared dir
     max_len: int = 200  # most recent items kept per input history
+    # training windows per user: "last" (the most recent max_len items) or "all" (the whole training
+    # prefix in consecutive max_len windows: every interaction is a target once); see train/trainer.py
+    windows: str = "last"
 
     def problems(self) -> dict[str, str]:
-        return {"max_len": "expected a value >= 1"} if self.max_len < 1 else {}
+        out = {"max_len": "expected a value >= 1"} if self.max_len < 1 else {}
+        if self.windows not in ("last", "all"):
+            out["windows"] = f"expected 'last' or 'all', got {self.windows!r}"
+        return out
 
 
 @dataclass
@@ -168,6 +174,10 @@ class DistillConfig:
     embedding: EmbeddingDistillConfig = field(default_factory=EmbeddingDistillConfig)
     curriculum: CurriculumConfig = field(default_factory=CurriculumConfig)
     mkd: MKDConfig = field(default_factory=MKDConfig)
+    # "example": stream the shards, one encoder pass per example (any data size); "window": read the shards
+    # into memory by example key and distil every position of a training window (sequential students;
+    # about max_len times fewer encoder passes). See prmkd_dist/distill/packed.py.
+    packing: str = "example"
     shuffle_buffer_rows: int = 16384
     # smoke runs only: stop each epoch after this many batches (the rows not read are logged); 0 = all
     max_batches_per_epoch: int = 0
@@ -189,6 +199,8 @@ class DistillConfig:
                   "gamma_consistency", "student_topk"):
             if getattr(self, k) < 0:
                 out[k] = "expected a value >= 0"
+        if self.packing not in ("example", "window"):
+            out["packing"] = f"expected 'example' or 'window', got {self.packing!r}"
         if self.shuffle_buffer_rows < 1:
             out["shuffle_buffer_rows"] = "expected a value >= 1"
         if self.max_batches_per_epoch < 0:

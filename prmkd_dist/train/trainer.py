@@ -1,7 +1,10 @@
 """Training of a SequentialStudent on a leave-one-out split, with early stopping on validation.
 
-One example per user: input = training prefix[:-1], targets = prefix[1:] at every position (both the
-most recent ``max_len``, left-padded). The loss is full-softmax cross-entropy over the whole catalog at
+An example is a window of a user's training prefix: input = window[:-1], targets = window[1:] at every
+position (left-padded to ``max_len``). ``data.windows`` picks the windows: ``last`` = one per user, the most
+recent ``max_len`` items (the SASRec paper's setting); ``all`` = the whole prefix cut into consecutive windows
+ending at its last item, so every training interaction is a target exactly once (long MovieLens histories
+otherwise lose most of their interactions). The loss is full-softmax cross-entropy over the whole catalog at
 every real position (``next_item_loss``). Model selection uses validation NDCG@10 only; the test split
 is evaluated once, with the best weights, at the end.
 
@@ -69,9 +72,33 @@ def trainable_users(split: LeaveOneOutSplit) -> np.ndarray:
     return np.flatnonzero(np.diff(split.train_offsets) >= 2)
 
 
-def training_batch(split: LeaveOneOutSplit, users: np.ndarray, max_len: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """[B, max_len] inputs and next-item targets (PAD_ID where there is no target) for ``users``."""
+WINDOWS = ("last", "all")
+
+
+def training_examples(split: LeaveOneOutSplit, max_len: int, windows: str = "last") -> np.ndarray:
+    """[N, 2] int64 rows (user, end): the example is ``train_sequence(user)[:end]`` (its last ``max_len`` + 1
+    items make the window). ``last``: end = the prefix length, one row per trainable user. ``all``: ends
+    n, n - max_len, n - 2 * max_len, ... (>= 2), so the windows' targets tile positions 1..n-1 exactly."""
+    if windows not in WINDOWS:
+        raise ValueError(f"windows must be one of {WINDOWS}, got {windows!r}")
+    users = trainable_users(split)
+    lengths = np.diff(split.train_offsets)[users]
+    if windows == "last":
+        return np.stack([users, lengths], axis=1).astype(np.int64)
+    counts = -(-(lengths - 1) // max_len)  # windows per user: ceil((n - 1) / max_len) targets of max_len each
+    rows = np.repeat(np.arange(len(users)), counts)
+    k = np.arange(len(rows)) - np.repeat(np.cumsum(counts) - counts, counts)  # 0 = the most recent window
+    return np.stack([users[rows], lengths[rows] - k * max_len], axis=1).astype(np.int64)
+
+
+def training_batch(split: LeaveOneOutSplit, users: np.ndarray, max_len: int,
+                   ends: np.ndarray | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """[B, max_len] inputs and next-item targets (PAD_ID where there is no target) for ``users``; with
+    ``ends``, the example of row i is the first ``ends[i]`` training items of ``users[i]`` (see
+    :func:`training_examples`), otherwise the whole training prefix."""
     seqs = [split.train_sequence(u) for u in users]
+    if ends is not None:
+        seqs = [s[:e] for s, e in zip(seqs, ends)]
     inputs = left_pad([s[:-1] for s in seqs], max_len)
     targets = left_pad([s[1:] for s in seqs], max_len)
     return torch.from_numpy(inputs), torch.from_numpy(targets)
@@ -89,8 +116,8 @@ def next_item_loss(engine: Engine, inputs: torch.Tensor, targets: torch.Tensor) 
 
 
 class NextItemObjective:
-    """The default objective of :func:`train`: each epoch, users in a fresh random order (one rng seeded
-    by ``run.seed``), one example per user (``training_batch``), loss ``next_item_loss``.
+    """The default objective of :func:`train`: each epoch, the examples of :func:`training_examples` in a
+    fresh random order (one rng seeded by ``run.seed``), batched by ``training_batch``, loss ``next_item_loss``.
 
     An objective is what :func:`train` needs from a training method, so that every method shares one loop
     (early stopping, evaluation, checkpoints, TensorBoard): ``batches(epoch)`` yields opaque batches,
@@ -98,20 +125,22 @@ class NextItemObjective:
     epoch (e.g. rows a curriculum masked out), and ``checkpoint_model(model)`` gives the plain student
     that a checkpoint stores (a method that extends the student bakes its extension in)."""
 
-    def __init__(self, split: LeaveOneOutSplit, max_len: int, batch_size: int, seed: int, device: torch.device):
+    def __init__(self, split: LeaveOneOutSplit, max_len: int, batch_size: int, seed: int, device: torch.device,
+                 windows: str = "last"):
         self.split, self.max_len, self.batch_size, self.device = split, max_len, batch_size, device
-        self.users = trainable_users(split)
-        if len(self.users) == 0:
+        self.examples = training_examples(split, max_len, windows)
+        if len(self.examples) == 0:
             raise ValueError(f"{split.data.name}: no user has >= 2 training items; nothing to train on")
         self.rng = np.random.default_rng(seed)
 
     def num_batches(self) -> int:
-        return -(-len(self.users) // self.batch_size)
+        return -(-len(self.examples) // self.batch_size)
 
     def batches(self, epoch: int):
-        order = self.rng.permutation(self.users)
+        order = self.examples[self.rng.permutation(len(self.examples))]
         for s in range(0, len(order), self.batch_size):
-            yield training_batch(self.split, order[s:s + self.batch_size], self.max_len)
+            rows = order[s:s + self.batch_size]
+            yield training_batch(self.split, rows[:, 0], self.max_len, rows[:, 1])
 
     def loss(self, engine: Engine, batch) -> torch.Tensor:
         inputs, targets = batch
@@ -204,7 +233,8 @@ def train(cfg: TrainConfig, split: LeaveOneOutSplit | None = None,
     engine = LocalEngine(model, lr=cfg.optim.lr, weight_decay=cfg.optim.weight_decay, grad_clip=cfg.optim.grad_clip,
                          loss_backend=cfg.optim.loss_backend)
     if objective is None:
-        objective = NextItemObjective(split, cfg.data.max_len, cfg.optim.batch_size, cfg.run.seed, device)
+        objective = NextItemObjective(split, cfg.data.max_len, cfg.optim.batch_size, cfg.run.seed, device,
+                                      cfg.data.windows)
     writer = _tb_writer(cfg)
     eval_kw = _eval_kwargs(cfg)
 

@@ -83,7 +83,7 @@ def test_failed_rank_restarts_and_resumes_exactly(two_rank, tmp_path):
     for r in (0, 1):
         recs = [json.loads(x) for x in (out / f"examples_rank{r}.jsonl").read_text().splitlines()]
         assert [x["step"] for x in recs] == list(range(1, STEPS + 1))  # steps 4, 5 of the failed try dropped
-        seen += [u for x in recs for u in x["users"]]
+        seen += [e for x in recs for e in x["examples"]]
     assert len(seen) == len(set(seen)) == STEPS * 64
 
 

@@ -10,7 +10,7 @@ from prmkd_dist.train.config import TrainConfig, config_from_dict
 from prmkd_dist.train.evaluate import evaluate
 from prmkd_dist.train.engine import LocalEngine
 from prmkd_dist.train.trainer import (CheckpointError, build_model, next_item_loss, load_checkpoint, train,
-                                      training_batch)
+                                      training_batch, training_examples)
 from prmkd_dist.train.utils import seed_everything
 
 from .conftest import MeanPoolStudent, tiny_data
@@ -114,6 +114,21 @@ def test_training_batch_shifts_targets_and_left_pads():
     # user 0 prefix [1, 2, 3, 4]; user 1 prefix [7]: one item, so no (input, target) pair
     assert x.tolist() == [[1, 2, 3], [-1, -1, -1]]
     assert y.tolist() == [[2, 3, 4], [-1, -1, -1]]
+
+
+def test_all_windows_make_every_training_interaction_a_target_once():
+    # user 0 prefix [1..8] (8 items), user 1 prefix [7] (nothing to learn), user 2 prefix [20, 21, 22]
+    split = LeaveOneOutSplit.of(tiny_data([list(range(1, 11)), [7, 8, 9], [20, 21, 22, 23, 24]], num_items=30))
+    assert training_examples(split, 3, "last").tolist() == [[0, 8], [2, 3]]
+    ex = training_examples(split, 3, "all")
+    assert ex.tolist() == [[0, 8], [0, 5], [0, 2], [2, 3]]  # windows end at 8, 5, 2: targets 6-8, 3-5, 2
+    x, y = training_batch(split, ex[:, 0], 3, ex[:, 1])
+    assert x.tolist() == [[5, 6, 7], [2, 3, 4], [-1, -1, 1], [-1, 20, 21]]
+    assert y.tolist() == [[6, 7, 8], [3, 4, 5], [-1, -1, 2], [-1, 21, 22]]
+    targets = sorted(int(t) for t in y[y >= 0])
+    assert targets == [2, 3, 4, 5, 6, 7, 8, 21, 22]  # every item after the first of each prefix, once
+    with pytest.raises(ValueError, match="windows must be one of"):
+        training_examples(split, 3, "sliding")
 
 
 def test_time_budget_stops_after_the_epoch_and_keeps_the_best(ml_split, tmp_path):
