@@ -60,9 +60,12 @@ def _batch_rank(x: Tensor) -> Tensor:
 
 
 @torch.no_grad()
-def length_popularity(history: Tensor, target: Tensor, popularity: Tensor) -> Tensor:
-    """[B] in [0, 1]: mean of the rank by shortness of history and the rank by rarity of the target."""
-    length = (history != PAD_ID).sum(dim=1).float()
+def length_popularity(history: Tensor, target: Tensor, popularity: Tensor,
+                      lengths: Tensor | None = None) -> Tensor:
+    """[B] in [0, 1]: mean of the rank by shortness of history and the rank by rarity of the target.
+    ``lengths`` [B] (history lengths) replaces counting ``history``'s real items when given (window-packed
+    rows, whose history is a prefix of a window)."""
+    length = (history != PAD_ID).sum(dim=1).float() if lengths is None else lengths.float()
     pop = popularity[target.clamp(min=0)].float()
     return 0.5 * (_batch_rank(-length) + _batch_rank(-pop))
 

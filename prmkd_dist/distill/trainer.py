@@ -4,8 +4,10 @@ The loop is the project's one training loop (``prmkd_dist.train.trainer.train``:
 each epoch, early stopping, checkpoints, TensorBoard, test read once at the end); this module only
 supplies its objective, :class:`DistillObjective`:
 
-- batches stream from the shards (``TeacherShardDataset`` / ``ShardLoader``), refused when their
-  num_items or item fingerprint differ from the dataset's;
+- ``distill.packing = "example"``: batches stream from the shards (``TeacherShardDataset`` /
+  ``ShardLoader``), refused when their num_items or item fingerprint differ from the dataset's, one encoder
+  pass per example; ``"window"`` (``distill/packed.py``): the shards are read once into a table by example
+  key and every position of a training window is a row (one encoder pass per window);
 - per batch: the history is cut to the batch's longest real history, ``u = user_embedding(history)``
   (the encoder's last position), and the loss is ``engine.linear_loss(u, target, teacher_ids,
   teacher_scores, w, rho, temperature, lambda_ce, lambda_kd, lambda_rank)`` with
@@ -88,25 +90,19 @@ def chunked_importance_weights(engine: Engine, user: Tensor, teacher_ids: Tensor
     return torch.cat(out) if out else teacher_scores.new_zeros(teacher_ids.shape)
 
 
-class DistillObjective:
-    """The per-batch distillation objective over streamed shards (module docstring)."""
+class DistillLoss:
+    """What every distillation objective shares: the configured loss over student rows (``rows_loss``), the
+    curriculum, the MKD extras, per-epoch statistics and the baked checkpoint. Subclasses supply the
+    batches and turn each into rows: :class:`DistillObjective` (one row per streamed example) and
+    :class:`prmkd_dist.distill.packed.WindowDistillObjective` (one row per position of a window)."""
 
     def __init__(self, cfg: TrainConfig, split: LeaveOneOutSplit, model: SequentialStudent,
-                 teacher_emb: Tensor | None = None, rank: int = 0, world_size: int = 1):
+                 teacher_emb: Tensor | None = None):
         d = cfg.distill
         if not d.enabled:
             raise ConfigError("distill.shards: no shard directory given (distillation is off)")
         self.cfg, self.d, self.model = cfg, d, model
         self.device = torch.device(cfg.run.device)
-        self.dataset = TeacherShardDataset(
-            d.shards, cfg.optim.batch_size, max_len=cfg.data.max_len, shuffle=True, seed=cfg.run.seed,
-            shuffle_buffer_rows=d.shuffle_buffer_rows, rank=rank, world_size=world_size,  # lockstep batches per rank
-            num_items=split.data.num_items, item_fingerprint=split.data.fingerprint)
-        self.loader = ShardLoader(self.dataset)
-        self.teacher_names = tuple(self.loader.teacher_names)
-        self.teacher_index = select_teachers(self.teacher_names, d.teachers)
-        self.selected = tuple(self.teacher_names[i] for i in self.teacher_index)
-        self.k = self.dataset.k
         self.teacher_emb = None if teacher_emb is None else teacher_emb.to(self.device)
         self.curriculum = None
         if d.curriculum.kind != "none":
@@ -116,30 +112,14 @@ class DistillObjective:
             self.curriculum.popularity = self.curriculum.popularity.to(self.device)
         self.epoch = 1
         self.rows_read = 0
+        self.k = 0  # the shards' K (set by the subclass): the default consistency cut-off of the importances
         self.last: dict = {}  # what the last batch used (weights, kept rows): for tests and debugging
         self._sums = {"loss_cpd": 0.0, "loss_sld": 0.0, "batches": 0}
 
-    # ---- objective protocol -----------------------------------------------------------------------
-    def num_batches(self) -> int:
-        cap = self.d.max_batches_per_epoch
-        return min(len(self.loader), cap) if cap else len(self.loader)
-
-    def batches(self, epoch: int):
+    def start_epoch(self, epoch: int) -> None:
         self.epoch = epoch
         if self.curriculum is not None:
             self.curriculum.epoch = epoch
-        self.loader.set_epoch(epoch - 1)  # the loader's epochs count from 0
-        rows = 0
-        for i, batch in enumerate(self.loader):
-            if i == self.num_batches():
-                break
-            rows += int(batch["target"].shape[0])
-            yield batch
-        self.rows_read = rows
-        planned = self.dataset.epoch_accounting()["rows_per_rank"]
-        if rows < planned:
-            log.warning("epoch %d read %d of this rank's %d rows (distill.max_batches_per_epoch=%d)", epoch, rows,
-                        planned, self.d.max_batches_per_epoch)
 
     def epoch_stats(self) -> dict[str, float]:
         out = {"rows_read": float(self.rows_read)}
@@ -159,30 +139,19 @@ class DistillObjective:
     def checkpoint_model(self, model: SequentialStudent) -> SequentialStudent:
         return bake(model)
 
-    # ---- the loss -----------------------------------------------------------------------------------
-    def prepare(self, batch: dict) -> dict:
-        """Device tensors of the selected teachers, history cut to the batch's longest real history."""
-        hist = batch["history"].to(self.device)
-        longest = int((hist != PAD_ID).sum(dim=1).max()) if hist.numel() else 0
-        hist = hist[:, hist.shape[1] - max(longest, 1):]
-        idx = torch.tensor(self.teacher_index, dtype=torch.long)
-        return {"history": hist, "target": batch["target"].to(self.device),
-                "teacher_ids": batch["teacher_ids"][:, idx].to(self.device),
-                "teacher_scores": batch["teacher_scores"][:, idx].to(self.device)}
-
-    def loss(self, engine: Engine, batch: dict) -> Tensor:
+    def rows_loss(self, engine: Engine, user: Tensor, target: Tensor, ids: Tensor, scores: Tensor,
+                  history: Tensor, lengths: Tensor | None = None) -> Tensor:
+        """The distillation loss of N student rows ``user`` [N, d] with their targets [N] and the selected
+        teachers' lists [N, T, K]; ``history`` (and ``lengths``) only feed the length/popularity curriculum."""
         d = self.d
-        b = self.prepare(batch)
-        target, ids, scores = b["target"], b["teacher_ids"], b["teacher_scores"]
         w = teacher_weights(ids, scores, target, strategy=d.strategy, alpha=d.alpha, gamma=d.gamma)
-        user = engine.model.user_embedding(b["history"])
         keep = None
         if self.curriculum is not None:
             if self.curriculum.kind == "disagreement":
                 with torch.no_grad():
                     diff = disagreement(logits_at(engine, user.detach(), ids), ids, scores, w, d.temperature)
             else:
-                diff = length_popularity(b["history"], target, self.curriculum.popularity)
+                diff = length_popularity(history, target, self.curriculum.popularity, lengths)
             keep = self.curriculum.keep(diff)
             user, target, ids, scores, w = user[keep], target[keep], ids[keep], scores[keep], w[keep]
         rho = None
@@ -209,6 +178,60 @@ class DistillObjective:
             self._sums["loss_sld"] += float(sld.detach())
         self._sums["batches"] += 1
         return loss
+
+
+class DistillObjective(DistillLoss):
+    """The per-example distillation objective over streamed shards (module docstring)."""
+
+    def __init__(self, cfg: TrainConfig, split: LeaveOneOutSplit, model: SequentialStudent,
+                 teacher_emb: Tensor | None = None, rank: int = 0, world_size: int = 1):
+        super().__init__(cfg, split, model, teacher_emb)
+        d = self.d
+        self.dataset = TeacherShardDataset(
+            d.shards, cfg.optim.batch_size, max_len=cfg.data.max_len, shuffle=True, seed=cfg.run.seed,
+            shuffle_buffer_rows=d.shuffle_buffer_rows, rank=rank, world_size=world_size,  # lockstep batches per rank
+            num_items=split.data.num_items, item_fingerprint=split.data.fingerprint)
+        self.loader = ShardLoader(self.dataset)
+        self.teacher_names = tuple(self.loader.teacher_names)
+        self.teacher_index = select_teachers(self.teacher_names, d.teachers)
+        self.selected = tuple(self.teacher_names[i] for i in self.teacher_index)
+        self.k = self.dataset.k
+
+    # ---- objective protocol -----------------------------------------------------------------------
+    def num_batches(self) -> int:
+        cap = self.d.max_batches_per_epoch
+        return min(len(self.loader), cap) if cap else len(self.loader)
+
+    def batches(self, epoch: int):
+        self.start_epoch(epoch)
+        self.loader.set_epoch(epoch - 1)  # the loader's epochs count from 0
+        rows = 0
+        for i, batch in enumerate(self.loader):
+            if i == self.num_batches():
+                break
+            rows += int(batch["target"].shape[0])
+            yield batch
+        self.rows_read = rows
+        planned = self.dataset.epoch_accounting()["rows_per_rank"]
+        if rows < planned:
+            log.warning("epoch %d read %d of this rank's %d rows (distill.max_batches_per_epoch=%d)", epoch, rows,
+                        planned, self.d.max_batches_per_epoch)
+
+    # ---- the loss -----------------------------------------------------------------------------------
+    def prepare(self, batch: dict) -> dict:
+        """Device tensors of the selected teachers, history cut to the batch's longest real history."""
+        hist = batch["history"].to(self.device)
+        longest = int((hist != PAD_ID).sum(dim=1).max()) if hist.numel() else 0
+        hist = hist[:, hist.shape[1] - max(longest, 1):]
+        idx = torch.tensor(self.teacher_index, dtype=torch.long)
+        return {"history": hist, "target": batch["target"].to(self.device),
+                "teacher_ids": batch["teacher_ids"][:, idx].to(self.device),
+                "teacher_scores": batch["teacher_scores"][:, idx].to(self.device)}
+
+    def loss(self, engine: Engine, batch: dict) -> Tensor:
+        b = self.prepare(batch)
+        user = engine.model.user_embedding(b["history"])
+        return self.rows_loss(engine, user, b["target"], b["teacher_ids"], b["teacher_scores"], b["history"])
 
 
 def prepare_student(cfg: TrainConfig, split: LeaveOneOutSplit, model: SequentialStudent | None = None
@@ -245,11 +268,19 @@ def train_distilled(cfg: TrainConfig, split: LeaveOneOutSplit | None = None,
     seed_everything(cfg.run.seed)
     split = split if split is not None else load_split_for(cfg.data.dataset)
     model, teacher_emb, report = prepare_student(cfg, split, model)
-    objective = DistillObjective(cfg, split, model, teacher_emb)
-    log.info("distilling teachers %s (of %s) from %s: %d rows, %d batches/epoch", list(objective.selected),
-             list(objective.teacher_names), cfg.distill.shards, objective.dataset.num_rows, objective.num_batches())
+    if cfg.distill.packing == "window":
+        from prmkd_dist.distill.packed import WindowDistillObjective
+
+        objective = WindowDistillObjective(cfg, split, model, teacher_emb)
+        rows = objective.table.num_rows
+    else:
+        objective = DistillObjective(cfg, split, model, teacher_emb)
+        rows = objective.dataset.num_rows
+    log.info("distilling teachers %s (of %s) from %s (%s packing): %d rows, %d batches/epoch",
+             list(objective.selected), list(objective.teacher_names), cfg.distill.shards, cfg.distill.packing, rows,
+             objective.num_batches())
     return train(cfg, split, model, objective=objective)
 
 
-__all__ = ["DistillObjective", "train_distilled", "prepare_student", "select_teachers",
+__all__ = ["DistillLoss", "DistillObjective", "train_distilled", "prepare_student", "select_teachers",
            "chunked_importance_weights", "logits_at", "LOGIT_CHUNK_ELEMENTS"]
