@@ -126,17 +126,22 @@ def main(argv: list[str] | None = None) -> int:
                   f"{res.test['NDCG@10']:.4f} (epoch {res.best_epoch}, {time.perf_counter() - t0:.0f}s)", flush=True)
         results[name] = {"overrides": overrides, "runs": runs, "summary": summarise(runs)}
 
-    base_test = results[BASELINE]["summary"]["test NDCG@10"]["mean"]
+    base10 = results[BASELINE]["summary"]["test NDCG@10"]["mean"]
+    base20 = results[BASELINE]["summary"]["test NDCG@20"]["mean"]
     rows = {}
     for name, r in results.items():
         s = r["summary"]
-        rel = (s["test NDCG@10"]["mean"] / base_test - 1.0) * 100 if base_test > 0 else float("nan")
+        rel = (s["test NDCG@10"]["mean"] / base10 - 1.0) * 100 if base10 > 0 else float("nan")
+        rel20 = (s["test NDCG@20"]["mean"] / base20 - 1.0) * 100 if base20 > 0 else float("nan")
         r["relative_test_ndcg10_vs_no_distillation_pct"] = rel
+        r["relative_test_ndcg20_vs_no_distillation_pct"] = rel20  # the goal metric
         rows[name] = {
             "valid NDCG@10": f"{s['valid NDCG@10']['mean']:.4f} ± {s['valid NDCG@10']['std']:.4f}",
             "test NDCG@10": f"{s['test NDCG@10']['mean']:.4f} ± {s['test NDCG@10']['std']:.4f}",
+            "test NDCG@20": f"{s['test NDCG@20']['mean']:.4f} ± {s['test NDCG@20']['std']:.4f}",
             "test HR@10": f"{s['test HR@10']['mean']:.4f} ± {s['test HR@10']['std']:.4f}",
-            "vs no KD": "-" if name == BASELINE else f"{rel:+.1f}%",
+            "NDCG@10 vs no KD": "-" if name == BASELINE else f"{rel:+.1f}%",
+            "NDCG@20 vs no KD": "-" if name == BASELINE else f"{rel20:+.1f}%",
             "epochs": ",".join(map(str, s["best_epoch"])),
             "s/run": f"{s['train_seconds']:.0f}",
         }

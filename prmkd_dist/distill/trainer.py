@@ -56,6 +56,23 @@ def select_teachers(available: tuple[str, ...], wanted: tuple[str, ...]) -> list
     return [available.index(t) for t in wanted]
 
 
+def standardise_scores(ids: Tensor, scores: Tensor) -> Tensor:
+    """Teacher scores divided, per row and teacher, by their standard deviation over the valid slots.
+
+    Teachers score on unrelated scales (a softmax logit, an EASE reconstruction in [0, 1], a cosine): one
+    temperature cannot suit them all. Softmax ignores shifts, so dividing by the spread gives every teacher
+    list the same sharpness before ``temperature`` applies. Lists with fewer than 2 valid slots, or equal
+    scores, keep their scale (their softmax does not depend on it)."""
+    valid = ids >= 0
+    n = valid.sum(dim=-1, keepdim=True)
+    x = torch.where(valid, scores.float(), torch.zeros_like(scores, dtype=torch.float32))
+    mean = x.sum(dim=-1, keepdim=True) / n.clamp(min=1)
+    var = torch.where(valid, (x - mean) ** 2, torch.zeros_like(x)).sum(dim=-1, keepdim=True) / n.clamp(min=1)
+    std = var.sqrt()
+    scale = torch.where((n >= 2) & (std > 0), std, torch.ones_like(std))
+    return torch.where(valid, x / scale, torch.zeros_like(x)).to(scores.dtype)
+
+
 def _full_rows(engine: Engine):
     rows = engine.output_rows()
     if rows.first_id != 0 or rows.weight.shape[0] != rows.num_items:
@@ -144,6 +161,8 @@ class DistillLoss:
         """The distillation loss of N student rows ``user`` [N, d] with their targets [N] and the selected
         teachers' lists [N, T, K]; ``history`` (and ``lengths``) only feed the length/popularity curriculum."""
         d = self.d
+        if d.score_norm == "std":
+            scores = standardise_scores(ids, scores)
         w = teacher_weights(ids, scores, target, strategy=d.strategy, alpha=d.alpha, gamma=d.gamma)
         keep = None
         if self.curriculum is not None:
@@ -240,8 +259,13 @@ def prepare_student(cfg: TrainConfig, split: LeaveOneOutSplit, model: Sequential
     teacher item embeddings (or None) and their report."""
     d = cfg.distill
     if model is None:
-        model = build_model(cfg, split.data.num_items)
+        model = build_model(cfg, split.data.num_items, split)
     model.to(torch.device(cfg.run.device))
+    if getattr(model, "needs_users", False):  # DeepFM, DCN-v2, LightGCN: no item-table extensions
+        from prmkd_dist.distill.interaction import _unsupported
+
+        _unsupported(cfg, cfg.model.name, "graph")
+        return model, None, {}
     teacher_emb, report = None, {}
     if d.embedding.enabled or d.mkd.nkd or d.mkd.cpd > 0:
         teacher_emb, report = load_teacher_item_embeddings(d.teacher_embeddings, split.data.num_items,
@@ -268,7 +292,12 @@ def train_distilled(cfg: TrainConfig, split: LeaveOneOutSplit | None = None,
     seed_everything(cfg.run.seed)
     split = split if split is not None else load_split_for(cfg.data.dataset)
     model, teacher_emb, report = prepare_student(cfg, split, model)
-    if cfg.distill.packing == "window":
+    if getattr(model, "needs_users", False):  # one row per training position (distill/interaction.py)
+        from prmkd_dist.distill.interaction import student_objective
+
+        objective = student_objective(cfg, split, model)
+        rows = len(objective.examples)
+    elif cfg.distill.packing == "window":
         from prmkd_dist.distill.packed import WindowDistillObjective
 
         objective = WindowDistillObjective(cfg, split, model, teacher_emb)
@@ -282,5 +311,5 @@ def train_distilled(cfg: TrainConfig, split: LeaveOneOutSplit | None = None,
     return train(cfg, split, model, objective=objective)
 
 
-__all__ = ["DistillLoss", "DistillObjective", "train_distilled", "prepare_student", "select_teachers",
+__all__ = ["DistillLoss", "DistillObjective", "standardise_scores", "train_distilled", "prepare_student", "select_teachers",
            "chunked_importance_weights", "logits_at", "LOGIT_CHUNK_ELEMENTS"]

@@ -58,10 +58,13 @@ class OptimConfig:
     # wall-clock safety net (quickstart must fit a slow machine): stop after the epoch that crosses it,
     # keep the best validated epoch; 0 = off. A run cut by it depends on machine speed.
     max_train_seconds: float = 0.0
+    # feature-interaction students (DeepFM, DCN-v2): uniform negatives added to each example's candidate set
+    # (target + the teachers' top-K); prmkd_dist/distill/interaction.py
+    num_negatives: int = 100
 
     def problems(self) -> dict[str, str]:
         minimum = {"lr": (0.0, False), "weight_decay": (0.0, True), "batch_size": (1, True), "epochs": (1, True),
-                   "patience": (0, True), "eval_every": (1, True),
+                   "patience": (0, True), "eval_every": (1, True), "num_negatives": (0, True),
                    "grad_clip": (0.0, True), "max_train_seconds": (0.0, True)}  # field -> (bound, inclusive)
         return {k: f"expected a value {'>=' if incl else '>'} {lo}" for k, (lo, incl) in minimum.items()
                 if not (getattr(self, k) >= lo if incl else getattr(self, k) > lo)}
@@ -166,6 +169,9 @@ class DistillConfig:
     lambda_ce: float = 1.0
     lambda_kd: float = 1.0
     lambda_rank: float = 0.0  # > 0 turns on importance-aware ranking distillation
+    # "std": divide each teacher list's scores by their spread (teachers on different scales share one
+    # temperature; distill.trainer.standardise_scores); "none": use the shards' scores as logits
+    score_norm: str = "none"
     gamma_position: float = 0.3
     gamma_confidence: float = 0.5
     gamma_consistency: float = 0.1
@@ -199,6 +205,8 @@ class DistillConfig:
                   "gamma_consistency", "student_topk"):
             if getattr(self, k) < 0:
                 out[k] = "expected a value >= 0"
+        if self.score_norm not in ("none", "std"):
+            out["score_norm"] = f"expected 'none' or 'std', got {self.score_norm!r}"
         if self.packing not in ("example", "window"):
             out["packing"] = f"expected 'example' or 'window', got {self.packing!r}"
         if self.shuffle_buffer_rows < 1:

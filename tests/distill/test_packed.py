@@ -100,3 +100,31 @@ def test_shards_that_do_not_index_the_split_are_refused(small_split, tmp_path):
     merge_teacher_shards([str(tmp_path / "pop")], str(tmp_path / "merged"))
     with pytest.raises(PackingError, match=r"example_key \d+ .*does not match|training positions have no shard row"):
         PositionTeacherTable.load(str(tmp_path / "merged"), small_split)
+
+
+def test_standardised_scores_have_unit_spread_and_keep_the_order():
+    from prmkd_dist.distill.trainer import standardise_scores
+
+    ids = torch.tensor([[[3, 1, 4, -1], [2, -1, -1, -1]], [[5, 6, 7, 8], [-1, -1, -1, -1]]])
+    scores = torch.tensor([[[0.9, 0.5, 0.1, 0.0], [7.0, 0.0, 0.0, 0.0]], [[40.0, 20.0, 0.0, -20.0], [0, 0, 0, 0.0]]],
+                          dtype=torch.float64)
+    z = standardise_scores(ids, scores)
+    row = scores[0, 0, :3]
+    assert torch.allclose(z[0, 0, :3], row / row.std(unbiased=False))
+    assert torch.allclose(z[1, 0], scores[1, 0] / scores[1, 0].std(unbiased=False))
+    assert z[0, 1, 0] == 7.0 and (z[0, 0, 3] == 0) and (z[1, 1] == 0).all()  # one slot / empty: unchanged
+    assert torch.equal(z[0, 0, :3].argsort(), row.argsort())
+    assert z.dtype == torch.float64
+
+
+def test_score_norm_reaches_the_loss(small_split, shards, tmp_path):
+    cfg = distill_cfg(tmp_path, shards, model=GRU, batch_size=64,
+                      distill={"packing": "window", "score_norm": "std", "strategy": "confidence"})
+    model = build_model(cfg, small_split.data.num_items)
+    obj = WindowDistillObjective(cfg, small_split, model)
+    obj.loss(LocalEngine(model, lr=1e-3), next(iter(obj.batches(1))))
+    valid = obj.last["teacher_ids"] >= 0
+    full = valid.sum(-1) >= 2
+    s = torch.where(valid, obj.last["teacher_scores"], torch.nan)[full]
+    spread = (s - s.nanmean(-1, keepdim=True)).pow(2).nanmean(-1).sqrt()
+    assert torch.allclose(spread[spread > 0], torch.ones_like(spread[spread > 0]), atol=1e-4)
