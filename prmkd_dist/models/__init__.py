@@ -1,9 +1,10 @@
-"""Sequential students, their registry, and the non-neural baselines.
+"""Students (sequential, feature-interaction, graph), their registry, and the non-neural baselines.
 
 ``build_student("sasrec", num_items, dim=64, ...)`` is the one way configs turn into models; every
 student records its constructor arguments in ``model.hparams`` and its registry name in
 ``model.registry_name``, so ``build_student(m.registry_name, m.num_items, **m.hparams)`` rebuilds it
-(checkpoints rely on this).
+(checkpoints rely on this). Data-bound students (DeepFM, DCN-v2, LightGCN: ``needs_users``) also take
+hyper-parameters derived from the data (``num_users``, ...; ``models/features.py``).
 """
 from __future__ import annotations
 
@@ -14,10 +15,13 @@ import typing
 from prmkd_dist.models.base import SequentialStudent
 from prmkd_dist.models.baselines import ItemKNN, Popularity
 from prmkd_dist.models.caser import Caser
+from prmkd_dist.models.dcn import DCNv2
+from prmkd_dist.models.deepfm import DeepFM
 from prmkd_dist.models.gru4rec import GRU4Rec
+from prmkd_dist.models.lightgcn import LightGCN
 from prmkd_dist.models.sasrec import SASRec
 
-STUDENTS: dict[str, type[SequentialStudent]] = {cls.registry_name: cls for cls in (SASRec, GRU4Rec, Caser)}
+STUDENTS: dict[str, type] = {cls.registry_name: cls for cls in (SASRec, GRU4Rec, Caser, DeepFM, DCNv2, LightGCN)}
 
 # constructor arguments that are not hyper-parameters (given separately)
 _NOT_HPARAMS = ("self", "num_items", "device")
@@ -70,6 +74,6 @@ def build_student(name: str, num_items: int, device=None, **hparams) -> Sequenti
 
 
 __all__ = [
-    "SequentialStudent", "SASRec", "GRU4Rec", "Caser", "Popularity", "ItemKNN",
+    "SequentialStudent", "SASRec", "GRU4Rec", "Caser", "DeepFM", "DCNv2", "LightGCN", "Popularity", "ItemKNN",
     "STUDENTS", "StudentConfigError", "build_student", "student_hparams",
 ]

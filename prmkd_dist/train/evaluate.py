@@ -32,6 +32,14 @@ class Scorer(Protocol):
     def score(self, history: torch.Tensor) -> torch.Tensor: ...
 
 
+def score_batch(scorer, history: torch.Tensor, users: np.ndarray) -> torch.Tensor:
+    """``scorer.score(history)``, or ``score(history, users=...)`` for scorers with ``needs_users`` (the
+    data-bound students: DeepFM, DCN-v2, LightGCN)."""
+    if getattr(scorer, "needs_users", False):
+        return scorer.score(history, users=torch.as_tensor(users, dtype=torch.long, device=history.device))
+    return scorer.score(history)
+
+
 def _check_stage(stage: str) -> None:
     if stage not in STAGES:
         raise ValueError(f"stage must be one of {STAGES}, got {stage!r}")
@@ -110,7 +118,7 @@ def evaluate(scorer: Scorer, split: LeaveOneOutSplit, stage: str = "valid", ks: 
     bar = tqdm(total=len(users), desc=f"eval {stage}", unit="user", disable=not progress, leave=False)
     with _ScoringContext(scorer):
         for idx, seqs, hist in _batches(users, offsets, items, batch_size, max_len):
-            scores = scorer.score(hist.to(device)).float()
+            scores = score_batch(scorer, hist.to(device), users[idx]).float()
             _check_scores(scores, len(idx), num_items)
             targets = torch.from_numpy(targets_all[idx]).to(scores.device)
             if exclude_history:
@@ -169,7 +177,7 @@ def evaluate_sampled(scorer: Scorer, split: LeaveOneOutSplit, stage: str = "test
     bar = tqdm(total=len(users), desc=f"sampled eval {stage}", unit="user", disable=not progress, leave=False)
     with _ScoringContext(scorer):
         for idx, seqs, hist in _batches(users, offsets, items, batch_size, max_len):
-            scores = scorer.score(hist.to(device)).float()
+            scores = score_batch(scorer, hist.to(device), users[idx]).float()
             _check_scores(scores, len(idx), split.data.num_items)
             cand = torch.from_numpy(np.concatenate([targets_all[idx, None], negatives[idx]], axis=1)).to(scores.device)
             cand_scores = scores.gather(1, cand)  # column 0 = the target

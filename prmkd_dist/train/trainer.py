@@ -154,14 +154,40 @@ class NextItemObjective:
 
 
 # ---- model / checkpoints ----------------------------------------------------------------------------
-def build_model(cfg: TrainConfig, num_items: int) -> SequentialStudent:
+def build_model(cfg: TrainConfig, num_items: int, split: LeaveOneOutSplit | None = None,
+                data_hparams: dict | None = None) -> SequentialStudent:
     """``build_student(cfg.model.name, num_items, **cfg.model.hparams)``; the model's ``max_len``
-    defaults to ``data.max_len`` (Caser sets its own, shorter window in ``model.hparams``)."""
-    from prmkd_dist.models import build_student
+    defaults to ``data.max_len`` (Caser sets its own, shorter window in ``model.hparams``).
+
+    A data-bound student (``needs_users``: DeepFM, DCN-v2, LightGCN; ``models/features.py``) needs ``split``
+    (its data hyper-parameters are derived from it and its data buffers filled) or, when rebuilding a
+    checkpoint, the stored ``data_hparams`` (the buffers then come from the state dict)."""
+    from prmkd_dist.models import STUDENTS, build_student
 
     hparams = dict(cfg.model.hparams)
     hparams.setdefault("max_len", cfg.data.max_len)
-    return build_student(cfg.model.name, num_items, device=cfg.run.device, **hparams)
+    cls = STUDENTS.get(cfg.model.name)
+    if not getattr(cls, "needs_users", False):
+        return build_student(cfg.model.name, num_items, device=cfg.run.device, **hparams)
+    if split is None and data_hparams is None:
+        raise ValueError(f"student {cfg.model.name!r} is bound to its training data (user ids, item attributes, "
+                         f"graph): build_model needs the split")
+    derived = data_hparams if data_hparams is not None else cls.data_hparams(split, **hparams)
+    given = sorted(set(derived) & set(cfg.model.hparams))
+    if given:
+        raise ValueError(f"model.hparams: {given} are derived from the data for {cfg.model.name!r}; remove them")
+    model = build_student(cfg.model.name, num_items, device=cfg.run.device, **hparams, **derived)
+    if split is not None:
+        model.bind_data(split)
+    return model
+
+
+def model_data_hparams(model) -> dict:
+    """The data-derived hyper-parameters of a data-bound student ({} for the others)."""
+    cls = type(model)
+    if not getattr(cls, "needs_users", False):
+        return {}
+    return {k: model.hparams[k] for k in ("num_users", "num_attributes", "num_edges") if k in model.hparams}
 
 
 def save_checkpoint(directory: str | Path, model: SequentialStudent, cfg: TrainConfig, split: LeaveOneOutSplit,
@@ -171,7 +197,8 @@ def save_checkpoint(directory: str | Path, model: SequentialStudent, cfg: TrainC
     torch.save(model.state_dict(), d / "model.pt")
     save_config(cfg, d / "config.yaml")
     meta = {"format": CHECKPOINT_FORMAT, "version": 1, "epoch": epoch, "valid": valid,
-            "dataset": split.data.name, "num_items": split.data.num_items, "item_fingerprint": split.data.fingerprint}
+            "dataset": split.data.name, "num_items": split.data.num_items, "item_fingerprint": split.data.fingerprint,
+            "data_hparams": model_data_hparams(model)}
     (d / "meta.json").write_text(json.dumps(meta, indent=2))
 
 
@@ -190,7 +217,7 @@ def load_checkpoint(directory: str | Path, split: LeaveOneOutSplit | None = None
     if split is not None and split.data.fingerprint != meta["item_fingerprint"]:
         raise CheckpointError(f"{d}: trained on items with fingerprint {meta['item_fingerprint']} ({meta['dataset']}), "
                               f"but the dataset {split.data.name} has {split.data.fingerprint}")
-    model = build_model(cfg, int(meta["num_items"]))
+    model = build_model(cfg, int(meta["num_items"]), data_hparams=meta.get("data_hparams") or None)
     model.load_state_dict(torch.load(d / "model.pt", map_location=map_location, weights_only=True))
     return model.eval(), cfg, meta
 
@@ -221,7 +248,7 @@ def train(cfg: TrainConfig, split: LeaveOneOutSplit | None = None,
     split = split if split is not None else load_split_for(cfg.data.dataset)
     device = torch.device(cfg.run.device)
     if model is None:
-        model = build_model(cfg, split.data.num_items)
+        model = build_model(cfg, split.data.num_items, split)
     if model.num_items != split.data.num_items:
         raise ValueError(f"model has {model.num_items} items, dataset {split.data.name} has {split.data.num_items}")
     model.to(device)
@@ -232,6 +259,10 @@ def train(cfg: TrainConfig, split: LeaveOneOutSplit | None = None,
 
     engine = LocalEngine(model, lr=cfg.optim.lr, weight_decay=cfg.optim.weight_decay, grad_clip=cfg.optim.grad_clip,
                          loss_backend=cfg.optim.loss_backend)
+    if objective is None and getattr(model, "needs_users", False):  # DeepFM, DCN-v2, LightGCN
+        from prmkd_dist.distill.interaction import student_objective
+
+        objective = student_objective(cfg, split, model)
     if objective is None:
         objective = NextItemObjective(split, cfg.data.max_len, cfg.optim.batch_size, cfg.run.seed, device,
                                       cfg.data.windows)
