@@ -156,7 +156,7 @@ class FeatureInteractionStudent(nn.Module, abc.ABC):
                     nn.init.normal_(t.weight, std=0.05)
         self.num_fields = 3 + (num_attributes > 0)
         # first-order weights (module doc: plain parameters, not tables)
-        self.bias = nn.Parameter(torch.zeros((), device=dev))
+        self.bias = nn.Parameter(torch.zeros(1, device=dev))  # [1]: DeepSpeed refuses 0-d parameters
         self.user_bias = nn.Parameter(torch.zeros(num_users, device=dev))
         self.hist_bias = nn.Parameter(torch.zeros(num_items, device=dev))
         self.item_bias = nn.Parameter(torch.zeros(num_items, device=dev))

@@ -101,7 +101,7 @@ class LightGCN(nn.Module):
         with torch.no_grad():
             for ec, t in ((self.user_ec, USER_TABLE), (self.item_ec, ITEM_TABLE)):
                 nn.init.normal_(ec.embeddings[t].weight, std=0.1)
-        self.logit_scale = nn.Parameter(torch.tensor(float(init_scale), device=device))
+        self.logit_scale = nn.Parameter(torch.full((1,), float(init_scale), device=device))  # [1]: DeepSpeed refuses 0-d
         self.register_buffer("edge_users", torch.zeros(num_edges, dtype=torch.long, device=device))
         self.register_buffer("edge_items", torch.zeros(num_edges, dtype=torch.long, device=device))
         self._cached: tuple[Tensor, Tensor] | None = None

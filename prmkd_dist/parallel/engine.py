@@ -216,14 +216,22 @@ class DistributedEngine:
         self.num_items = model.num_items
         self.parallel_cfg = pcfg
 
-        # which table scores the catalog (tied: the input table, Caser: its own output table)
-        self.tied = model.output_weight() is model.item_table_weight()
-        out_path, out_table, out_feature = self._find_output_table(model)
+        # what scores the catalog: "table" (tied: the input table, Caser: its own output table), "computed"
+        # (LightGCN: output_weight() computed from the tables; this rank scores a slice of it), "none" (DeepFM,
+        # DCN-v2: pairwise scorers; this rank scores its range of items with model.score_items)
+        self.catalog_output = getattr(model, "catalog_output", "table")
+        self.tied = self.catalog_output == "table" and model.output_weight() is model.item_table_weight()
+        out_path = out_table = out_feature = None
+        if self.catalog_output == "table":
+            out_path, out_table, out_feature = self._find_output_table(model)
         self.out_path, self.out_table, self.out_feature = out_path, out_table, out_feature
+        self.needs_users = getattr(model, "needs_users", False)
 
         # (name, feature, rows) of every table, by module path: the sharded modules do not keep the configs
-        self.table_configs = {path: [(c.name, c.feature_names[0], c.num_embeddings) for c in ec.embedding_configs()]
+        self.table_configs = {path: [(c.name, c.feature_names[0], c.num_embeddings) for c in sh.table_configs(ec)]
                               for path, ec in sh.embedding_collections(model).items()}
+        self.bag_tables = {path for path, ec in sh.embedding_collections(model).items()
+                           if type(ec).__name__ == "EmbeddingBagCollection"}
         # TorchRec divides the gradients of its all-to-alls by the world size (it assumes per-rank mean losses
         # averaged like DDP); our loss is already the global-batch loss on every rank: no division.
         # (A process-wide switch: every engine in this process uses the same convention.)
@@ -235,7 +243,7 @@ class DistributedEngine:
         self.dmp = sh.shard_model(model, self.plan, self.group, self.device)
         self.model: SequentialStudent = self.dmp.module  # type: ignore[assignment]
         self.first_id, self.num_rows = self._scoring_range()
-        self._out_ec = self.model.get_submodule(out_path)
+        self._out_ec = self.model.get_submodule(out_path) if out_path is not None else None
         self._stash: OutputRows | None = None
         self._piggyback_rows = 0
         if self.tied:
@@ -319,6 +327,11 @@ class DistributedEngine:
         """This rank's output rows (``first_id`` .. ``first_id + R - 1``). In training with a tied table,
         the rows looked up with this step's histories; otherwise one lookup now (a collective: every rank
         calls it). Differentiable into the fused table when grad is enabled."""
+        if self.catalog_output == "computed":  # inside the objective's propagation: no new lookup
+            return self._make_rows(self.model.output_weight()[self.first_id:self.first_id + self.num_rows])
+        if self.catalog_output == "none":
+            raise ValueError(f"{type(self.model).__name__} scores (user, item) pairs: it has no output item table "
+                             "(its objective is the candidate-set loss, distill/interaction.py)")
         if self._stash is not None:
             return self._stash
         ids = self._local_ids()
@@ -353,9 +366,16 @@ class DistributedEngine:
 
     # --- scoring for evaluation ----------------------------------------------------------------------
     @torch.no_grad()
-    def local_scores(self, history: Tensor) -> Tensor:
+    def local_scores(self, history: Tensor, users: Tensor | None = None) -> Tensor:
         """[B, R] scores of the next item over this rank's output rows (ids first_id..first_id + R - 1).
-        Collective; used by the sharded evaluation."""
+        Collective; used by the sharded evaluation. ``users``: the rows' user ids (data-bound students)."""
+        if self.catalog_output == "none":
+            return self.model.score_items(history, users, self._local_ids())
+        if self.catalog_output == "computed":
+            with self.model.propagation():
+                u = self.model.user_embedding(history, users)
+                rows = self.output_rows()
+            return u @ rows.weight.T
         u = self.model.user_embedding(history)
         rows = self.output_rows()
         s = u @ rows.weight.T

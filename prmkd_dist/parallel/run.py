@@ -139,7 +139,8 @@ def evaluate_sharded(engine: DistributedEngine, split: LeaveOneOutSplit, stage: 
             idx = np.arange(start, min(start + batch_size, len(users)))
             seqs = [items[offsets[i]:offsets[i + 1]] for i in idx]
             hist = torch.from_numpy(left_pad(seqs, max_len)).to(engine.device)
-            s = engine.local_scores(hist).float()  # [B, R]
+            u = torch.from_numpy(users[idx]).to(engine.device) if engine.needs_users else None
+            s = engine.local_scores(hist, u).float()  # [B, R]
             tgt = torch.from_numpy(targets_all[idx]).to(s.device)
             ar = torch.arange(len(idx), device=s.device)
             own = (tgt >= lo) & (tgt < hi)
@@ -178,10 +179,25 @@ def unsharded_state_dict(engine: DistributedEngine) -> dict[str, torch.Tensor]:
     with torch.no_grad():
         for path, tables in engine.table_configs.items():
             ec = engine.model.get_submodule(path)
+            blocks = []  # this rank's contiguous block of each table
             for name, feature, num in tables:
                 block = -(-num // engine.world_size)
                 lo = min(engine.rank * block, num)
-                ids = torch.arange(lo, min(lo + block, num), device=engine.device)
+                blocks.append(torch.arange(lo, min(lo + block, num), device=engine.device))
+            if path in engine.bag_tables:
+                # a sharded bag collection takes all its features at one stride: one bag per id, each feature's
+                # bags padded with empty ones to the longest block; the pooled single-id bag is the row
+                stride = max(len(b) for b in blocks)
+                lengths = torch.cat([torch.cat([torch.ones(len(b), dtype=torch.int32),
+                                                torch.zeros(stride - len(b), dtype=torch.int32)]) for b in blocks])
+                kjt = KeyedJaggedTensor.from_lengths_sync(keys=[f for _, f, _ in tables], values=torch.cat(blocks),
+                                                          lengths=lengths)
+                pooled = ec(kjt)
+                for (name, feature, _), b in zip(tables, blocks):
+                    rows = pooled[feature][:len(b)]
+                    out[f"{path}.embedding_bags.{name}.weight"] = gather_rows(rows.detach().contiguous(), engine.group)
+                continue
+            for (name, feature, num), ids in zip(tables, blocks):
                 kjt = KeyedJaggedTensor.from_lengths_sync(keys=[feature], values=ids,
                                                           lengths=torch.tensor([ids.numel()], dtype=torch.int32))
                 rows = ec(kjt)[feature].values()
@@ -215,8 +231,15 @@ def train_distributed(cfg: TrainConfig, pcfg: ParallelConfig, max_steps: int = 0
     seed_everything(cfg.run.seed)  # same seed on every rank: identical initial model, tables copied from it
     device = torch.device(cfg.run.device)
     split = load_split_for(cfg.data.dataset)
-    model = build_model(cfg, split.data.num_items)
+    model = build_model(cfg, split.data.num_items, split)
     engine = DistributedEngine(model, cfg.optim, pcfg, device=device)
+    # data-bound students (DeepFM, DCN-v2, LightGCN) train on position examples with their own objective
+    # (distill/interaction.py; distillation from distill.shards included); the others on next-item windows
+    objective = None
+    if engine.needs_users:
+        from prmkd_dist.distill.interaction import student_objective
+
+        objective = student_objective(cfg, split, engine.model, rank, world)
     torch.manual_seed(cfg.run.seed * 1000003 + rank)  # from here, per-rank streams (dropout) differ
     out_dir = Path(cfg.run.out_dir)
     if rank == 0:
@@ -230,7 +253,8 @@ def train_distributed(cfg: TrainConfig, pcfg: ParallelConfig, max_steps: int = 0
     dist.barrier()
     ckpt_root = out_dir / "dist_checkpoint"
     record = out_dir / f"examples_rank{rank}.jsonl" if record_examples else None
-    examples = training_examples(split, cfg.data.max_len, cfg.data.windows)  # [N, 2] (user, end)
+    examples = (training_examples(split, cfg.data.max_len, cfg.data.windows) if objective is None
+                else objective.examples)  # [N, 2] (user, end) or (user, position)
     sampler = GlobalBatchSampler(np.arange(len(examples)), cfg.optim.batch_size, cfg.run.seed, rank, world)
 
     epoch, batch, step, history, losses = 1, 0, 0, [], []
@@ -255,8 +279,11 @@ def train_distributed(cfg: TrainConfig, pcfg: ParallelConfig, max_steps: int = 0
         for j in range(batch, sampler.num_batches(epoch)):
             ids = sampler.local_batch(epoch, j)
             users, ends = examples[ids, 0], examples[ids, 1]
-            inputs, targets = training_batch(split, users, cfg.data.max_len, ends)
-            loss = next_item_loss(engine, inputs.to(device), targets.to(device))
+            if objective is None:
+                inputs, targets = training_batch(split, users, cfg.data.max_len, ends)
+                loss = next_item_loss(engine, inputs.to(device), targets.to(device))
+            else:
+                loss = objective.loss(engine, objective.batch(examples[ids]))
             if not torch.isfinite(loss.detach()):
                 raise FloatingPointError(f"rank {rank} epoch {epoch} step {step}: loss is {float(loss.detach())}")
             engine.step(loss)

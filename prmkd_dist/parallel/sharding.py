@@ -1,6 +1,7 @@
 """Sharding the student's TorchRec tables over a process group: plan, wrap, describe.
 
-Every ``EmbeddingCollection`` of a student (the item table ``item``; Caser's output table ``item_out``) is
+Every ``EmbeddingCollection`` (and ``EmbeddingBagCollection``: DeepFM / DCN-v2 fields) of a student (the item
+table ``item``; Caser's output table ``item_out``) is
 planned by TorchRec's ``EmbeddingShardingPlanner`` and wrapped by ``DistributedModelParallel`` with
 ``init_data_parallel=False``: the tables become sharded modules, every other parameter stays an ordinary
 replicated parameter that the caller hands to its data-parallel engine (DeepSpeed, ``engine.py``).
@@ -21,8 +22,9 @@ from dataclasses import dataclass
 import torch
 import torch.distributed as dist
 from torch import nn
-from torchrec import EmbeddingCollection
+from torchrec import EmbeddingBagCollection, EmbeddingCollection
 from torchrec.distributed.embedding import EmbeddingCollectionSharder
+from torchrec.distributed.embeddingbag import EmbeddingBagCollectionSharder
 from torchrec.distributed.model_parallel import DistributedModelParallel
 from torchrec.distributed.planner import EmbeddingShardingPlanner, ParameterConstraints, Topology
 from torchrec.distributed.types import ShardingEnv, ShardingPlan, ShardingType
@@ -56,17 +58,27 @@ class TableShard:
     col_hi: int
 
 
-def embedding_collections(model: nn.Module) -> dict[str, EmbeddingCollection]:
-    """{module path: EmbeddingCollection} of the (unsharded) model."""
-    return {name: m for name, m in model.named_modules() if isinstance(m, EmbeddingCollection)}
+def embedding_collections(model: nn.Module) -> dict[str, EmbeddingCollection | EmbeddingBagCollection]:
+    """{module path: EmbeddingCollection or EmbeddingBagCollection} of the (unsharded) model (the bag
+    collections hold the feature-interaction students' fields)."""
+    return {name: m for name, m in model.named_modules() if isinstance(m, (EmbeddingCollection, EmbeddingBagCollection))}
+
+
+def table_configs(ec: nn.Module) -> list:
+    """The table configs of an EmbeddingCollection or an EmbeddingBagCollection."""
+    return ec.embedding_bag_configs() if isinstance(ec, EmbeddingBagCollection) else ec.embedding_configs()
+
+
+def sharders() -> list:
+    return [EmbeddingCollectionSharder(), EmbeddingBagCollectionSharder()]
 
 
 def table_names(model: nn.Module) -> list[str]:
-    return [cfg.name for ec in embedding_collections(model).values() for cfg in ec.embedding_configs()]
+    return [cfg.name for ec in embedding_collections(model).values() for cfg in table_configs(ec)]
 
 
 def _table_dims(model: nn.Module) -> dict[str, int]:
-    return {cfg.name: cfg.embedding_dim for ec in embedding_collections(model).values() for cfg in ec.embedding_configs()}
+    return {cfg.name: cfg.embedding_dim for ec in embedding_collections(model).values() for cfg in table_configs(ec)}
 
 
 def sharding_constraints(model: nn.Module, sharding: str = "auto", per_table: dict[str, str] | None = None,
@@ -101,10 +113,9 @@ def plan_sharding(model: nn.Module, world_size: int, group: dist.ProcessGroup | 
         topology=Topology(world_size=world_size, compute_device=compute_device),
         constraints=sharding_constraints(model, sharding, per_table, world_size),
     )
-    sharders = [EmbeddingCollectionSharder()]
     if dist.is_available() and dist.is_initialized():
-        return planner.collective_plan(model, sharders, group if group is not None else dist.GroupMember.WORLD)
-    return planner.plan(model, sharders)
+        return planner.collective_plan(model, sharders(), group if group is not None else dist.GroupMember.WORLD)
+    return planner.plan(model, sharders())
 
 
 def plan_shards(plan: ShardingPlan) -> list[TableShard]:
@@ -147,7 +158,7 @@ def shard_model(model: nn.Module, plan: ShardingPlan, group: dist.ProcessGroup |
     Attach the table optimizer first (``attach_table_optimizer``)."""
     pg = group if group is not None else dist.GroupMember.WORLD
     env = ShardingEnv.from_process_group(pg)
-    return DistributedModelParallel(model, env=env, plan=plan, sharders=[EmbeddingCollectionSharder()],
+    return DistributedModelParallel(model, env=env, plan=plan, sharders=sharders(),
                                     device=torch.device(device), init_data_parallel=False)
 
 
