@@ -81,6 +81,11 @@ class EASE(Teacher):
         weights = ((sorted_hist != PAD_ID) & ~dup).to(self.B.dtype)
         return F.embedding_bag(sorted_hist.clamp(min=0), self.B, per_sample_weights=weights, mode="sum")
 
+    def additive_rows(self) -> torch.Tensor:
+        """``score(h)`` is the sum of these rows over h's distinct items: the exporter scores a user's
+        consecutive prefixes incrementally (``teachers.export.score_topk``)."""
+        return self.B
+
     @classmethod
     def fit(cls, split: LeaveOneOutSplit, l2: float = 500.0, name: str | None = None,
             gram: torch.Tensor | None = None) -> "EASE":

@@ -133,17 +133,67 @@ def _input_length(teacher, max_history: int) -> int | None:
     return teacher.max_len
 
 
-def score_topk(teacher, keys: np.ndarray, starts: np.ndarray, split: LeaveOneOutSplit, k: int,
-               input_len: int | None, device: torch.device) -> tuple[np.ndarray, np.ndarray]:
-    """Top-``k`` (ids [n, k] int64, scores [n, k] float32) of examples ``keys`` (module doc for the rule);
-    slots beyond a row's candidates: id PAD_ID, score 0.0."""
-    n = len(keys)
-    targets = split.train_items[keys]
+def first_occurrences(split: LeaveOneOutSplit) -> np.ndarray:
+    """[len(train_items)] bool: the item at this training position is not earlier in the user's prefix."""
+    n = len(split.train_items)
+    users = np.repeat(np.arange(split.data.num_users, dtype=np.int64), np.diff(split.train_offsets))
+    order = np.lexsort((np.arange(n), split.train_items, users))  # by user, item, position
+    su, si = users[order], split.train_items[order]
+    first = np.ones(n, dtype=bool)
+    first[order[1:]] = (su[1:] != su[:-1]) | (si[1:] != si[:-1])
+    return first
+
+
+def _history_scores(teacher, keys: np.ndarray, starts: np.ndarray, split: LeaveOneOutSplit,
+                    input_len: int | None, device: torch.device) -> torch.Tensor:
+    """``teacher.score`` of each example's input history: [n, C] float32 on the CPU."""
     tstart = starts if input_len is None else np.maximum(starts, keys - input_len)
     toff, tvals = _gather_ranges(split.train_items, tstart, keys)
-    width = max(1, int(np.diff(toff).max())) if n else 1
+    width = max(1, int(np.diff(toff).max())) if len(keys) else 1
     history = torch.from_numpy(pad_ragged(toff, tvals, width, PAD_ID, np.int64, keep="last"))
-    scores = teacher.score(history.to(device)).float().cpu()
+    return teacher.score(history.to(device)).float().cpu()
+
+
+def _prefix_additive_scores(teacher, rows: torch.Tensor, keys: np.ndarray, starts: np.ndarray,
+                            split: LeaveOneOutSplit, first: np.ndarray, device: torch.device) -> torch.Tensor:
+    """Scores of whole-prefix histories for a teacher whose score is the sum of ``rows[i]`` over the
+    distinct items i of the history (EASE): consecutive prefixes of one user differ by one item, so each
+    run of consecutive keys costs one full ``score`` (its first example) and one row per further example,
+    instead of a row per history item per example (histories of thousands of items on MovieLens)."""
+    n = len(keys)
+    new_run = np.ones(n, dtype=bool)
+    new_run[1:] = (starts[1:] != starts[:-1]) | (keys[1:] != keys[:-1] + 1)
+    heads = np.flatnonzero(new_run)
+    out = torch.empty(n, split.data.num_items, dtype=torch.float32)
+    out[torch.from_numpy(heads)] = _history_scores(teacher, keys[heads], starts[heads], split, None, device)
+    tail = np.flatnonzero(~new_run)
+    if len(tail):
+        added = split.train_items[keys[tail] - 1]  # the item that extends the previous example's prefix
+        w = torch.from_numpy(first[keys[tail] - 1].astype(np.float32))[:, None]
+        out[torch.from_numpy(tail)] = rows[torch.from_numpy(added).to(rows.device)].float().cpu() * w
+    bounds = np.append(heads, n)
+    for lo, hi in zip(bounds[:-1], bounds[1:]):
+        if hi - lo > 1:
+            torch.cumsum(out[lo:hi], dim=0, out=out[lo:hi])
+    return out
+
+
+def score_topk(teacher, keys: np.ndarray, starts: np.ndarray, split: LeaveOneOutSplit, k: int,
+               input_len: int | None, device: torch.device, first: np.ndarray | None = None
+               ) -> tuple[np.ndarray, np.ndarray]:
+    """Top-``k`` (ids [n, k] int64, scores [n, k] float32) of examples ``keys`` (module doc for the rule);
+    slots beyond a row's candidates: id PAD_ID, score 0.0. A whole-prefix teacher (``input_len`` None) that
+    exposes ``additive_rows()`` (score = sum of those rows over the distinct history items) is scored
+    incrementally along each user's prefixes; ``first`` = :func:`first_occurrences` (computed if None)."""
+    n = len(keys)
+    targets = split.train_items[keys]
+    additive = getattr(teacher, "additive_rows", None)
+    rows = additive() if (callable(additive) and input_len is None) else None
+    if rows is not None:
+        first = first_occurrences(split) if first is None else first
+        scores = _prefix_additive_scores(teacher, rows, keys, starts, split, first, device)
+    else:
+        scores = _history_scores(teacher, keys, starts, split, input_len, device)
     if scores.shape != (n, split.data.num_items):
         raise ExportError(f"score() returned {tuple(scores.shape)} for {n} examples, expected {(n, split.data.num_items)}")
     # NaN/inf propagate into a row sum: one cheap reduction, the exact check only on suspect rows
@@ -271,6 +321,7 @@ def export_teacher_shards(
             module.eval()
         done_rows = sum(p["rows"] for p in state["parts"].values())
         bar = tqdm(total=len(keys), initial=done_rows, desc=f"export {name}", unit="ex", disable=not progress)
+        first = first_occurrences(split) if callable(getattr(teacher, "additive_rows", None)) else None
         try:
             with torch.no_grad():
                 for part in range(num_parts):
@@ -279,7 +330,7 @@ def export_teacher_shards(
                     lo, hi = part * rows_per_file, min(len(keys), (part + 1) * rows_per_file)
                     entry, manifest = _export_part(teacher, split, out_dir, part, meta, keys[lo:hi], users[lo:hi],
                                                    starts[lo:hi], targets[lo:hi], k, max_history, batch_size,
-                                                   domain_id, input_len, device, rows_per_row_group, bar)
+                                                   domain_id, input_len, device, rows_per_row_group, bar, first)
                     state["parts"][str(part)] = entry
                     state["manifest"] = state["manifest"] or {k_: v for k_, v in manifest.items() if k_ not in ("parts", "num_rows")}
                     _write_json_atomic(progress_path, state)
@@ -313,7 +364,7 @@ def export_teacher_shards(
 
 
 def _export_part(teacher, split, out_dir, part, meta, keys, users, starts, targets, k, max_history, batch_size,
-                 domain_id, input_len, device, rows_per_row_group, bar) -> tuple[dict, dict]:
+                 domain_id, input_len, device, rows_per_row_group, bar, first=None) -> tuple[dict, dict]:
     """Write one chunk as ``part-<part>.parquet``: a complete one-file export in a staging directory,
     whose file is then renamed into ``out_dir`` (atomic: a part is either absent or whole)."""
     staging = os.path.join(out_dir, f".staging-{part:05d}")
@@ -323,7 +374,7 @@ def _export_part(teacher, split, out_dir, part, meta, keys, users, starts, targe
     try:
         for lo in range(0, len(keys), batch_size):
             sl = slice(lo, lo + batch_size)
-            ids, scores = score_topk(teacher, keys[sl], starts[sl], split, k, input_len, device)
+            ids, scores = score_topk(teacher, keys[sl], starts[sl], split, k, input_len, device, first)
             empty += int((ids == PAD_ID).sum())
             hist = _gather_ranges(split.train_items, np.maximum(starts[sl], keys[sl] - max_history), keys[sl])
             w.write_batch(example_key=keys[sl], user_id=users[sl], domain_id=domain_id, history=hist,
