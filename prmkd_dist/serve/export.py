@@ -194,6 +194,9 @@ def export_student(model: SequentialStudent, data: InteractionData, out_dir: str
     k-means clusters for approximate search (default ~sqrt(C)). Before writing, the exported program
     is run on ``check_users`` real histories and must match ``model.user_embedding`` within ``atol``
     (``ExportCheckError`` otherwise). Returns the artifact directory."""
+    if getattr(model, "needs_users", False):  # DeepFM, DCN-v2, LightGCN: scored from user ids, not a history encoder
+        raise ExportError(f"student {getattr(model, 'registry_name', type(model).__name__)!r} scores user ids (a "
+                          f"data-bound student): the serving artifact exports sequential history encoders only")
     if model.num_items != data.num_items:
         raise ExportError(f"model has {model.num_items} items, dataset {data.name!r} has {data.num_items}: "
                           f"not the item-id space it was trained on")
