@@ -85,6 +85,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--curriculum-epochs", type=int, default=3)
     ap.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="config override (repeatable)")
     ap.add_argument("--out", default="benchmarks/results/quality.json")
+    ap.add_argument("--run-dir", default="runs/quality", help="per-run checkpoints and logs (not results)")
     ap.add_argument("--progress", action="store_true")
     args = ap.parse_args(argv)
 
@@ -109,7 +110,7 @@ def main(argv: list[str] | None = None) -> int:
         if unknown:
             ap.error(f"unknown variant {unknown[0]!r}; variants: {list(plan)}")
         plan = {k: v for k, v in plan.items() if k in args.only or k == BASELINE}
-    out_root = Path(args.out).with_suffix("")
+    out_root = Path(args.run_dir) / Path(args.out).stem
     results: dict[str, dict] = {}
     for name, overrides in plan.items():
         runs = []
