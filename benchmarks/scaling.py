@@ -12,6 +12,9 @@ SASRec on ml-latest-small with the same GLOBAL batch, timing per step (median ov
   step     DeepSpeed dense optimizer step (+ ZeRO gathers)
 and examples/s (global batch / step time). ``--loss-backend`` picks the local part of the catalog-parallel loss
 ("auto": the fused C++ op on CPU; "reference": the chunked PyTorch form), to compare the two in one run.
+``--teachers T --k K`` (T > 0) also times, in the same processes and on the same batches, every step with T
+teachers' top-K lists per row (confidence+consistency teacher weights, KD term at temperature 2): the
+distillation overhead. The two variants alternate step by step, so both see the same machine load.
 Prints a table and writes JSON.
 """
 from __future__ import annotations
@@ -53,34 +56,51 @@ def worker(args) -> None:
     ec = eng.model.item_ec
     ec.register_forward_pre_hook(lambda m, a: timer.__setitem__("t0", time.perf_counter()))
     ec.register_forward_hook(lambda m, a, o: timer.__setitem__("t", time.perf_counter() - timer["t0"]))
-    rows = []
+    from prmkd_dist.distill.weights import teacher_weights
+
+    variants = [0] + ([args.teachers] if args.teachers > 0 else [])
+    rows = {t: [] for t in variants}
+    gen = torch.Generator().manual_seed(1234 + rank)
     eng.train()
     for s in range(args.warmup + args.steps):
         b = users[(s * args.batch) % (len(users) - args.batch):][:args.batch][rank * per:(rank + 1) * per]
         x, y = training_batch(split, b, args.max_len)
-        dist.barrier()
-        t0 = time.perf_counter()
-        hidden = eng.model.encode(x)
-        t1 = time.perf_counter()
-        mask = y >= 0
-        h = hidden[mask]
-        loss = eng.linear_loss(h, y[mask], *no_teachers(h.shape[0]), backend=args.loss_backend)
-        t2 = time.perf_counter()
-        eng._stash = None
-        eng.ds.backward(loss)
-        t3 = time.perf_counter()
-        eng.ds.step()
-        t4 = time.perf_counter()
-        if s >= args.warmup:
-            rows.append({"lookup": timer["t"], "dense": t1 - t0 - timer["t"], "loss": t2 - t1,
-                         "backward": t3 - t2, "step": t4 - t3, "total": t4 - t0})
-    med = {k: float(np.median([r[k] for r in rows])) for k in PHASES}
-    allmed = [None] * world
-    dist.all_gather_object(allmed, med)
-    if rank == 0:
+        for t in (variants if s % 2 == 0 else variants[::-1]):
+            dist.barrier()
+            t0 = time.perf_counter()
+            hidden = eng.model.encode(x)
+            t1 = time.perf_counter()
+            mask = y >= 0
+            h, tgt = hidden[mask], y[mask]
+            if t == 0:
+                loss = eng.linear_loss(h, tgt, *no_teachers(h.shape[0]), backend=args.loss_backend)
+            else:
+                # this rank's rows' lists (the engine gathers them with the rows)
+                ids = torch.randint(0, split.data.num_items, (h.shape[0], t, args.k), generator=gen)
+                scores = torch.randn(h.shape[0], t, args.k, generator=gen).sort(dim=-1, descending=True).values
+                w = teacher_weights(ids, scores, tgt, strategy="confidence_consistency")
+                loss = eng.linear_loss(h, tgt, ids, scores, w, None, temperature=2.0, lambda_kd=1.0,
+                                       backend=args.loss_backend)
+            t2 = time.perf_counter()
+            eng._stash = None
+            eng.ds.backward(loss)
+            t3 = time.perf_counter()
+            eng.ds.step()
+            t4 = time.perf_counter()
+            if s >= args.warmup:
+                rows[t].append({"lookup": timer["t"], "dense": t1 - t0 - timer["t"], "loss": t2 - t1,
+                                "backward": t3 - t2, "step": t4 - t3, "total": t4 - t0})
+    out = []
+    for t in variants:
+        med = {k: float(np.median([r[k] for r in rows[t]])) for k in PHASES}
+        allmed = [None] * world
+        dist.all_gather_object(allmed, med)
         worst = {k: max(m[k] for m in allmed) for k in PHASES}  # the slowest rank sets the pace
         worst["examples_per_s"] = args.batch / worst["total"]
-        Path(args.result).write_text(json.dumps({"world": world, **worst}))
+        out.append({"world": world, "teachers": t, "k": args.k if t else 0, **worst})
+    if rank == 0:
+        Path(args.result).write_text(json.dumps(out))
+    dist.barrier()
     dist.destroy_process_group()
 
 
@@ -95,6 +115,8 @@ def main() -> None:
     ap.add_argument("--worlds", type=int, nargs="+", default=[1, 2])
     ap.add_argument("--loss-backend", default="auto", choices=["auto", "cpp", "reference"],
                     help="local part of the catalog-parallel loss")
+    ap.add_argument("--teachers", type=int, default=0, help="also time steps with T teachers' lists (0 = off)")
+    ap.add_argument("--k", type=int, default=50, help="teacher list length with --teachers")
     ap.add_argument("--out", default=str(ROOT / "benchmarks" / "scaling.json"))
     ap.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
     ap.add_argument("--result", help=argparse.SUPPRESS)
@@ -108,15 +130,22 @@ def main() -> None:
             cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", str(w),
                    __file__, "--worker", "--result", str(res), "--steps", str(args.steps), "--warmup",
                    str(args.warmup), "--batch", str(args.batch), "--max-len", str(args.max_len),
-                   "--dim", str(args.dim), "--zero", str(args.zero), "--loss-backend", args.loss_backend]
+                   "--dim", str(args.dim), "--zero", str(args.zero), "--loss-backend", args.loss_backend,
+                   "--teachers", str(args.teachers), "--k", str(args.k)]
             env = {**os.environ, "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "1"),
                    "PRMKD_LOG_LEVEL": "WARNING"}
             subprocess.run(cmd, cwd=ROOT, env=env, check=True, capture_output=True)
-            results.append(json.loads(res.read_text()))
-    print("| loss backend | ranks | " + " | ".join(f"{k} ms" for k in PHASES) + " | examples/s |")
-    print("|---" * (len(PHASES) + 3) + "|")
+            results.extend(json.loads(res.read_text()))
+    print("| loss backend | ranks | teachers x K | " + " | ".join(f"{k} ms" for k in PHASES) + " | examples/s |")
+    print("|---" * (len(PHASES) + 4) + "|")
     for r in results:
-        print(f"| {args.loss_backend} | {r['world']} | " + " | ".join(f"{1000 * r[k]:.1f}" for k in PHASES) + f" | {r['examples_per_s']:.0f} |")
+        tk = f"{r['teachers']} x {r['k']}" if r["teachers"] else "none"
+        print(f"| {args.loss_backend} | {r['world']} | {tk} | " + " | ".join(f"{1000 * r[k]:.1f}" for k in PHASES)
+              + f" | {r['examples_per_s']:.0f} |")
+    for w in args.worlds:
+        pair = [r for r in results if r["world"] == w]
+        if len(pair) == 2:
+            print(f"distillation overhead, {w} rank(s): step {pair[1]['total'] / pair[0]['total']:.2f}x")
     Path(args.out).write_text(json.dumps({"config": {k: v for k, v in vars(args).items()
                                                      if k not in ("worker", "result")},
                                           "results": results}, indent=2))
