@@ -138,9 +138,9 @@ def test_constructor_validation():
 
 
 def test_build_student_registry_and_errors():
-    assert set(STUDENTS) == {"sasrec", "gru4rec", "caser"}
+    assert set(STUDENTS) == {"sasrec", "gru4rec", "caser", "deepfm", "dcnv2", "lightgcn"}
     assert set(student_hparams("gru4rec")) == {"dim", "max_len", "num_layers", "dropout", "hidden"}
-    with pytest.raises(StudentConfigError, match=r"unknown student 'bert'.*'caser', 'gru4rec', 'sasrec'"):
+    with pytest.raises(StudentConfigError, match=r"unknown student 'bert'.*'caser', 'dcnv2', 'deepfm', 'gru4rec', 'lightgcn', 'sasrec'"):
         build_student("bert", C)
     with pytest.raises(StudentConfigError, match=r"unknown hyper-parameter 'num_layer'.*'num_layers'"):
         build_student("sasrec", C, num_layer=3)
