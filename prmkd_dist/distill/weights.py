@@ -32,23 +32,31 @@ def _valid_softmax(scores: Tensor, valid: Tensor, dim: int) -> Tensor:
     return torch.where(valid, (z - lse).exp(), torch.zeros_like(z))
 
 
-def _first_occurrence(ids: Tensor, valid: Tensor) -> Tensor:
+def _sorted_lists(ids: Tensor, valid: Tensor) -> tuple[Tensor, Tensor]:
+    """Each teacher's ids sorted ascending (stable), empty slots first as a sentinel that equals no id:
+    (sorted ids [B, T, K], the slot each sorted entry came from [B, T, K])."""
+    sentinel = torch.iinfo(torch.int64).min
+    keyed = torch.where(valid, ids, torch.full_like(ids, sentinel))
+    return keyed.sort(dim=-1, stable=True)
+
+
+def _first_occurrence(ids: Tensor, valid: Tensor, sorted_lists: tuple[Tensor, Tensor] | None = None) -> Tensor:
     """[B, T, K] bool: valid slots whose id does not already appear at an earlier slot of the same teacher
-    (so that |S_bt| counts the *set* of ids)."""
-    k = ids.shape[-1]
-    same = ids.unsqueeze(-1) == ids.unsqueeze(-2)  # [B, T, K, K]: slot k vs slot k'
-    earlier = torch.ones(k, k, dtype=torch.bool, device=ids.device).tril(diagonal=-1)  # k' < k
-    return valid & ~(same & earlier).any(dim=-1)
+    (so that |S_bt| counts the *set* of ids). One stable sort per list: among equal ids the earliest slot
+    sorts first, so "differs from its sorted predecessor" marks exactly the first occurrences."""
+    sorted_ids, slot = sorted_lists if sorted_lists is not None else _sorted_lists(ids, valid)
+    new = torch.ones_like(valid)
+    new[..., 1:] = sorted_ids[..., 1:] != sorted_ids[..., :-1]
+    first = torch.empty_like(valid).scatter_(-1, slot, new)
+    return valid & first
 
 
-def _membership(ids: Tensor, valid: Tensor) -> Tensor:
+def _membership(ids: Tensor, valid: Tensor, sorted_lists: tuple[Tensor, Tensor] | None = None) -> Tensor:
     """[B, T, T', K] bool: is the valid id at slot (t, k) among the valid ids of teacher t'?
 
     Uses a batched binary search over each teacher's sorted ids: memory B*T*T*K, not B*T*K*T*K."""
     batch, n_t, k = ids.shape
-    sentinel = torch.iinfo(torch.int64).min  # empty slots sort first and never equal a real id
-    keyed = torch.where(valid, ids, torch.full_like(ids, sentinel))
-    sorted_ids, _ = keyed.sort(dim=-1)                                       # [B, T', K]
+    sorted_ids = (sorted_lists if sorted_lists is not None else _sorted_lists(ids, valid))[0]  # [B, T', K]
     queries = ids.reshape(batch, 1, n_t * k).expand(batch, n_t, n_t * k)   # [B, T', T*K]
     pos = torch.searchsorted(sorted_ids.contiguous(), queries.contiguous()).clamp(max=k - 1)
     found = sorted_ids.gather(-1, pos) == queries                            # [B, T', T*K]
@@ -107,8 +115,9 @@ def teacher_weights(
         if n_t == 1:
             consistency = scores.new_ones(batch, 1)
         else:
-            first = _first_occurrence(ids, valid)                                   # [B, T, K]
-            shared = (_membership(ids, valid) & first.unsqueeze(2)).sum(dim=-1)  # [B, T, T'] = |S_t ∩ S_t'|
+            lists = _sorted_lists(ids, valid)  # one sort serves both
+            first = _first_occurrence(ids, valid, lists)                            # [B, T, K]
+            shared = (_membership(ids, valid, lists) & first.unsqueeze(2)).sum(dim=-1)  # [B, T, T'] = |S_t ∩ S_t'|
             off_diag = ~torch.eye(n_t, dtype=torch.bool, device=ids.device)
             size = first.sum(dim=-1).clamp(min=1)                                  # max(|S_bt|, 1)
             consistency = (shared * off_diag).sum(dim=-1).to(scores.dtype) / (size * (n_t - 1))
