@@ -52,6 +52,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--shards", required=True, help="merged teacher shards of --dataset")
     ap.add_argument("--students", nargs="*", default=list(STUDENTS), choices=list(STUDENTS))
     ap.add_argument("--seeds", type=int, default=3)
+    ap.add_argument("--first-seed", type=int, default=0, help="seeds first-seed .. first-seed + seeds - 1")
     ap.add_argument("--epochs", type=int, default=8)
     ap.add_argument("--patience", type=int, default=2)
     ap.add_argument("--lr", type=float, default=5e-3)
@@ -71,7 +72,7 @@ def main(argv: list[str] | None = None) -> int:
     t0 = time.time()
     for student in args.students:
         for variant, overrides in VARIANTS.items():
-            for seed in range(args.seeds):
+            for seed in range(args.first_seed, args.first_seed + args.seeds):
                 raw = base_config(args.dataset, student, args.shards, args)
                 raw["run"]["seed"] = seed
                 raw["run"]["out_dir"] = f"runs/bench-interaction/{student}/{variant.replace(' ', '_')}/{seed}"
