@@ -14,6 +14,12 @@ same run and reports which fraction of them each Triton cell achieves: bytes for
 bandwidth-bound: it reads the logits twice and writes the gradient once), FLOPs for the fused-linear form
 (five B x C x d matmuls: three recomputations of the logits, dU and dE).
 
+``liger`` (CUDA, when the ``liger_kernel`` package is importable; never a default on CPU) times Liger-Kernel's
+fused cross-entropy on the same logits (``LigerCrossEntropyLoss``) and its fused linear cross-entropy on the
+same embeddings (``LigerFusedLinearCrossEntropyLoss``). Liger has no top-K multi-teacher KD: these cells
+compute the cross-entropy term alone, the floor a single-teacher-free fused loss reaches on the shape, so the
+ratio triton / liger is what the distillation terms cost on top of it.
+
 Timing: ``--warmup`` untimed runs (they include compilation / autotuning), then ``--reps`` timed runs; the
 median is reported (CUDA events and a synchronise on GPU, ``perf_counter`` on CPU). Peak memory: on GPU
 ``torch.cuda.max_memory_allocated`` above what the inputs already held; on CPU the peak increase of the
@@ -41,7 +47,7 @@ import prmkd_dist
 from prmkd_dist.distill import reference
 
 FORMS = ("logits", "linear")
-BACKEND_CHOICES = ("reference", "compile", "cpp", "triton", "triton-inplace")
+BACKEND_CHOICES = ("reference", "compile", "cpp", "triton", "triton-inplace", "liger")
 
 
 @dataclass
@@ -86,11 +92,11 @@ def estimate_bytes(form: str, backend: str, batch: int, items: int, dim: int | N
     small = batch * teachers * slots * 40 + batch * 64
     if form == "linear":
         emb = (batch + items) * (dim or 0) * elem * 2 + items * elem * 2  # tables, their gradients, bias
-        if backend in ("cpp", "triton"):
+        if backend in ("cpp", "triton", "liger"):
             return emb + small + items * (dim or 0) * 4  # + an fp32 accumulator of d item_emb at most
         return emb + small + {"reference": 6, "compile": 3}[backend] * bc * 4
     copies = {"reference": 6 * 4, "compile": 3 * 4, "cpp": 2 * elem + 4, "triton": 2 * elem,
-              "triton-inplace": elem}[backend]
+              "triton-inplace": elem, "liger": elem}[backend]
     return bc * copies + small
 
 
@@ -221,7 +227,7 @@ def run_cell(cell: Cell, device: torch.device, dtype: torch.dtype, warmup: int, 
         base = torch.randn(cell.batch, cell.items, generator=gen).to(device=device, dtype=dtype)
 
         def prepare():
-            if cell.backend == "triton-inplace":
+            if cell.backend in ("triton-inplace", "liger"):
                 return base.clone().requires_grad_(True)  # its storage becomes the gradient
             base.grad = None
             return base.requires_grad_(True)
@@ -230,6 +236,13 @@ def run_cell(cell: Cell, device: torch.device, dtype: torch.dtype, warmup: int, 
             def step(x):
                 prmkd_dist.kd_loss(x, target, ids, scores, weights, rank, backend=cell.backend,
                                    check_inputs=False, **hyper).backward()
+        elif cell.backend == "liger":
+            from liger_kernel.transformers import LigerCrossEntropyLoss
+
+            ce = LigerCrossEntropyLoss()
+
+            def step(x):  # Liger writes the gradient into the logits' storage, like triton-inplace
+                ce(x, target).backward()
         elif cell.backend == "triton-inplace":
             from prmkd_dist.kernels.kd_loss import kd_loss_rows
 
@@ -256,13 +269,20 @@ def run_cell(cell: Cell, device: torch.device, dtype: torch.dtype, warmup: int, 
 
             def step(_):
                 fn(user, item, bias, target, ids, scores, weights, rank).backward()
+        elif cell.backend == "liger":
+            from liger_kernel.transformers import LigerFusedLinearCrossEntropyLoss
+
+            flce = LigerFusedLinearCrossEntropyLoss()
+
+            def step(_):
+                flce(item, user, target, bias).backward()
         else:
             def step(_):
                 prmkd_dist.kd_loss_linear(user, item, target, ids, scores, weights, rank, item_bias=bias,
                                           backend=cell.backend, check_inputs=False, **hyper).backward()
         flops = 5 * 2 * cell.batch * cell.items * cell.dim
     cell.ms, cell.peak_mb = time_step(prepare, step, device, warmup, reps)
-    if cell.backend.startswith("triton") and hardware:
+    if (cell.backend.startswith("triton") or cell.backend == "liger") and hardware:
         if cell.form == "logits":
             gbps = moved / (cell.ms * 1e-3) / 1e9
             cell.extra = {"achieved_gbps": gbps, "fraction_of_hbm": gbps / hardware["hbm_copy_gbps"]}
@@ -281,6 +301,15 @@ def backends_for(device: torch.device, requested: list[str] | None) -> tuple[lis
         base = "triton" if name == "triton-inplace" else name
         if base == "compile":
             chosen.append(name)
+        elif base == "liger":
+            if device.type != "cuda":
+                skipped[name] = "Liger-Kernel is CUDA-only"
+                continue
+            try:
+                import liger_kernel  # noqa: F401
+                chosen.append(name)
+            except ImportError:
+                skipped[name] = "liger_kernel is not installed (carry its wheel: pip install liger-kernel)"
         elif base == "triton" and device.type != "cuda":
             skipped[name] = "Triton is timed on CUDA only (the CPU interpreter is a correctness tool)"
         elif not available[base][0]:
@@ -361,6 +390,16 @@ def main(argv: list[str] | None = None) -> int:
                         if form == "linear" and backend == "triton-inplace":
                             continue
                         grid.append(Cell(form, backend, batch, n_items, dim, args.teachers, args.slots, str(dtype)))
+    header = {"device": torch.cuda.get_device_name(device) if on_gpu else f"cpu ({os.cpu_count()} cores, {platform.processor() or platform.machine()})",
+              "dtype": str(dtype), "teachers": args.teachers, "slots": args.slots, "reps": reps, "warmup": warmup,
+              "torch": torch.__version__, "hardware": hardware, "not_run": skipped,
+              "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()), "command": " ".join(sys.argv)}
+
+    def save() -> None:  # after every cell, so that a run stopped at a time limit keeps what it measured
+        if args.out is not None:
+            args.out.parent.mkdir(parents=True, exist_ok=True)
+            args.out.write_text(json.dumps({**header, "results": [asdict(c) for c in grid]}, indent=2))
+
     failures = 0
     for cell in grid:
         est = estimate_bytes(cell.form, cell.backend, cell.batch, cell.items, cell.dim, elem, cell.teachers, cell.slots)
@@ -379,15 +418,10 @@ def main(argv: list[str] | None = None) -> int:
                 torch.cuda.empty_cache()
         print(f"{cell.form:6s} B={cell.batch:5d} C={cell.items:.0e} d={cell.dim} {cell.backend:14s} "
               f"{'-' if cell.ms is None else f'{cell.ms:10.2f} ms'} {cell.note}", file=sys.stderr, flush=True)
+        save()
 
-    header = {"device": torch.cuda.get_device_name(device) if on_gpu else f"cpu ({os.cpu_count()} cores, {platform.processor() or platform.machine()})",
-              "dtype": str(dtype), "teachers": args.teachers, "slots": args.slots, "reps": reps, "warmup": warmup,
-              "torch": torch.__version__, "hardware": hardware, "not_run": skipped,
-              "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()), "command": " ".join(sys.argv)}
     print(markdown(grid, header))
-    if args.out is not None:
-        args.out.parent.mkdir(parents=True, exist_ok=True)
-        args.out.write_text(json.dumps({**header, "results": [asdict(c) for c in grid]}, indent=2))
+    save()
     if failures:
         print(f"{failures} cell(s) failed: see the note column", file=sys.stderr)
     return 1 if failures else 0

@@ -15,6 +15,7 @@ CASES = [
     (19, 257, 40, 3, 7, 0.5, True, True),    # two row blocks
     (4, 200, 8, 4, 64, 2.0, True, False),
     (3, 170, 32, 2, 64, 0.8, False, True),
+    (3, 40, 16, 2, 5, 1.3, True, True),      # C < 3 item tiles: the interpreter's third catalog split is empty
 ]
 LAMBDAS = (0.9, 1.3, 0.6)  # lambda_ce, lambda_kd, lambda_rank
 
