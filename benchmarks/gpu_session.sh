@@ -2,7 +2,7 @@
 # One lent-GPU session in one call (the device tool's machine: torch + triton preinstalled, no network, no
 # project install): kernel tests on CUDA, then the kernel benchmark cells the issue's goals name.
 #   device run: bash benchmarks/gpu_session.sh   (carry .whl holding the liger-kernel wheel, optional)
-# Writes logs and JSON under $OUT (or ./gpu-out); each stage has its own time limit so a slow stage cannot
+# Writes logs and JSON under $OUT (or ./gpu-out; the device tool returns at most 8 files); each stage has its own time limit so a slow stage cannot
 # take the others' results with it.
 set -u
 OUT=${OUT:-gpu-out}; mkdir -p "$OUT"
@@ -18,8 +18,11 @@ nvidia-smi --query-gpu=name,memory.total,clocks.sm,clocks.max.sm --format=csv | 
 python3 -c "import torch, triton; print('torch', torch.__version__, 'triton', triton.__version__)" | tee -a "$OUT/gpu.txt"
 
 echo "== kernel tests on CUDA"
-timeout ${TEST_S:-120} python3 -m pytest -q -p no:cacheprovider tests/kernels > "$OUT/tests.log" 2>&1
-echo "tests rc=$?"; tail -5 "$OUT/tests.log"
+# from a copy of tests/: run from the checkout, pytest puts its root on sys.path and the source tree's
+# prmkd_dist (which has no kernels/ subpackage) would shadow the laid-out one
+REPO=$PWD; rm -rf /tmp/tt && mkdir -p /tmp/tt && cp -r tests /tmp/tt/
+(cd /tmp/tt && timeout ${TEST_S:-120} python3 -m pytest -q -p no:cacheprovider tests/kernels) > "$OUT/tests.log" 2>&1
+echo "tests rc=$?"; tail -5 "$OUT/tests.log"; cd "$REPO"
 
 echo "== logits given"
 timeout ${LOGITS_S:-200} python3 benchmarks/kernels.py --forms logits --batch 1024 4096 --items 1e5 1e6 \
