@@ -100,8 +100,9 @@ def worker(args) -> None:
         out.append({"world": world, "teachers": t, "k": args.k if t else 0, **worst})
     if rank == 0:
         Path(args.result).write_text(json.dumps(out))
-    dist.barrier()
-    dist.destroy_process_group()
+    from prmkd_dist.parallel.engine import exit_after_process_group
+
+    exit_after_process_group(0)  # past the interpreter's teardown (see its docstring)
 
 
 def main() -> None:

@@ -425,3 +425,29 @@ def init_process_group(backend: str = "auto") -> tuple[int, int, int]:
             dist.init_process_group(backend, store=dist.PrefixStore(f"prmkd/attempt_{restart}", store),
                                     rank=rank, world_size=world)
     return dist.get_rank(), dist.get_world_size(), int(os.environ.get("LOCAL_RANK", 0))
+
+
+def exit_after_process_group(code: int = 0) -> None:
+    """End a finished rank: wait for every peer, destroy all process groups, flush, and leave with
+    ``os._exit(code)``, skipping the interpreter's own teardown.
+
+    Why: two CI runs of the 2-rank gloo tests (TorchRec-sharded models, once with DeepSpeed) had a rank abort
+    with "terminate called without an active exception" (SIGABRT, so torchrun reports the job failed) after
+    its work was done; it was not reproduced in 30 local runs, loaded or not. That message is a C++
+    ``std::thread`` destroyed while joinable, which at exit means a library's background thread outliving
+    finalization (PyTorch discusses the same for gloo work objects at interpreter teardown). Every output
+    of the run is written before this is called, and nothing after it has work to do."""
+    import logging
+    import sys
+
+    if dist.is_initialized():
+        dist.barrier()
+        dist.destroy_process_group()
+    logging.shutdown()
+    for stream in (sys.stdout, sys.stderr):
+        try:
+            stream.flush()
+        except (OSError, ValueError):
+            pass
+    os._exit(code)
+

@@ -39,7 +39,7 @@ import yaml
 from prmkd_dist.constants import PAD_ID
 from prmkd_dist.data.dataset import LeaveOneOutSplit, left_pad
 from prmkd_dist.parallel import checkpoint as ckpt
-from prmkd_dist.parallel.engine import DistributedEngine, ParallelConfig, init_process_group
+from prmkd_dist.parallel.engine import DistributedEngine, ParallelConfig, exit_after_process_group, init_process_group
 from prmkd_dist.parallel.sharding import describe_plan
 from prmkd_dist.train import config as config_mod
 from prmkd_dist.train.config import TrainConfig
@@ -337,8 +337,7 @@ def main(argv: list[str] | None = None) -> int:
                                fail_at_step=args.fail_at_step, evaluate_at_end=not args.no_test)
     if dist.get_rank() == 0:
         print(json.dumps({k: v for k, v in result.items() if k != "engine"}, indent=2, default=float))
-    dist.barrier()
-    dist.destroy_process_group()
+    exit_after_process_group(0)  # never returns (see its docstring)
     return 0
 
 

@@ -29,7 +29,10 @@ def torchrun(args: list[str], nproc: int = 2, env: dict | None = None, restarts:
     full_env = {**os.environ, "OMP_NUM_THREADS": "1", "PRMKD_LOG_LEVEL": "WARNING", **(env or {})}
     p = subprocess.run(cmd, cwd=ROOT, env=full_env, capture_output=True, text=True, timeout=timeout)
     if p.returncode != 0:
-        pytest.fail(f"{' '.join(cmd)} failed ({p.returncode}):\n{p.stdout[-3000:]}\n{p.stderr[-8000:]}")
+        out = Path(args[1]) if len(args) > 1 else None
+        done = sorted(f.name for f in out.glob("*_done_rank*")) if out is not None and out.is_dir() else []
+        pytest.fail(f"{' '.join(cmd)} failed ({p.returncode}); ranks that finished their scenario: {done}\n"
+                    f"{p.stdout[-3000:]}\n{p.stderr[-8000:]}")
     return p
 
 

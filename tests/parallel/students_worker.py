@@ -59,8 +59,9 @@ def main(out: Path, data_dir: str, shards: str) -> None:
                         "plan": engine.plan.plan.keys().__repr__(), "dense_equal": all(torch.equal(both[0], b) for b in both),
                         "range": [engine.first_id, engine.num_rows]}, out / f"{name}.pt")
         dist.barrier()
-    dist.barrier()
-    dist.destroy_process_group()
+    from prmkd_dist.parallel.engine import exit_after_process_group
+
+    exit_after_process_group(0)  # past the interpreter's teardown (see its docstring)
 
 
 if __name__ == "__main__":
