@@ -40,6 +40,10 @@ from prmkd_dist.train.trainer import training_batch, training_examples
 READ_BATCH = 65536  # rows per loader batch while reading the shards into the table
 
 
+PREPARE_CHUNK = 16384
+"""Positions per call when the objective prepares every position's scores and teacher weights."""
+
+
 class PackingError(ValueError):
     """The shards cannot be indexed by training position (wrong key convention, missing or duplicate rows)."""
 
@@ -120,6 +124,14 @@ class WindowDistillObjective(DistillLoss):
         self.offsets = torch.as_tensor(np.asarray(split.train_offsets, dtype=np.int64))
         self.examples = training_examples(split, self.max_len, "all")
         self.rng = np.random.default_rng(cfg.run.seed)
+        # normalised scores and teacher weights depend on the data and the config alone: once for every
+        # position here, not in every step (about 0.25 s per step of 6.4k rows x 3 x 50 on one CPU core)
+        targets = torch.from_numpy(np.asarray(split.train_items, dtype=np.int64))
+        self.weights = torch.zeros(self.table.ids.shape[:2], dtype=torch.float32)
+        for lo in range(0, len(targets), PREPARE_CHUNK):
+            sl = slice(lo, lo + PREPARE_CHUNK)
+            self.table.scores[sl], self.weights[sl] = self.prepared_lists(
+                self.table.ids[sl].to(torch.long), self.table.scores[sl], targets[sl])
 
     def num_batches(self) -> int:
         n = -(-len(self.examples) // self.batch_size)
@@ -147,9 +159,10 @@ class WindowDistillObjective(DistillLoss):
         keys = batch["keys"][mask.cpu()]
         user = engine.model.encode(inputs)[mask]
         ids = self.table.ids[keys].to(self.device, torch.long)
-        scores = self.table.scores[keys].to(self.device)
+        scores = self.table.scores[keys].to(self.device)  # prepared in __init__
+        weights = self.weights[keys].to(self.device)
         lengths = batch["positions"][mask.cpu()].to(self.device)  # a position's history length
-        return self.rows_loss(engine, user, targets[mask], ids, scores, None, lengths)
+        return self.rows_loss(engine, user, targets[mask], ids, scores, None, lengths, weights=weights)
 
 
 __all__ = ["PositionTeacherTable", "WindowDistillObjective", "PackingError"]

@@ -156,14 +156,24 @@ class DistillLoss:
     def checkpoint_model(self, model: SequentialStudent) -> SequentialStudent:
         return bake(model)
 
-    def rows_loss(self, engine: Engine, user: Tensor, target: Tensor, ids: Tensor, scores: Tensor,
-                  history: Tensor, lengths: Tensor | None = None) -> Tensor:
-        """The distillation loss of N student rows ``user`` [N, d] with their targets [N] and the selected
-        teachers' lists [N, T, K]; ``history`` (and ``lengths``) only feed the length/popularity curriculum."""
+    def prepared_lists(self, ids: Tensor, scores: Tensor, target: Tensor) -> tuple[Tensor, Tensor]:
+        """The parts of the loss that depend on the data alone: (scores after ``score_norm``, teacher
+        weights w [N, T]). A caller that holds every row up front computes them once (``rows_loss(weights=)``)."""
         d = self.d
         if d.score_norm == "std":
             scores = standardise_scores(ids, scores)
-        w = teacher_weights(ids, scores, target, strategy=d.strategy, alpha=d.alpha, gamma=d.gamma)
+        return scores, teacher_weights(ids, scores, target, strategy=d.strategy, alpha=d.alpha, gamma=d.gamma)
+
+    def rows_loss(self, engine: Engine, user: Tensor, target: Tensor, ids: Tensor, scores: Tensor,
+                  history: Tensor, lengths: Tensor | None = None, weights: Tensor | None = None) -> Tensor:
+        """The distillation loss of N student rows ``user`` [N, d] with their targets [N] and the selected
+        teachers' lists [N, T, K]; ``history`` (and ``lengths``) only feed the length/popularity curriculum.
+        With ``weights`` (from ``prepared_lists``), ``scores`` are the prepared ones and w = ``weights``."""
+        d = self.d
+        if weights is None:
+            scores, w = self.prepared_lists(ids, scores, target)
+        else:
+            w = weights
         keep = None
         if self.curriculum is not None:
             if self.curriculum.kind == "disagreement":

@@ -45,13 +45,16 @@ def test_table_holds_every_positions_shard_row(small_split, shards):
     assert torch.equal(one.ids[:, 0], table.ids[:, 1]) and torch.equal(one.scores[:, 0], table.scores[:, 1])
 
 
-@pytest.mark.parametrize("lambda_rank", [0.0, 0.5])
-def test_packed_loss_equals_streaming_loss_over_the_same_rows(small_split, shards, tmp_path, lambda_rank):
+@pytest.mark.parametrize("lambda_rank,score_norm", [(0.0, "none"), (0.5, "none"), (0.5, "std")])
+def test_packed_loss_equals_streaming_loss_over_the_same_rows(small_split, shards, tmp_path, lambda_rank,
+                                                              score_norm):
     """With max_len >= every prefix, each user is one window and each position's window prefix is the shard
-    row's whole history: a causal, padding-exact student gives the same rows, hence the same mean loss."""
+    row's whole history: a causal, padding-exact student gives the same rows, hence the same mean loss.
+    (The packed objective prepares scores and teacher weights once for all positions; the streaming one per
+    batch: this also checks that the two agree.)"""
     n_rows = len(small_split.train_items)
     cfg = distill_cfg(tmp_path, shards, model=GRU, batch_size=n_rows, distill={
-        "lambda_rank": lambda_rank, "temperature": 2.0, "packing": "window"})
+        "lambda_rank": lambda_rank, "temperature": 2.0, "packing": "window", "score_norm": score_norm})
     cfg.data.max_len = SUB_LEN + 1
     torch.manual_seed(0)
     model = build_model(cfg, small_split.data.num_items).eval()
