@@ -13,8 +13,10 @@ SASRec on ml-latest-small with the same GLOBAL batch, timing per step (median ov
 and examples/s (global batch / step time). ``--loss-backend`` picks the local part of the catalog-parallel loss
 ("auto": the fused C++ op on CPU; "reference": the chunked PyTorch form), to compare the two in one run.
 ``--teachers T --k K`` (T > 0) also times, in the same processes and on the same batches, every step with T
-teachers' top-K lists per row (confidence+consistency teacher weights, KD term at temperature 2): the
+teachers' top-K lists per row (confidence+consistency teacher weights, KD term at ``--temperature``): the
 distillation overhead. The two variants alternate step by step, so both see the same machine load.
+``--weights prepared`` (default) computes the teacher weights outside the timed step, as the window-packed
+trainer does (once per position when it starts); ``--weights step`` inside it, as the streaming trainer does.
 Prints a table and writes JSON.
 """
 from __future__ import annotations
@@ -65,6 +67,13 @@ def worker(args) -> None:
     for s in range(args.warmup + args.steps):
         b = users[(s * args.batch) % (len(users) - args.batch):][:args.batch][rank * per:(rank + 1) * per]
         x, y = training_batch(split, b, args.max_len)
+        if args.teachers > 0:
+            # this rank's rows' lists (the engine gathers them with the rows), drawn outside the timed step
+            tgt_all = y[y >= 0]
+            ids = torch.randint(0, split.data.num_items, (tgt_all.shape[0], args.teachers, args.k), generator=gen)
+            scores = torch.randn(ids.shape, generator=gen).sort(dim=-1, descending=True).values
+            if args.weights == "prepared":
+                w = teacher_weights(ids, scores, tgt_all, strategy="confidence_consistency")
         for t in (variants if s % 2 == 0 else variants[::-1]):
             dist.barrier()
             t0 = time.perf_counter()
@@ -75,11 +84,9 @@ def worker(args) -> None:
             if t == 0:
                 loss = eng.linear_loss(h, tgt, *no_teachers(h.shape[0]), backend=args.loss_backend)
             else:
-                # this rank's rows' lists (the engine gathers them with the rows)
-                ids = torch.randint(0, split.data.num_items, (h.shape[0], t, args.k), generator=gen)
-                scores = torch.randn(h.shape[0], t, args.k, generator=gen).sort(dim=-1, descending=True).values
-                w = teacher_weights(ids, scores, tgt, strategy="confidence_consistency")
-                loss = eng.linear_loss(h, tgt, ids, scores, w, None, temperature=2.0, lambda_kd=1.0,
+                if args.weights == "step":
+                    w = teacher_weights(ids, scores, tgt, strategy="confidence_consistency")
+                loss = eng.linear_loss(h, tgt, ids, scores, w, None, temperature=args.temperature, lambda_kd=1.0,
                                        backend=args.loss_backend)
             t2 = time.perf_counter()
             eng._stash = None
@@ -118,6 +125,10 @@ def main() -> None:
                     help="local part of the catalog-parallel loss")
     ap.add_argument("--teachers", type=int, default=0, help="also time steps with T teachers' lists (0 = off)")
     ap.add_argument("--k", type=int, default=50, help="teacher list length with --teachers")
+    ap.add_argument("--temperature", type=float, default=1.0,
+                    help="KD temperature with --teachers (the packaged configs use 1; != 1 adds a second LSE pass)")
+    ap.add_argument("--weights", choices=["prepared", "step"], default="prepared",
+                    help="teacher weights outside the timed step (window-packed trainer) or inside it (streaming)")
     ap.add_argument("--out", default=str(ROOT / "benchmarks" / "scaling.json"))
     ap.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
     ap.add_argument("--result", help=argparse.SUPPRESS)
@@ -132,7 +143,8 @@ def main() -> None:
                    __file__, "--worker", "--result", str(res), "--steps", str(args.steps), "--warmup",
                    str(args.warmup), "--batch", str(args.batch), "--max-len", str(args.max_len),
                    "--dim", str(args.dim), "--zero", str(args.zero), "--loss-backend", args.loss_backend,
-                   "--teachers", str(args.teachers), "--k", str(args.k)]
+                   "--teachers", str(args.teachers), "--k", str(args.k), "--temperature", str(args.temperature),
+                   "--weights", args.weights]
             env = {**os.environ, "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "1"),
                    "PRMKD_LOG_LEVEL": "WARNING"}
             subprocess.run(cmd, cwd=ROOT, env=env, check=True, capture_output=True)
