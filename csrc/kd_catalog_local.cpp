@@ -21,16 +21,56 @@
 namespace prmkd {
 namespace {
 
-std::tuple<at::Tensor, at::Tensor, at::Tensor> kd_catalog_local_stats(const at::Tensor& user_emb,
-                                                                      const at::Tensor& item_emb,
-                                                                      const c10::optional<at::Tensor>& item_bias,
-                                                                      double temperature) {
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> kd_catalog_local_stats(
+    const at::Tensor& user_emb, const at::Tensor& item_emb, const c10::optional<at::Tensor>& item_bias,
+    double temperature, const c10::optional<at::Tensor>& sel_idx) {
   const LinearInputs in = prepare_linear(user_emb, item_emb, item_bias, /*allow_empty=*/true);
+  const int64_t B = in.B, R = in.C;
   TORCH_CHECK(temperature > 0.0 && std::isfinite(temperature), "prmkd: temperature must be > 0 and finite, got ",
               temperature);
   const bool same_tau = temperature == 1.0;
   const float inv_tau = float(1.0 / temperature);
-  const std::vector<LseState> states = linear_row_states(in, inv_tau, same_tau);
+
+  // logits at selected (row, local item) pairs, picked out of the logits blocks as the pass forms them (no
+  // [B, M, d] gather): entries bucketed by item tile, rows ascending within a tile, one cursor per tile
+  const int64_t slots = sel_idx.has_value() ? sel_idx->size(1) : 0;
+  at::Tensor sel = at::zeros({B, slots}, at::TensorOptions().dtype(at::kFloat));
+  const int64_t n_tiles = (R + kTileItems - 1) / kTileItems;
+  std::vector<int64_t> start(n_tiles + 1, 0), cursor, e_row, e_out, e_col;
+  if (sel_idx.has_value()) {
+    TORCH_CHECK(sel_idx->dim() == 2 && sel_idx->size(0) == B && sel_idx->scalar_type() == at::kLong &&
+                    sel_idx->is_contiguous(),
+                "prmkd: sel_idx must be a contiguous int64 [B=", B, ", M] tensor, got ", sel_idx->sizes(), " ",
+                sel_idx->scalar_type());
+    const int64_t* id = sel_idx->data_ptr<int64_t>();
+    for (int64_t i = 0; i < B * slots; ++i) {
+      TORCH_CHECK(id[i] >= -1 && id[i] < R, "prmkd: sel_idx[", i / slots, ", ", i % slots, "] = ", id[i],
+                  " is not a local row of this shard ([-1, ", R, "))");
+      if (id[i] >= 0) ++start[id[i] / kTileItems + 1];
+    }
+    for (int64_t t = 0; t < n_tiles; ++t) start[t + 1] += start[t];
+    cursor.assign(start.begin(), start.end() - 1);
+    e_row.resize(start[n_tiles]);
+    e_out.resize(start[n_tiles]);
+    e_col.resize(start[n_tiles]);
+    for (int64_t i = 0; i < B * slots; ++i) {  // i ascending = rows ascending: each bucket comes out row-sorted
+      if (id[i] < 0) continue;
+      const int64_t t = id[i] / kTileItems, k = cursor[t]++;
+      e_row[k] = i / slots;
+      e_out[k] = i;
+      e_col[k] = id[i] - t * kTileItems;
+    }
+    cursor.assign(start.begin(), start.end() - 1);
+  }
+  float* sel_p = sel.data_ptr<float>();
+  const std::vector<LseState> states = linear_row_states(
+      in, inv_tau, same_tau, [&](int64_t r0, int64_t m, int64_t c0, int64_t n, const float* logits) {
+        if (slots == 0) return;
+        const int64_t t = c0 / kTileItems, end = start[t + 1];
+        int64_t k = cursor[t];  // only this tile's owner thread touches cursor[t]
+        for (; k < end && e_row[k] < r0 + m; ++k) sel_p[e_out[k]] = logits[(e_row[k] - r0) * n + e_col[k]];
+        cursor[t] = k;
+      });
   auto opts = at::TensorOptions().dtype(at::kDouble);
   at::Tensor m = at::empty({in.B}, opts), s1 = at::empty({in.B}, opts), st = at::empty({in.B}, opts);
   double* m_p = m.data_ptr<double>();
@@ -41,7 +81,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> kd_catalog_local_stats(const at::
     s1_p[b] = states[b].s1;
     st_p[b] = states[b].s_tau;
   }
-  return {m, s1, st};
+  return {m, s1, st, sel};
 }
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor> kd_catalog_local_grad(

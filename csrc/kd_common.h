@@ -309,8 +309,12 @@ inline at::Tensor logits_block(const LinearInputs& in, int64_t r0, int64_t m, in
 }
 
 // Forward pass: each row's online (max, sum-exp at 1 and tau) over all in.C items, merged across threads.
-// A row of an empty catalog keeps the initial state (m = -inf, sums 0).
-inline std::vector<LseState> linear_row_states(const LinearInputs& in, float inv_tau, bool same_tau) {
+// A row of an empty catalog keeps the initial state (m = -inf, sums 0). `on_block(r0, m, c0, n, logits)` sees
+// every [m, n] block of logits (rows r0.., items c0..) once, before it is reduced, on the thread that owns its
+// tile, with the row blocks of a tile in ascending order (how the catalog-local op picks selected logits).
+template <typename OnBlock>
+inline std::vector<LseState> linear_row_states(const LinearInputs& in, float inv_tau, bool same_tau,
+                                               OnBlock&& on_block) {
   const int64_t B = in.B, C = in.C;
   const int64_t n_shares = share_count(C);
   std::vector<LseState> states(n_shares * B);
@@ -322,6 +326,7 @@ inline std::vector<LseState> linear_row_states(const LinearInputs& in, float inv
       for (int64_t r0 = 0; r0 < B; r0 += kTileRows) {
         const int64_t m = std::min(kTileRows, B - r0);
         logits_block(in, r0, m, c0, n, buf.data());
+        on_block(r0, m, c0, n, static_cast<const float*>(buf.data()));
         for (int64_t r = 0; r < m; ++r) st[r0 + r].update(buf.data() + r * n, n, inv_tau, same_tau);
       }
     }
@@ -332,6 +337,10 @@ inline std::vector<LseState> linear_row_states(const LinearInputs& in, float inv
   });
   states.resize(B);
   return states;
+}
+
+inline std::vector<LseState> linear_row_states(const LinearInputs& in, float inv_tau, bool same_tau) {
+  return linear_row_states(in, inv_tau, same_tau, [](int64_t, int64_t, int64_t, int64_t, const float*) {});
 }
 
 // Backward, dense part: with dS_bj = a_b exp(s_bj - lse1_b) + c_b exp(s_bj / tau - lse_tau_b) (recomputed tile

@@ -26,9 +26,10 @@ TORCH_LIBRARY(prmkd, m) {
       "Tensor? rank_weights, float temperature, float lambda_ce, float lambda_kd, float lambda_rank) "
       "-> (Tensor, Tensor, Tensor)");
   // catalog-parallel local part over a row shard [R, d] (R may be 0):
-  // -> (local max [B], sum exp(s - max) [B], sum exp((s - max) / tau) [B]), all float64
-  m.def("kd_catalog_local_stats(Tensor user_emb, Tensor item_emb, Tensor? item_bias, float temperature) "
-        "-> (Tensor, Tensor, Tensor)");
+  // -> (local max [B], sum exp(s - max) [B], sum exp((s - max) / tau) [B]), all float64, and the logits at the
+  // local rows sel_idx [B, M] (-1: none, logit 0) as float32 [B, M] ([B, 0] without sel_idx)
+  m.def("kd_catalog_local_stats(Tensor user_emb, Tensor item_emb, Tensor? item_bias, float temperature, "
+        "Tensor? sel_idx=None) -> (Tensor, Tensor, Tensor, Tensor)");
   // -> (local d user_emb [B, d], d item_emb [R, d], d item_bias [R] or [0] without bias), all float32
   m.def(
       "kd_catalog_local_grad(Tensor user_emb, Tensor item_emb, Tensor? item_bias, Tensor coef_lse1, "

@@ -107,13 +107,17 @@ def kd_loss_linear_rows(user_emb: Tensor, item_emb: Tensor, item_bias: Tensor | 
 
 
 def catalog_local_stats(user_emb: Tensor, item_emb: Tensor, item_bias: Tensor | None, temperature: float,
-                        chunk_rows: int | None = None) -> tuple[Tensor, Tensor, Tensor]:
+                        chunk_rows: int | None = None, sel_idx: Tensor | None = None
+                        ) -> tuple[Tensor, Tensor, Tensor, Tensor | None]:
     """The catalog-parallel local statistics (see ``reference.catalog_local_stats``) by the fused C++ op:
-    float64 (max, sum-exp at 1, sum-exp at tau) [B], without holding [B, R]. ``chunk_rows`` is unused (the op
-    tiles by itself); float32 / bfloat16 embeddings."""
+    float64 (max, sum-exp at 1, sum-exp at tau) [B], without holding [B, R], and the float32 logits at
+    ``sel_idx`` (picked out of the logits tiles as the pass forms them). ``chunk_rows`` is unused (the op tiles
+    by itself); float32 / bfloat16 embeddings."""
     bias = None if item_bias is None else item_bias.detach().contiguous()
-    return torch.ops.prmkd.kd_catalog_local_stats(user_emb.detach().contiguous(), item_emb.detach().contiguous(),
-                                                  bias, float(temperature))
+    idx = None if sel_idx is None else sel_idx.to(torch.int64).contiguous()
+    m, z1, zt, sel = torch.ops.prmkd.kd_catalog_local_stats(
+        user_emb.detach().contiguous(), item_emb.detach().contiguous(), bias, float(temperature), idx)
+    return m, z1, zt, (sel if sel_idx is not None else None)
 
 
 def catalog_local_grad(user_emb: Tensor, item_emb: Tensor, item_bias: Tensor | None, coef_lse1: Tensor,
@@ -154,9 +158,11 @@ if not _IMPORT_ERROR:
         return torch.empty_like(user_emb), torch.empty_like(item_emb), d_bias
 
     @torch.library.register_fake("prmkd::kd_catalog_local_stats")
-    def _kd_catalog_local_stats_fake(user_emb, *_):
+    def _kd_catalog_local_stats_fake(user_emb, item_emb, item_bias, temperature, sel_idx=None):
         m = user_emb.new_empty((user_emb.shape[0],), dtype=torch.float64)
-        return m, torch.empty_like(m), torch.empty_like(m)
+        slots = sel_idx.shape[1] if sel_idx is not None else 0
+        return m, torch.empty_like(m), torch.empty_like(m), user_emb.new_empty((user_emb.shape[0], slots),
+                                                                               dtype=torch.float32)
 
     @torch.library.register_fake("prmkd::kd_catalog_local_grad")
     def _kd_catalog_local_grad_fake(user_emb, item_emb, item_bias, *_):

@@ -72,23 +72,18 @@ class _CatalogStats(torch.autograd.Function):
         # without a KL term LSE_tau is not needed: tau = 1 makes the local pass compute one exp per logit
         tau = float(temperature) if need_tau else 1.0
         with torch.no_grad():
-            m, z1, zt = local.catalog_local_stats(u, w, b, tau, chunk_rows)
+            # logits at the selected ids: the owner computes them (in the same pass as its statistics),
+            # everyone else adds 0
+            local_ids = sel_ids - item_offset
+            owned = (sel_ids >= 0) & (local_ids >= 0) & (local_ids < rows)
+            idx = torch.where(owned, local_ids, torch.zeros_like(local_ids))
+            m, z1, zt, sel = local.catalog_local_stats(u, w, b, tau, chunk_rows,
+                                                       torch.where(owned, local_ids, torch.full_like(local_ids, -1)))
             lse1, lse_tau = _global_lse(m, z1, zt, tau, group)
             lse1, lse_tau = lse1.to(cdt), lse_tau.to(cdt)
             if tau == 1.0:
                 lse_tau = lse1.clone()  # the same quantity: bit-identical, as the fused op assumes at tau = 1
-
-            # logits at the selected ids: the owner computes, everyone else adds 0
-            uc = u.detach().to(cdt)
-            local_ids = sel_ids - item_offset
-            owned = (sel_ids >= 0) & (local_ids >= 0) & (local_ids < rows)
-            idx = torch.where(owned, local_ids, torch.zeros_like(local_ids))
-            sel = torch.zeros(sel_ids.shape, dtype=cdt, device=u.device)
-            if rows > 0:
-                sel = _rows_dot_gathered(uc, w, idx, cdt)
-                if b is not None:
-                    sel = sel + b[idx].to(cdt)
-                sel = torch.where(owned, sel, torch.zeros_like(sel))
+            sel = sel.to(cdt).contiguous()
             dist.all_reduce(sel, op=dist.ReduceOp.SUM, group=group)
 
         ctx.save_for_backward(u, w, b if b is not None else torch.empty(0), lse1, lse_tau, idx, owned)
@@ -114,23 +109,6 @@ class _CatalogStats(torch.autograd.Function):
         dist.all_reduce(grad_u, op=dist.ReduceOp.SUM, group=ctx.group)
         grad_b = grad_b.to(b.dtype) if (b is not None and grad_b is not None) else None
         return (grad_u.to(u.dtype), grad_w.to(w.dtype), grad_b) + (None,) * 7
-
-
-SEL_CHUNK_ROWS = 128
-"""Rows per block when computing the logits at the selected ids: a block's gathered item rows
-[128, 1 + T*K, d] stay in cache (gathering all at once wrote 247 MB for B = 6400, T*K = 150, d = 64 and
-took 4x as long on the 2-core CPU: 438 ms against 102 ms)."""
-
-
-def _rows_dot_gathered(u: Tensor, w: Tensor, idx: Tensor, dtype: torch.dtype) -> Tensor:
-    """[B, M] = u[b] . w[idx[b, m]], gathering the item rows block by block (never all [B, M, d] at once)."""
-    batch, m = idx.shape
-    out = torch.empty((batch, m), dtype=dtype, device=u.device)
-    for lo in range(0, batch, SEL_CHUNK_ROWS):
-        hi = min(lo + SEL_CHUNK_ROWS, batch)
-        rows = w.index_select(0, idx[lo:hi].reshape(-1)).view(hi - lo, m, -1).to(dtype)
-        out[lo:hi] = torch.bmm(rows, u[lo:hi].unsqueeze(2)).squeeze(2)
-    return out
 
 
 def _global_lse(m: Tensor, z1: Tensor, zt: Tensor, tau: float, group) -> tuple[Tensor, Tensor]:

@@ -77,8 +77,13 @@ def test_op_pair_matches_direct_computation(B, R, d, M, tau, with_bias, dtype):
     (m, z1, zt), (du, dw, db) = direct(user, item, bias, tau, g1, gt, lse1, lse_tau, idx, gsel)
     tol = 1e-4 if dtype == torch.float32 else 1e-2
 
-    gm, gz1, gzt = torch.ops.prmkd.kd_catalog_local_stats(user, item, bias, tau)
+    gm, gz1, gzt, gsel_logits = torch.ops.prmkd.kd_catalog_local_stats(user, item, bias, tau, idx)
     assert gm.dtype == gz1.dtype == gzt.dtype == torch.float64 and gm.shape == (B,)
+    # the logits at the selected local rows, picked out of the tiles (0 where idx = -1)
+    want_sel = torch.where(idx >= 0, s.gather(1, idx.clamp(min=0)) if R else torch.zeros(B, M, dtype=torch.float64),
+                           torch.zeros((), dtype=torch.float64))
+    assert gsel_logits.dtype == torch.float32 and gsel_logits.shape == (B, M)
+    assert rel_err(gsel_logits, want_sel) <= tol and (gsel_logits[idx < 0] == 0).all()
     if R == 0:
         assert torch.isinf(gm).all() and (gm < 0).all() and (gz1 == 0).all() and (gzt == 0).all()
     else:
@@ -107,7 +112,11 @@ def test_fused_pair_matches_chunked_reference(tau):
     user, item, bias, g1, gt, lse1, idx, gsel = make(7, B, R, d, M, torch.float32, True, scale=2.0)
     ref_stats = reference.catalog_local_stats(user.double(), item.double(), bias.double(), tau, chunk_rows=97)
     cpp_stats = cpp_backend.catalog_local_stats(user, item, bias, tau)
+    assert ref_stats[3] is None and cpp_stats[3] is None
     assert rel_err(cpp_stats[0] + cpp_stats[1].log(), ref_stats[0] + ref_stats[1].log()) <= 1e-4
+    ref_sel = reference.catalog_local_stats(user.double(), item.double(), bias.double(), tau, 97, sel_idx=idx)[3]
+    cpp_sel = cpp_backend.catalog_local_stats(user, item, bias, tau, sel_idx=idx)[3]
+    assert rel_err(cpp_sel, ref_sel) <= 1e-4 and (ref_sel[idx < 0] == 0).all()
     assert rel_err(cpp_stats[0] / tau + cpp_stats[2].log(), ref_stats[0] / tau + ref_stats[2].log()) <= 1e-4
     lse_tau = lse1 if tau == 1.0 else lse1 / tau
     args = (g1, gt, lse1, lse_tau, idx, gsel, tau)
@@ -151,6 +160,10 @@ def test_ops_reject_malformed_inputs():
         grad(user, item, None, torch.ones(5), ones, ones, ones, idx, g, 1.0)
     with pytest.raises(RuntimeError, match="temperature"):
         torch.ops.prmkd.kd_catalog_local_stats(user, item, None, 0.0)
+    with pytest.raises(RuntimeError, match="not a local row"):
+        torch.ops.prmkd.kd_catalog_local_stats(user, item, None, 1.0, torch.full((4, 2), 10))
+    with pytest.raises(RuntimeError, match="sel_idx"):
+        torch.ops.prmkd.kd_catalog_local_stats(user, item, None, 1.0, torch.zeros(5, 2, dtype=torch.long))
     with pytest.raises(RuntimeError, match="share d"):
         torch.ops.prmkd.kd_catalog_local_stats(user, torch.randn(10, 9), None, 1.0)
     with pytest.raises(RuntimeError, match="item_bias"):
@@ -163,6 +176,8 @@ def test_fake_kernels_pass_opcheck():
     idx, g = torch.randint(-1, 30, (4, 3)), torch.randn(4, 3)
     for b in (bias, None):
         torch.library.opcheck(torch.ops.prmkd.kd_catalog_local_stats, (user, item, b, 2.0),
+                              test_utils=("test_schema", "test_faketensor"))
+        torch.library.opcheck(torch.ops.prmkd.kd_catalog_local_stats, (user, item, b, 2.0, idx),
                               test_utils=("test_schema", "test_faketensor"))
         torch.library.opcheck(torch.ops.prmkd.kd_catalog_local_grad, (user, item, b, ones, ones, ones, ones, idx, g, 2.0),
                               test_utils=("test_schema", "test_faketensor"))
