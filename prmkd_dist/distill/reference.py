@@ -14,8 +14,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-__all__ = ["kd_loss_rows", "kd_loss_linear_rows", "kd_rows_from_stats", "compute_dtype", "catalog_local_stats", "selected_logits",
-           "catalog_local_grad"]
+__all__ = ["kd_loss_rows", "kd_loss_linear_rows", "kd_rows_from_stats", "compute_dtype", "catalog_local_stats",
+           "catalog_local_grad", "selected_logits"]
 
 
 def compute_dtype(dtype: torch.dtype) -> torch.dtype:

@@ -73,12 +73,11 @@ class _CatalogStats(torch.autograd.Function):
         tau = float(temperature) if need_tau else 1.0
         with torch.no_grad():
             # logits at the selected ids: the owner computes them (in the same pass as its statistics),
-            # everyone else adds 0
+            # everyone else adds 0; the same local ids (-1 = another rank's) route the sparse gradient back
             local_ids = sel_ids - item_offset
             owned = (sel_ids >= 0) & (local_ids >= 0) & (local_ids < rows)
-            idx = torch.where(owned, local_ids, torch.zeros_like(local_ids))
-            m, z1, zt, sel = local.catalog_local_stats(u, w, b, tau, chunk_rows,
-                                                       torch.where(owned, local_ids, torch.full_like(local_ids, -1)))
+            local_sel = torch.where(owned, local_ids, torch.full_like(local_ids, -1))
+            m, z1, zt, sel = local.catalog_local_stats(u, w, b, tau, chunk_rows, local_sel)
             lse1, lse_tau = _global_lse(m, z1, zt, tau, group)
             lse1, lse_tau = lse1.to(cdt), lse_tau.to(cdt)
             if tau == 1.0:
@@ -86,23 +85,22 @@ class _CatalogStats(torch.autograd.Function):
             sel = sel.to(cdt).contiguous()
             dist.all_reduce(sel, op=dist.ReduceOp.SUM, group=group)
 
-        ctx.save_for_backward(u, w, b if b is not None else torch.empty(0), lse1, lse_tau, idx, owned)
+        ctx.save_for_backward(u, w, b if b is not None else torch.empty(0), lse1, lse_tau, local_sel)
         ctx.has_bias = b is not None
         ctx.tau, ctx.need_tau, ctx.chunk_rows, ctx.group, ctx.local = tau, need_tau, chunk_rows, group, local
         return lse1, (lse_tau if need_tau else torch.zeros_like(lse1)), sel
 
     @staticmethod
     def backward(ctx, g_lse1, g_lse_tau, g_sel):
-        u, w, b, lse1, lse_tau, idx, owned = ctx.saved_tensors
+        u, w, b, lse1, lse_tau, local_sel = ctx.saved_tensors
         b = b if ctx.has_bias else None
         g1 = g_lse1 if g_lse1 is not None else torch.zeros_like(lse1)
         gt = g_lse_tau if (g_lse_tau is not None and ctx.need_tau) else torch.zeros_like(lse1)
         if g_sel is None:
-            g_sel = torch.zeros(idx.shape, dtype=lse1.dtype, device=lse1.device)
+            g_sel = torch.zeros(local_sel.shape, dtype=lse1.dtype, device=lse1.device)
         # only the owner's rows are touched: the other ranks' entries are -1 (skipped)
-        sparse_idx = torch.where(owned, idx, torch.full_like(idx, -1))
-        sparse_grad = torch.where(owned, g_sel, torch.zeros_like(g_sel))
-        grad_u, grad_w, grad_b = ctx.local.catalog_local_grad(u, w, b, g1, gt, lse1, lse_tau, sparse_idx,
+        sparse_grad = torch.where(local_sel >= 0, g_sel, torch.zeros_like(g_sel))
+        grad_u, grad_w, grad_b = ctx.local.catalog_local_grad(u, w, b, g1, gt, lse1, lse_tau, local_sel,
                                                               sparse_grad, ctx.tau, ctx.chunk_rows)
         # u is replicated: its gradient is the sum of every rank's contribution (summed before any downcast)
         grad_u = grad_u.to(compute_dtype(u.dtype)).contiguous()

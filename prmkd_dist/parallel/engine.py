@@ -433,7 +433,7 @@ def exit_after_process_group(code: int = 0) -> None:
 
     Why: two CI runs of the 2-rank gloo tests (TorchRec-sharded models, once with DeepSpeed) had a rank abort
     with "terminate called without an active exception" (SIGABRT, so torchrun reports the job failed) after
-    its work was done; it was not reproduced in 30 local runs, loaded or not. That message is a C++
+    its work was done; it was not reproduced in 22 local runs, loaded or not. That message is a C++
     ``std::thread`` destroyed while joinable, which at exit means a library's background thread outliving
     finalization (PyTorch discusses the same for gloo work objects at interpreter teardown). Every output
     of the run is written before this is called, and nothing after it has work to do."""
