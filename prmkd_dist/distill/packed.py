@@ -125,7 +125,8 @@ class WindowDistillObjective(DistillLoss):
         self.examples = training_examples(split, self.max_len, "all")
         self.rng = np.random.default_rng(cfg.run.seed)
         # normalised scores and teacher weights depend on the data and the config alone: once for every
-        # position here, not in every step (about 0.25 s per step of 6.4k rows x 3 x 50 on one CPU core)
+        # position here, not in every step (243 ms per step of 6.4k rows x 3 x 50 on one CPU core:
+        # benchmarks/profile_catalog_loss.py)
         targets = torch.from_numpy(np.asarray(split.train_items, dtype=np.int64))
         self.weights = torch.zeros(self.table.ids.shape[:2], dtype=torch.float32)
         for lo in range(0, len(targets), PREPARE_CHUNK):

@@ -157,7 +157,7 @@ def _shard_logits(u: Tensor, item: Tensor, bias: Tensor | None, lo: int, hi: int
 
 SEL_CHUNK_ROWS = 128
 """Rows per block of the selected-logits gather: a block's [128, M, d] item rows stay in cache (one
-[6400, 151, 64] gather took 4x as long on the 2-core CPU: 438 ms against 102 ms)."""
+[6400, 151, 64] gather took 2.2x as long on the 2-core CPU: 337 ms against 151 ms, benchmarks/profile_catalog_loss.py)."""
 
 
 def selected_logits(user_emb: Tensor, item_emb: Tensor, item_bias: Tensor | None, sel_idx: Tensor) -> Tensor:
