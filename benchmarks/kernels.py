@@ -187,6 +187,32 @@ def time_step(prepare: Callable[[], object], step: Callable[[object], None], dev
     return statistics.median(times), peak / 2**20
 
 
+def graph_ms(prepare: Callable[[], object], step: Callable[[object], None], device: torch.device, reps: int) -> float:
+    """Milliseconds per replay of ``step`` captured in a CUDA graph: the kernels' own time, without the
+    Python dispatch and launch latency that the plain timing includes (it dominates sub-millisecond cells).
+    Replays run back to back, so a step's result may be overwritten by the next (fine for timing)."""
+    state = prepare()
+    side = torch.cuda.Stream(device)
+    side.wait_stream(torch.cuda.current_stream(device))
+    with torch.cuda.stream(side):  # warm up on a side stream, as graph capture requires
+        step(state)
+    torch.cuda.current_stream(device).wait_stream(side)
+    if isinstance(state, torch.Tensor):
+        state.grad = None
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        step(state)
+    graph.replay()
+    torch.cuda.synchronize(device)
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    start.record()
+    for _ in range(reps):
+        graph.replay()
+    end.record()
+    torch.cuda.synchronize(device)
+    return start.elapsed_time(end) / reps
+
+
 def measure_hardware(device: torch.device) -> dict:
     """Measured HBM copy bandwidth (GB/s, read + write) and bf16 matmul rate (TFLOP/s) of this GPU."""
     if device.type != "cuda":
@@ -203,26 +229,28 @@ def measure_hardware(device: torch.device) -> dict:
 
 
 # ------------------------------------------------------------------------------------------------ backends
-def _compiled_reference(form: str):
+def _compiled_reference(form: str, tau: float):
     """torch.compile of the reference's mean loss, static shapes. Dynamo's caches are reset first: every
     cell is a new shape, and past its recompile limit Dynamo would silently run the function eagerly."""
     torch._dynamo.reset()
     if form == "logits":
         def loss(logits, target, ids, scores, weights, rank):
-            return reference.kd_loss_rows(logits, target, ids, scores, weights, rank, 0.7, 1.0, 1.0, 0.3).mean()
+            return reference.kd_loss_rows(logits, target, ids, scores, weights, rank, tau, 1.0, 1.0, 0.3).mean()
     else:
         def loss(user, item, bias, target, ids, scores, weights, rank):
             return reference.kd_loss_linear_rows(user, item, bias, target, ids, scores, weights, rank,
-                                                 0.7, 1.0, 1.0, 0.3).mean()
+                                                 tau, 1.0, 1.0, 0.3).mean()
     return torch.compile(loss, dynamic=False)
 
 
-def run_cell(cell: Cell, device: torch.device, dtype: torch.dtype, warmup: int, reps: int, hardware: dict) -> None:
+def run_cell(cell: Cell, device: torch.device, dtype: torch.dtype, warmup: int, reps: int, hardware: dict,
+             tau: float = 0.7) -> None:
     """Measure ``cell`` in place (ms, peak_mb, extra)."""
     gen = torch.Generator().manual_seed(0)
     target, ids, scores, weights, rank = _teacher_inputs(cell.batch, cell.items, cell.teachers, cell.slots,
                                                          device, gen)
-    hyper = dict(temperature=0.7, lambda_ce=1.0, lambda_kd=1.0, lambda_rank=0.3)
+    hyper = dict(temperature=tau, lambda_ce=1.0, lambda_kd=1.0, lambda_rank=0.3)
+    fwd_step = None
     if cell.form == "logits":
         base = torch.randn(cell.batch, cell.items, generator=gen).to(device=device, dtype=dtype)
 
@@ -247,9 +275,15 @@ def run_cell(cell: Cell, device: torch.device, dtype: torch.dtype, warmup: int, 
             from prmkd_dist.kernels.kd_loss import kd_loss_rows
 
             def step(x):
-                kd_loss_rows(x, target, ids, scores, weights, rank, 0.7, 1.0, 1.0, 0.3, grad_inplace=True).mean().backward()
+                kd_loss_rows(x, target, ids, scores, weights, rank, tau, 1.0, 1.0, 0.3, grad_inplace=True).mean().backward()
         else:
-            fn = _compiled_reference("logits")
+            fn = _compiled_reference("logits", tau)
+        if cell.backend.startswith("triton"):
+            from prmkd_dist.kernels.kd_loss import kd_loss_rows
+
+            def fwd_step(x):
+                with torch.no_grad():
+                    kd_loss_rows(x, target, ids, scores, weights, rank, tau, 1.0, 1.0, 0.3)
 
             def step(x):
                 fn(x, target, ids, scores, weights, rank).backward()
@@ -265,7 +299,7 @@ def run_cell(cell: Cell, device: torch.device, dtype: torch.dtype, warmup: int, 
             return None
 
         if cell.backend == "compile":
-            fn = _compiled_reference("linear")
+            fn = _compiled_reference("linear", tau)
 
             def step(_):
                 fn(user, item, bias, target, ids, scores, weights, rank).backward()
@@ -287,6 +321,16 @@ def run_cell(cell: Cell, device: torch.device, dtype: torch.dtype, warmup: int, 
             gbps = moved / (cell.ms * 1e-3) / 1e9
             cell.extra = {"achieved_gbps": gbps, "fraction_of_hbm": gbps / hardware["hbm_copy_gbps"]}
             cell.note = f"{100 * cell.extra['fraction_of_hbm']:.0f}% of copy BW"
+            if device.type == "cuda" and cell.backend != "liger":
+                # the kernels alone (CUDA graph replay): forward, and forward + backward
+                try:
+                    fwd = graph_ms(prepare, fwd_step, device, reps)
+                    both = graph_ms(prepare, step, device, reps)
+                    frac = moved / (both * 1e-3) / 1e9 / hardware["hbm_copy_gbps"]
+                    cell.extra.update(graph_ms=both, graph_fwd_ms=fwd, graph_fraction_of_hbm=frac)
+                    cell.note += f"; kernels {both:.2f} ms (fwd {fwd:.2f}) = {100 * frac:.0f}%"
+                except Exception as exc:  # noqa: BLE001 - a capture failure must not lose the plain timing
+                    cell.note += f"; graph capture failed: {type(exc).__name__}: {str(exc).splitlines()[0][:80]}"
         else:
             tflops = flops / (cell.ms * 1e-3) / 1e12
             cell.extra = {"achieved_tflops": tflops, "fraction_of_matmul": tflops / hardware["bf16_matmul_tflops"]}
@@ -329,6 +373,7 @@ def _count(text: str) -> int:
 
 def markdown(cells: list[Cell], header: dict) -> str:
     lines = [f"device: {header['device']}; dtype {header['dtype']}; T={header['teachers']} K={header['slots']}; "
+             f"tau {header['temperature']}; "
              f"median of {header['reps']} after {header['warmup']} warm-up"]
     if header.get("hardware"):
         hw = header["hardware"]
@@ -355,6 +400,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--dim", nargs="+", type=_count, default=[64, 128], help="d of the fused-linear form")
     p.add_argument("--teachers", type=int, default=3)
     p.add_argument("--slots", type=int, default=50, help="K, slots per teacher")
+    p.add_argument("--temperature", type=float, default=0.7,
+                   help="tau of every cell (1.0 takes the kernels' one-exp path: softmax(s / tau) = softmax(s))")
     p.add_argument("--dtype", choices=["float32", "bfloat16"], default=None,
                    help="default: bfloat16 on CUDA, float32 on CPU")
     p.add_argument("--device", default=None, help="default: cuda when available, else cpu")
@@ -391,7 +438,8 @@ def main(argv: list[str] | None = None) -> int:
                             continue
                         grid.append(Cell(form, backend, batch, n_items, dim, args.teachers, args.slots, str(dtype)))
     header = {"device": torch.cuda.get_device_name(device) if on_gpu else f"cpu ({os.cpu_count()} cores, {platform.processor() or platform.machine()})",
-              "dtype": str(dtype), "teachers": args.teachers, "slots": args.slots, "reps": reps, "warmup": warmup,
+              "dtype": str(dtype), "teachers": args.teachers, "slots": args.slots, "temperature": args.temperature,
+              "reps": reps, "warmup": warmup,
               "torch": torch.__version__, "hardware": hardware, "not_run": skipped,
               "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()), "command": " ".join(sys.argv)}
 
@@ -408,7 +456,7 @@ def main(argv: list[str] | None = None) -> int:
             cell.note = f"skipped: OOM estimate ({est / 2**30:.1f} GiB > {limit / 2**30:.1f} GiB)"
         else:
             try:
-                run_cell(cell, device, dtype, warmup, reps, hardware)
+                run_cell(cell, device, dtype, warmup, reps, hardware, args.temperature)
             except torch.OutOfMemoryError as exc:
                 cell.note = f"out of memory: {str(exc).splitlines()[0][:80]}"
             except Exception as exc:  # noqa: BLE001 - one broken backend must not hide the other cells

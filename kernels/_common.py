@@ -74,12 +74,19 @@ ENTRY_CHUNK = 16 if INTERPRET else 32
 """Sparse entries folded per tl.dot in the fused-linear item-gradient kernel."""
 
 
+AUTOTUNE = os.environ.get("PRMKD_TRITON_AUTOTUNE", "1") != "0"
+"""``PRMKD_TRITON_AUTOTUNE=0`` pins one config per kernel family (read at import): correctness runs on a GPU
+(``pytest tests/kernels``) then compile each test shape once instead of timing every config on it."""
+
+
 def stream_configs() -> list[triton.Config]:
     """Configs of the row-streaming kernels (one program per row, BLOCK_C columns per step).
 
     The interpreter gets one small block so that tests cover several tiles and a ragged last tile."""
     if INTERPRET:
         return [triton.Config({"BLOCK_C": 64}, num_warps=4)]
+    if not AUTOTUNE:
+        return [triton.Config({"BLOCK_C": 1024}, num_warps=4)]
     return [triton.Config({"BLOCK_C": bc}, num_warps=w) for bc in (1024, 2048, 4096) for w in (4, 8)]
 
 
@@ -91,6 +98,8 @@ def linear_configs() -> list[triton.Config]:
     Configs that do not fit fail to launch and the autotuner skips them."""
     if INTERPRET:
         return [triton.Config({"BLOCK_B": 16, "BLOCK_C": 32}, num_warps=4)]
+    if not AUTOTUNE:  # the smallest tile: fits shared memory for every dtype and d <= MAX_LINEAR_DIM
+        return [triton.Config({"BLOCK_B": 32, "BLOCK_C": 32}, num_warps=4, num_stages=2)]
     return [
         triton.Config({"BLOCK_B": bb, "BLOCK_C": bc}, num_warps=w, num_stages=st)
         for bb, bc, w, st in (
@@ -137,14 +146,21 @@ class TeacherInputs:
 
 
 @triton.jit
-def online_lse_update(m2, sum1, sumt, x2, inv_tau):
+def online_lse_update(m2, sum1, sumt, x2, inv_tau, UNIT_TAU: tl.constexpr):
     """One step of the two running log-sum-exps of the rows of a [R, BLOCK] tile, in the log2 domain
     (x2 = s * log2 e; masked entries are -inf). m2, sum1, sumt are [R]: the running max, sum exp2(x2 - max)
-    and sum exp2((x2 - max) / tau). Returns their new values."""
+    and sum exp2((x2 - max) / tau). Returns their new values.
+
+    UNIT_TAU (tau == 1): the two sums are one, so one exp2 per entry instead of two. The streaming passes
+    are bound by the special-function unit's exp2 rate about as much as by memory (an H200 SM retires 16
+    exp2 per clock: two per bf16 logit is ~2 ms for 4e9 logits, as long as reading them once)."""
     m_new = tl.maximum(m2, tl.max(x2, axis=1))
     shifted = x2 - m_new[:, None]
     sum1 = sum1 * tl.exp2(m2 - m_new) + tl.sum(tl.exp2(shifted), axis=1)
-    sumt = sumt * tl.exp2((m2 - m_new) * inv_tau) + tl.sum(tl.exp2(shifted * inv_tau), axis=1)
+    if UNIT_TAU:
+        sumt = sum1
+    else:
+        sumt = sumt * tl.exp2((m2 - m_new) * inv_tau) + tl.sum(tl.exp2(shifted * inv_tau), axis=1)
     return m_new, sum1, sumt
 
 

@@ -29,13 +29,14 @@ __all__ = ["kd_loss_rows"]
 _LOGITS_DTYPES = (torch.float32, torch.bfloat16)
 
 
-@triton.autotune(configs=stream_configs(), key=["C"])
+@triton.autotune(configs=stream_configs(), key=["C", "UNIT_TAU"])
 @triton.jit
 def _kd_fwd_kernel(
     logits_ptr, stride_row, target_ptr, ids_ptr, scores_ptr, tw_ptr, rw_ptr,
     loss_ptr, lse1_ptr, lset_ptr, wsum_ptr, coef_ptr,
     C, T, K, tau, lambda_ce, lambda_kd, lambda_rank,
-    HAS_RANK: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_C: tl.constexpr,
+    HAS_RANK: tl.constexpr, UNIT_TAU: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_K: tl.constexpr,
+    BLOCK_C: tl.constexpr,
 ):
     row = tl.program_id(0).to(tl.int64)
     base = logits_ptr + row * stride_row
@@ -48,7 +49,7 @@ def _kd_fwd_kernel(
     for c0 in range(0, C, BLOCK_C):
         mask = c0 + cols < C
         x = tl.load(base + c0 + cols, mask=mask, other=float("-inf")).to(tl.float32)
-        m2, sum1, sumt = online_lse_update(m2, sum1, sumt, x * LOG2E, inv_tau)
+        m2, sum1, sumt = online_lse_update(m2, sum1, sumt, x * LOG2E, inv_tau, UNIT_TAU)
     lse1 = tl.sum((m2 + tl.log2(sum1)) * LN2, axis=0)
     lset = tl.sum((m2 * inv_tau + tl.log2(sumt)) * LN2, axis=0)
 
@@ -80,13 +81,13 @@ def _kd_fwd_kernel(
 
 
 # In-place backward writes over its input: while tuning, every trial run must start from the original buffer.
-@triton.autotune(configs=stream_configs(), key=["C"], restore_value=["grad_ptr"])
+@triton.autotune(configs=stream_configs(), key=["C", "UNIT_TAU"], restore_value=["grad_ptr"])
 @triton.jit
 def _kd_bwd_kernel(
     logits_ptr, stride_row, grad_ptr, stride_grad, gout_ptr, target_ptr, ids_ptr, coef_ptr,
     lse1_ptr, lset_ptr, wsum_ptr,
     C, N, tau, lambda_ce, lambda_kd,
-    BLOCK_N: tl.constexpr, CHUNK_N: tl.constexpr, BLOCK_C: tl.constexpr,
+    UNIT_TAU: tl.constexpr, BLOCK_N: tl.constexpr, CHUNK_N: tl.constexpr, BLOCK_C: tl.constexpr,
 ):
     row = tl.program_id(0).to(tl.int64)
     base = logits_ptr + row * stride_row
@@ -121,7 +122,10 @@ def _kd_bwd_kernel(
     for c0 in range(0, C, BLOCK_C):
         mask = c0 + cols < C
         x = tl.load(base + c0 + cols, mask=mask, other=0.0).to(tl.float32)
-        d = dense_1 * tl.exp2((x - lse1) * LOG2E) + dense_t * tl.exp2((x * inv_tau - lset) * LOG2E)
+        if UNIT_TAU:  # softmax(s) and softmax(s / tau) are one: one exp2 per logit
+            d = (dense_1 + dense_t) * tl.exp2((x - lse1) * LOG2E)
+        else:
+            d = dense_1 * tl.exp2((x - lse1) * LOG2E) + dense_t * tl.exp2((x * inv_tau - lset) * LOG2E)
         tl.store(gbase + c0 + cols, d.to(grad_ptr.dtype.element_ty), mask=mask)
     tl.debug_barrier()  # the dense stream is complete before the sparse values replace it
 
@@ -149,7 +153,8 @@ class _KDLossRows(torch.autograd.Function):
                 loss, lse1, lset, wsum, coef,
                 n_cols, teachers.n_teachers, teachers.k_slots, float(temperature),
                 float(lambda_ce), float(lambda_kd), float(lambda_rank),
-                HAS_RANK=teachers.has_rank, BLOCK_T=teachers.block_t, BLOCK_K=teachers.block_k,
+                HAS_RANK=teachers.has_rank, UNIT_TAU=float(temperature) == 1.0,
+                BLOCK_T=teachers.block_t, BLOCK_K=teachers.block_k,
             )
         ctx.save_for_backward(logits, target, teachers.ids, coef, lse1, lset, wsum)
         ctx.params = (float(temperature), float(lambda_ce), float(lambda_kd), teachers.block_n, grad_inplace)
@@ -172,7 +177,7 @@ class _KDLossRows(torch.autograd.Function):
             _kd_bwd_kernel[(batch,)](
                 logits, logits.stride(0), grad, grad.stride(0), g, target, ids, coef, lse1, lset, wsum,
                 n_cols, ids.shape[1] * ids.shape[2], temperature, lambda_ce, lambda_kd,
-                BLOCK_N=block_n, CHUNK_N=SLOT_CHUNK,
+                UNIT_TAU=temperature == 1.0, BLOCK_N=block_n, CHUNK_N=SLOT_CHUNK,
             )
         return grad, None, None, None, None, None, None, None, None, None, None
 

@@ -58,8 +58,11 @@ def _logits_tile(u, e_ptr, bias_ptr, cols, c_mask, d_idx, d_mask, stride_e,
 
 
 @triton.jit
-def _dense_grad(s, g_dense1, g_denset, lse1, lset, inv_tau):
-    """Dense part of d l / d s for a [rows, cols] tile (rows' factors already multiplied by the upstream g)."""
+def _dense_grad(s, g_dense1, g_denset, lse1, lset, inv_tau, UNIT_TAU: tl.constexpr):
+    """Dense part of d l / d s for a [rows, cols] tile (rows' factors already multiplied by the upstream g);
+    UNIT_TAU: the two softmaxes are one (lset == lse1), one exp2 per logit."""
+    if UNIT_TAU:
+        return (g_dense1 + g_denset)[:, None] * tl.exp2((s - lse1[:, None]) * LOG2E)
     return (g_dense1[:, None] * tl.exp2((s - lse1[:, None]) * LOG2E)
             + g_denset[:, None] * tl.exp2((s * inv_tau - lset[:, None]) * LOG2E))
 
@@ -73,12 +76,12 @@ def _split_range(C, SPLITS, BLOCK_C: tl.constexpr):
     return start, tl.minimum(start + chunk, C)
 
 
-@triton.autotune(configs=linear_configs(), key=["C", "D", "SPLITS"])
+@triton.autotune(configs=linear_configs(), key=["C", "D", "SPLITS", "UNIT_TAU"])
 @triton.jit
 def _lin_lse_kernel(
     u_ptr, e_ptr, bias_ptr, lse1_ptr, lset_ptr,
     B, C, D, SPLITS, stride_u, stride_e, tau,
-    HAS_BIAS: tl.constexpr, D_PAD: tl.constexpr, DOT_PREC: tl.constexpr,
+    HAS_BIAS: tl.constexpr, UNIT_TAU: tl.constexpr, D_PAD: tl.constexpr, DOT_PREC: tl.constexpr,
     BLOCK_B: tl.constexpr, BLOCK_C: tl.constexpr,
 ):
     """Partial LSEs of one row block over one catalog split, to lse1_ptr / lset_ptr [SPLITS, B]."""
@@ -99,7 +102,7 @@ def _lin_lse_kernel(
         c_mask = cols < end
         s, _ = _logits_tile(u, e_ptr, bias_ptr, cols, c_mask, d_idx, d_mask, stride_e, HAS_BIAS, DOT_PREC)
         x2 = tl.where(c_mask[None, :], s * LOG2E, float("-inf"))
-        m2, sum1, sumt = online_lse_update(m2, sum1, sumt, x2, inv_tau)
+        m2, sum1, sumt = online_lse_update(m2, sum1, sumt, x2, inv_tau, UNIT_TAU)
     # an empty split stores -inf (log2 of a zero sum), which the logsumexp over splits ignores
     tl.store(lse1_ptr + out + rows, (m2 + tl.log2(sum1)) * LN2, mask=r_mask)
     tl.store(lset_ptr + out + rows, (m2 * inv_tau + tl.log2(sumt)) * LN2, mask=r_mask)
@@ -155,12 +158,12 @@ def _lin_terms_kernel(
     tl.store(coef_ptr + slot, coef, mask=in_tile)
 
 
-@triton.autotune(configs=linear_configs(), key=["C", "D", "SPLITS"])
+@triton.autotune(configs=linear_configs(), key=["C", "D", "SPLITS", "UNIT_TAU"])
 @triton.jit
 def _lin_grad_user_kernel(
     u_ptr, e_ptr, bias_ptr, gout_ptr, target_ptr, ids_ptr, coef_ptr, lse1_ptr, lset_ptr, wsum_ptr, du_ptr,
     B, C, D, N, SPLITS, stride_u, stride_e, tau, lambda_ce, lambda_kd,
-    HAS_BIAS: tl.constexpr, D_PAD: tl.constexpr, DOT_PREC: tl.constexpr,
+    HAS_BIAS: tl.constexpr, UNIT_TAU: tl.constexpr, D_PAD: tl.constexpr, DOT_PREC: tl.constexpr,
     BLOCK_B: tl.constexpr, BLOCK_C: tl.constexpr,
 ):
     """fp32 partial dU of one row block over one catalog split, to du_ptr [SPLITS, B, D] (contiguous)."""
@@ -187,7 +190,7 @@ def _lin_grad_user_kernel(
         cols = c0 + tl.arange(0, BLOCK_C)
         c_mask = cols < end
         s, e = _logits_tile(u, e_ptr, bias_ptr, cols, c_mask, d_idx, d_mask, stride_e, HAS_BIAS, DOT_PREC)
-        ds = tl.where(c_mask[None, :], _dense_grad(s, g_dense1, g_denset, lse1, lset, inv_tau), 0.0)
+        ds = tl.where(c_mask[None, :], _dense_grad(s, g_dense1, g_denset, lse1, lset, inv_tau, UNIT_TAU), 0.0)
         acc += dot(ds.to(e.dtype), e, DOT_PREC)
 
     # sparse part (split 0 only): each teacher slot of these rows, then the target's -lambda_ce
@@ -205,13 +208,13 @@ def _lin_grad_user_kernel(
              mask=r_mask[:, None] & d_mask[None, :])
 
 
-@triton.autotune(configs=linear_configs(), key=["C", "D"])
+@triton.autotune(configs=linear_configs(), key=["C", "D", "UNIT_TAU"])
 @triton.jit
 def _lin_grad_item_kernel(
     u_ptr, e_ptr, bias_ptr, gout_ptr, target_ptr, lse1_ptr, lset_ptr, wsum_ptr,
     entry_item_ptr, entry_row_ptr, entry_val_ptr, bounds_ptr, de_ptr, dbias_ptr,
     B, C, D, n_bounds, stride_u, stride_e, tau, lambda_ce, lambda_kd,
-    HAS_BIAS: tl.constexpr, D_PAD: tl.constexpr, DOT_PREC: tl.constexpr, GRANULE: tl.constexpr,
+    HAS_BIAS: tl.constexpr, UNIT_TAU: tl.constexpr, D_PAD: tl.constexpr, DOT_PREC: tl.constexpr, GRANULE: tl.constexpr,
     CHUNK: tl.constexpr, BLOCK_B: tl.constexpr, BLOCK_C: tl.constexpr,
 ):
     pid = tl.program_id(0)
@@ -242,7 +245,7 @@ def _lin_grad_item_kernel(
         if HAS_BIAS:
             s += bias[None, :]
         ds = tl.where(r_mask[:, None] & c_mask[None, :],
-                      _dense_grad(s, g_dense1, g_denset, lse1, lset, inv_tau), 0.0)
+                      _dense_grad(s, g_dense1, g_denset, lse1, lset, inv_tau, UNIT_TAU), 0.0)
         acc += dot(tl.trans(ds.to(u.dtype)), u, DOT_PREC)
         acc_bias += tl.sum(ds, axis=0)
 
@@ -302,7 +305,8 @@ class _KDLossLinearRows(torch.autograd.Function):
         splits = catalog_splits(batch, n_items, user_emb.device)
         lse1_parts, lset_parts = (torch.empty((splits, batch), **f32) for _ in range(2))
         coef = torch.empty((batch, teachers.n_teachers, teachers.k_slots), **f32)
-        common = dict(HAS_BIAS=has_bias, D_PAD=_d_pad(dim), DOT_PREC=dot_precision(user_emb.dtype))
+        common = dict(HAS_BIAS=has_bias, UNIT_TAU=float(temperature) == 1.0, D_PAD=_d_pad(dim),
+                      DOT_PREC=dot_precision(user_emb.dtype))
         if batch > 0:
             _lin_lse_kernel[lambda meta: (triton.cdiv(batch, meta["BLOCK_B"]), splits)](
                 user_emb, item_emb, bias, lse1_parts, lset_parts,
@@ -332,7 +336,8 @@ class _KDLossLinearRows(torch.autograd.Function):
         g = grad_loss.detach().to(torch.float32).contiguous()  # a mean's grad arrives as a stride-0 view
         d_item = torch.empty_like(item_emb)
         d_bias = torch.empty_like(bias) if has_bias else None
-        common = dict(HAS_BIAS=has_bias, D_PAD=_d_pad(dim), DOT_PREC=dot_precision(user_emb.dtype))
+        common = dict(HAS_BIAS=has_bias, UNIT_TAU=float(temperature) == 1.0, D_PAD=_d_pad(dim),
+                      DOT_PREC=dot_precision(user_emb.dtype))
         if batch == 0:
             d_user = torch.empty_like(user_emb)
             d_item.zero_()
