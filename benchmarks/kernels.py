@@ -278,15 +278,15 @@ def run_cell(cell: Cell, device: torch.device, dtype: torch.dtype, warmup: int, 
                 kd_loss_rows(x, target, ids, scores, weights, rank, tau, 1.0, 1.0, 0.3, grad_inplace=True).mean().backward()
         else:
             fn = _compiled_reference("logits", tau)
+
+            def step(x):
+                fn(x, target, ids, scores, weights, rank).backward()
         if cell.backend.startswith("triton"):
             from prmkd_dist.kernels.kd_loss import kd_loss_rows
 
             def fwd_step(x):
                 with torch.no_grad():
                     kd_loss_rows(x, target, ids, scores, weights, rank, tau, 1.0, 1.0, 0.3)
-
-            def step(x):
-                fn(x, target, ids, scores, weights, rank).backward()
         moved = 3 * cell.batch * cell.items * base.element_size()  # read, read again, write the gradient
     else:
         user = torch.randn(cell.batch, cell.dim, generator=gen).to(device=device, dtype=dtype).requires_grad_(True)
