@@ -122,7 +122,8 @@ class WindowDistillObjective(DistillLoss):
         self.k = self.table.k
         self.split, self.max_len, self.batch_size = split, cfg.data.max_len, cfg.optim.batch_size
         self.offsets = torch.as_tensor(np.asarray(split.train_offsets, dtype=np.int64))
-        self.examples = training_examples(split, self.max_len, "all")
+        self.stride = cfg.data.window_stride or None  # overlapping windows: see train/trainer.py
+        self.examples = training_examples(split, self.max_len, "all", self.stride)
         self.rng = np.random.default_rng(cfg.run.seed)
         # normalised scores and teacher weights depend on the data and the config alone: once for every
         # position here, not in every step (243 ms per step of 6.4k rows x 3 x 50 on one CPU core:
@@ -146,7 +147,7 @@ class WindowDistillObjective(DistillLoss):
         for j in range(self.num_batches()):
             ex = order[j * self.batch_size:(j + 1) * self.batch_size]
             users, ends = torch.from_numpy(ex[:, 0]), torch.from_numpy(ex[:, 1])
-            inputs, targets = training_batch(self.split, ex[:, 0], self.max_len, ex[:, 1])
+            inputs, targets = training_batch(self.split, ex[:, 0], self.max_len, ex[:, 1], self.stride)
             # column c of a window ending at `end` predicts position end - max_len + c of the user's prefix
             pos = ends[:, None] - self.max_len + torch.arange(self.max_len)[None, :]
             keys = self.offsets[users][:, None] + pos

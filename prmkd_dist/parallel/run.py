@@ -253,7 +253,8 @@ def train_distributed(cfg: TrainConfig, pcfg: ParallelConfig, max_steps: int = 0
     dist.barrier()
     ckpt_root = out_dir / "dist_checkpoint"
     record = out_dir / f"examples_rank{rank}.jsonl" if record_examples else None
-    examples = (training_examples(split, cfg.data.max_len, cfg.data.windows) if objective is None
+    stride = cfg.data.window_stride if cfg.data.windows == "all" else None
+    examples = (training_examples(split, cfg.data.max_len, cfg.data.windows, stride) if objective is None
                 else objective.examples)  # [N, 2] (user, end) or (user, position)
     sampler = GlobalBatchSampler(np.arange(len(examples)), cfg.optim.batch_size, cfg.run.seed, rank, world)
 
@@ -280,7 +281,7 @@ def train_distributed(cfg: TrainConfig, pcfg: ParallelConfig, max_steps: int = 0
             ids = sampler.local_batch(epoch, j)
             users, ends = examples[ids, 0], examples[ids, 1]
             if objective is None:
-                inputs, targets = training_batch(split, users, cfg.data.max_len, ends)
+                inputs, targets = training_batch(split, users, cfg.data.max_len, ends, stride)
                 loss = next_item_loss(engine, inputs.to(device), targets.to(device))
             else:
                 loss = objective.loss(engine, objective.batch(examples[ids]))

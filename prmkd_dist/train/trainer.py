@@ -2,9 +2,12 @@
 
 An example is a window of a user's training prefix: input = window[:-1], targets = window[1:] at every
 position (left-padded to ``max_len``). ``data.windows`` picks the windows: ``last`` = one per user, the most
-recent ``max_len`` items (the SASRec paper's setting); ``all`` = the whole prefix cut into consecutive windows
-ending at its last item, so every training interaction is a target exactly once (long MovieLens histories
-otherwise lose most of their interactions). The loss is full-softmax cross-entropy over the whole catalog at
+recent ``max_len`` items (the SASRec paper's setting); ``all`` = the whole prefix cut into windows ending at its
+last item, every ``data.window_stride`` items, so every training interaction is a target exactly once (long
+MovieLens histories otherwise lose most of their interactions). With a stride below ``max_len`` the windows
+overlap and each window's first ``max_len - stride`` positions are context only (no target): every target then
+sees at least ``max_len - stride`` earlier items, where consecutive windows (stride = ``max_len``) leave the first
+target of each window with one item of history. The loss is full-softmax cross-entropy over the whole catalog at
 every real position (``next_item_loss``). Model selection uses validation NDCG@10 only; the test split
 is evaluated once, with the best weights, at the end.
 
@@ -25,6 +28,7 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
+from prmkd_dist.constants import PAD_ID
 from prmkd_dist.data.dataset import LeaveOneOutSplit, left_pad
 from prmkd_dist.models.base import SequentialStudent
 from prmkd_dist.train.config import TrainConfig, load_config, save_config
@@ -75,32 +79,49 @@ def trainable_users(split: LeaveOneOutSplit) -> np.ndarray:
 WINDOWS = ("last", "all")
 
 
-def training_examples(split: LeaveOneOutSplit, max_len: int, windows: str = "last") -> np.ndarray:
+def window_stride(max_len: int, stride: int | None) -> int:
+    """The stride of ``all`` windows: ``stride`` in 1..max_len, or max_len for None / 0 (no overlap)."""
+    if not stride:
+        return max_len
+    if not 1 <= stride <= max_len:
+        raise ValueError(f"window stride must be in 1..max_len ({max_len}), got {stride}")
+    return int(stride)
+
+
+def training_examples(split: LeaveOneOutSplit, max_len: int, windows: str = "last",
+                      stride: int | None = None) -> np.ndarray:
     """[N, 2] int64 rows (user, end): the example is ``train_sequence(user)[:end]`` (its last ``max_len`` + 1
     items make the window). ``last``: end = the prefix length, one row per trainable user. ``all``: ends
-    n, n - max_len, n - 2 * max_len, ... (>= 2), so the windows' targets tile positions 1..n-1 exactly."""
+    n, n - S, n - 2 * S, ... (>= 2) with S = ``window_stride(max_len, stride)``; a window owns the targets of
+    its last S positions (``training_batch`` with the same stride masks the others), so the windows' targets
+    tile positions 1..n-1 exactly."""
     if windows not in WINDOWS:
         raise ValueError(f"windows must be one of {WINDOWS}, got {windows!r}")
     users = trainable_users(split)
     lengths = np.diff(split.train_offsets)[users]
     if windows == "last":
         return np.stack([users, lengths], axis=1).astype(np.int64)
-    counts = -(-(lengths - 1) // max_len)  # windows per user: ceil((n - 1) / max_len) targets of max_len each
+    step = window_stride(max_len, stride)
+    counts = -(-(lengths - 1) // step)  # windows per user: ceil((n - 1) / S), each owning S targets
     rows = np.repeat(np.arange(len(users)), counts)
     k = np.arange(len(rows)) - np.repeat(np.cumsum(counts) - counts, counts)  # 0 = the most recent window
-    return np.stack([users[rows], lengths[rows] - k * max_len], axis=1).astype(np.int64)
+    return np.stack([users[rows], lengths[rows] - k * step], axis=1).astype(np.int64)
 
 
 def training_batch(split: LeaveOneOutSplit, users: np.ndarray, max_len: int,
-                   ends: np.ndarray | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+                   ends: np.ndarray | None = None, stride: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """[B, max_len] inputs and next-item targets (PAD_ID where there is no target) for ``users``; with
     ``ends``, the example of row i is the first ``ends[i]`` training items of ``users[i]`` (see
-    :func:`training_examples`), otherwise the whole training prefix."""
+    :func:`training_examples`), otherwise the whole training prefix. With ``stride`` S < max_len (overlapping
+    ``all`` windows) the first max_len - S target columns are PAD: context only, owned by an older window."""
     seqs = [split.train_sequence(u) for u in users]
     if ends is not None:
         seqs = [s[:e] for s, e in zip(seqs, ends)]
     inputs = left_pad([s[:-1] for s in seqs], max_len)
     targets = left_pad([s[1:] for s in seqs], max_len)
+    context = max_len - window_stride(max_len, stride)
+    if context:
+        targets[:, :context] = PAD_ID
     return torch.from_numpy(inputs), torch.from_numpy(targets)
 
 
@@ -126,9 +147,10 @@ class NextItemObjective:
     that a checkpoint stores (a method that extends the student bakes its extension in)."""
 
     def __init__(self, split: LeaveOneOutSplit, max_len: int, batch_size: int, seed: int, device: torch.device,
-                 windows: str = "last"):
+                 windows: str = "last", stride: int | None = None):
         self.split, self.max_len, self.batch_size, self.device = split, max_len, batch_size, device
-        self.examples = training_examples(split, max_len, windows)
+        self.stride = stride if windows == "all" else None
+        self.examples = training_examples(split, max_len, windows, self.stride)
         if len(self.examples) == 0:
             raise ValueError(f"{split.data.name}: no user has >= 2 training items; nothing to train on")
         self.rng = np.random.default_rng(seed)
@@ -140,7 +162,7 @@ class NextItemObjective:
         order = self.examples[self.rng.permutation(len(self.examples))]
         for s in range(0, len(order), self.batch_size):
             rows = order[s:s + self.batch_size]
-            yield training_batch(self.split, rows[:, 0], self.max_len, rows[:, 1])
+            yield training_batch(self.split, rows[:, 0], self.max_len, rows[:, 1], self.stride)
 
     def loss(self, engine: Engine, batch) -> torch.Tensor:
         inputs, targets = batch
@@ -265,7 +287,7 @@ def train(cfg: TrainConfig, split: LeaveOneOutSplit | None = None,
         objective = student_objective(cfg, split, model)
     if objective is None:
         objective = NextItemObjective(split, cfg.data.max_len, cfg.optim.batch_size, cfg.run.seed, device,
-                                      cfg.data.windows)
+                                      cfg.data.windows, cfg.data.window_stride)
     writer = _tb_writer(cfg)
     eval_kw = _eval_kwargs(cfg)
 

@@ -46,6 +46,10 @@ def test_wrong_type_names_key_and_expectation(tmp_path):
         load_config(write(tmp_path, BASE + "optim: {lr: fast}\n"))
     with pytest.raises(ConfigError, match=r"optim\.epochs=0: expected a value >= 1"):
         load_config(write(tmp_path, BASE), ["optim.epochs=0"])
+    with pytest.raises(ConfigError, match=r"data\.window_stride.*expected 0 \(= max_len\) or 1\.\.max_len"):
+        load_config(write(tmp_path, BASE), ["data.windows=all", "data.max_len=10", "data.window_stride=11"])
+    with pytest.raises(ConfigError, match=r"data\.window_stride.*only applies to windows: all"):
+        load_config(write(tmp_path, BASE), ["data.windows=last", "data.window_stride=2"])
 
 
 def test_missing_required_key(tmp_path):

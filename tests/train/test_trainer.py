@@ -131,6 +131,26 @@ def test_all_windows_make_every_training_interaction_a_target_once():
         training_examples(split, 3, "sliding")
 
 
+def test_overlapping_windows_give_every_target_context_and_each_target_once():
+    # user 0 prefix [1..8]; max_len 4, stride 2: windows end at 8, 6, 4, 2 and own their last 2 targets
+    split = LeaveOneOutSplit.of(tiny_data([list(range(1, 11)), [20, 21, 22, 23, 24]], num_items=30))
+    ex = training_examples(split, 4, "all", stride=2)
+    assert ex.tolist() == [[0, 8], [0, 6], [0, 4], [0, 2], [1, 3]]
+    x, y = training_batch(split, ex[:, 0], 4, ex[:, 1], stride=2)
+    assert x.tolist() == [[4, 5, 6, 7], [2, 3, 4, 5], [-1, 1, 2, 3], [-1, -1, -1, 1], [-1, -1, 20, 21]]
+    assert y.tolist() == [[-1, -1, 7, 8], [-1, -1, 5, 6], [-1, -1, 3, 4], [-1, -1, -1, 2], [-1, -1, 21, 22]]
+    assert sorted(int(t) for t in y[y >= 0]) == [2, 3, 4, 5, 6, 7, 8, 21, 22]
+    # every target but the first two of a prefix sees >= max_len - stride earlier items in its window
+    for row_x, row_y in zip(x.tolist(), y.tolist()):
+        for c, t in enumerate(row_y):
+            if t >= 0 and t not in (2, 21):
+                assert sum(v >= 0 for v in row_x[:c + 1]) >= 2
+    # stride = max_len (or 0) is the consecutive windows of the test above
+    assert training_examples(split, 4, "all", stride=4).tolist() == training_examples(split, 4, "all").tolist()
+    with pytest.raises(ValueError, match="window stride must be in 1..max_len"):
+        training_examples(split, 4, "all", stride=5)
+
+
 def test_time_budget_stops_after_the_epoch_and_keeps_the_best(ml_split, tmp_path):
     cfg = config_from_dict({
         "data": {"dataset": "unused", "max_len": 5},
