@@ -67,6 +67,10 @@ is a multiple of it."""
 GATHER_BLOCK_D = 16 if INTERPRET else 32
 """Embedding columns gathered per step when recomputing logits at teacher/target ids."""
 
+GATHER_BLOCK_M = 16 if INTERPRET else 64
+"""Selected ids per program of the catalog-parallel selected-logits gather (the interpreter's 16 puts the
+tests' M over several programs)."""
+
 SLOT_CHUNK = 16
 """Slots compared per step when the backward sums the coefficients of duplicate ids."""
 

@@ -7,21 +7,24 @@ notation (lse1, lset, wsum, sparse coefficients) is in ``prmkd_dist.kernels._com
 Forward:
 1. ``_lin_lse_kernel``, one program per BLOCK_B rows and catalog split: streams over its share of C in
    BLOCK_C item tiles, each logits tile a ``tl.dot`` in registers (fp32 accumulation), keeping both running
-   LSEs per row; the splits' partial LSEs are combined by a logsumexp over [splits, B].
+   LSEs per row; each split stores its partial (max, sum-exp, sum-exp at tau), combined on the host
+   (``split_lse_stats`` / ``combine_splits``).
 2. ``_lin_terms_kernel``, one program per row: recomputes the logits at the target and the T*K teacher ids
-   as gathered dot products and evaluates CE, KL and ranking terms (shared ``teacher_terms``).
+   as gathered dot products (``gathered_logits``) and evaluates CE, KL and ranking terms (shared ``teacher_terms``).
 
-Backward (dS = dense softmax part + sparse part at the ids, as in ``kd_loss.py``):
+Backward (dS = dense softmax part + sparse part at the ids, as in ``kd_loss.py``), by ``linear_grads`` from
+per-row dense factors (of softmax_1 and softmax_tau) and sparse (row, item, value) entries, the form the
+catalog-parallel local part (``kd_catalog_local.py``) needs too:
 3. ``_lin_grad_user_kernel``, per row block and catalog split: recomputes logits tiles,
    dU += dS_dense @ E_tile into an fp32 partial per split (split 0 also adds the sparse part
-   ``sum_slots g * coef * E[id]`` row by row); the partials are summed.
+   ``sum_entries value * E[item]`` row by row); the partials are summed.
 4. ``_lin_grad_item_kernel``, per item block: recomputes logits tiles over all rows, dE += dS_dense^T @ U,
    dbias += column sums, then folds in the sparse entries whose item falls in the block. The entries are
    sorted by item once (torch.sort on B*(T*K+1) ids) so each program reads only its own range.
 The item gradient uses its own pass over column blocks instead of atomics: every dE element is written
 exactly once (deterministic, no contention on hot items, no fp32 [C, d] staging buffer for bf16 tables).
 The price is recomputing the logits tiles once more (three logits matmuls in all, against one plus the
-[B, C] round trips of the unfused path). Memory: O(B*d + C*d + B*T*K), plus splits*B*(d+2) fp32 partials.
+[B, C] round trips of the unfused path). Memory: O(B*d + C*d + B*T*K), plus splits*B*(d+3) fp32 partials.
 
 Why the catalog splits: with one program per row block, B = 1024 and BLOCK_B = 64 launch 16 programs on a
 132-SM H200, each streaming all of C (measured 2% of the bf16 matmul rate at C = 1e6). Splitting C fills the
@@ -29,18 +32,21 @@ chip the way split-K fills it for a short, deep matmul; ``catalog_splits`` sizes
 """
 from __future__ import annotations
 
+import math
+
 import torch
 import triton
 import triton.language as tl
 from torch import Tensor
 
 from prmkd_dist.kernels._common import (
-    ENTRY_CHUNK, GATHER_BLOCK_D, INTERPRET, LN2, LOG2E, MAX_LINEAR_DIM, NEG_BIG, SPARSE_GRANULE, TeacherInputs, dot,
+    ENTRY_CHUNK, GATHER_BLOCK_D, INTERPRET, LOG2E, MAX_LINEAR_DIM, NEG_BIG, SPARSE_GRANULE, TeacherInputs, dot,
     dot_precision,
     linear_configs, online_lse_update, teacher_terms,
 )
 
-__all__ = ["kd_loss_linear_rows"]
+__all__ = ["kd_loss_linear_rows", "split_lse_stats", "combine_splits", "linear_grads", "gathered_logits",
+           "check_embeddings"]
 
 _EMB_DTYPES = (torch.float32, torch.bfloat16)
 
@@ -79,12 +85,13 @@ def _split_range(C, SPLITS, BLOCK_C: tl.constexpr):
 @triton.autotune(configs=linear_configs(), key=["C", "D", "SPLITS", "UNIT_TAU"])
 @triton.jit
 def _lin_lse_kernel(
-    u_ptr, e_ptr, bias_ptr, lse1_ptr, lset_ptr,
+    u_ptr, e_ptr, bias_ptr, m2_ptr, sum1_ptr, sumt_ptr,
     B, C, D, SPLITS, stride_u, stride_e, tau,
     HAS_BIAS: tl.constexpr, UNIT_TAU: tl.constexpr, D_PAD: tl.constexpr, DOT_PREC: tl.constexpr,
     BLOCK_B: tl.constexpr, BLOCK_C: tl.constexpr,
 ):
-    """Partial LSEs of one row block over one catalog split, to lse1_ptr / lset_ptr [SPLITS, B]."""
+    """Partial LSE state of one row block over one catalog split (``online_lse_update``'s max in log2 units,
+    sum exp2(x2 - max), sum exp2((x2 - max) / tau)), to m2_ptr / sum1_ptr / sumt_ptr [SPLITS, B]."""
     start, end = _split_range(C, SPLITS, BLOCK_C)
     out = tl.program_id(1).to(tl.int64) * B
     rows = tl.program_id(0) * BLOCK_B + tl.arange(0, BLOCK_B)
@@ -103,9 +110,29 @@ def _lin_lse_kernel(
         s, _ = _logits_tile(u, e_ptr, bias_ptr, cols, c_mask, d_idx, d_mask, stride_e, HAS_BIAS, DOT_PREC)
         x2 = tl.where(c_mask[None, :], s * LOG2E, float("-inf"))
         m2, sum1, sumt = online_lse_update(m2, sum1, sumt, x2, inv_tau, UNIT_TAU)
-    # an empty split stores -inf (log2 of a zero sum), which the logsumexp over splits ignores
-    tl.store(lse1_ptr + out + rows, (m2 + tl.log2(sum1)) * LN2, mask=r_mask)
-    tl.store(lset_ptr + out + rows, (m2 * inv_tau + tl.log2(sumt)) * LN2, mask=r_mask)
+    # an empty split stores NEG_BIG and zero sums, which combine_splits weighs by exp2(NEG_BIG - max) = 0
+    tl.store(m2_ptr + out + rows, m2, mask=r_mask)
+    tl.store(sum1_ptr + out + rows, sum1, mask=r_mask)
+    tl.store(sumt_ptr + out + rows, sumt, mask=r_mask)
+
+
+@triton.jit
+def gathered_logits(u_ptr, e_ptr, bias_ptr, row, ids, D, stride_u, stride_e,
+                    HAS_BIAS: tl.constexpr, BLOCK_D: tl.constexpr):
+    """fp32 logits of user row ``row`` at a 2-d tile of item ids, u . E[id] (+ bias[id]), 0 where the id is
+    -1: gathered dot products, BLOCK_D embedding columns at a time."""
+    valid = ids >= 0
+    s = tl.zeros(ids.shape, tl.float32)
+    for d0 in range(0, D, BLOCK_D):
+        dd = d0 + tl.arange(0, BLOCK_D)
+        d_mask = dd < D
+        u = tl.load(u_ptr + row * stride_u + dd, mask=d_mask, other=0.0).to(tl.float32)
+        e = tl.load(e_ptr + ids[:, :, None] * stride_e + dd[None, None, :],
+                    mask=valid[:, :, None] & d_mask[None, None, :], other=0.0).to(tl.float32)
+        s += tl.sum(e * u[None, None, :], axis=2)
+    if HAS_BIAS:
+        s += tl.load(bias_ptr + ids, mask=valid, other=0.0).to(tl.float32)
+    return s
 
 
 @triton.jit
@@ -126,22 +153,11 @@ def _lin_terms_kernel(
     y = tl.load(target_ptr + row)
     has_y = y >= 0
 
-    # logits at the slot ids and the target: gathered dot products, BLOCK_D embedding columns at a time
-    s_ids = tl.zeros([BLOCK_T, BLOCK_K], tl.float32)
-    s_y = tl.zeros([1], tl.float32)
-    for d0 in range(0, D, BLOCK_D):
-        dd = d0 + tl.arange(0, BLOCK_D)
-        d_mask = dd < D
-        u = tl.load(u_ptr + row * stride_u + dd, mask=d_mask, other=0.0).to(tl.float32)
-        e = tl.load(e_ptr + ids[:, :, None] * stride_e + dd[None, None, :],
-                    mask=valid[:, :, None] & d_mask[None, None, :], other=0.0).to(tl.float32)
-        s_ids += tl.sum(e * u[None, None, :], axis=2)
-        e_y = tl.load(e_ptr + y * stride_e + dd, mask=d_mask & has_y, other=0.0).to(tl.float32)
-        s_y += tl.sum(e_y * u, axis=0)
-    s_y = tl.sum(s_y, axis=0)
-    if HAS_BIAS:
-        s_ids += tl.load(bias_ptr + ids, mask=valid, other=0.0).to(tl.float32)
-        s_y += tl.load(bias_ptr + y, mask=has_y, other=0.0).to(tl.float32)
+    # logits at the slot ids and at the target (a [1, 1] tile of ids)
+    s_ids = gathered_logits(u_ptr, e_ptr, bias_ptr, row, ids, D, stride_u, stride_e, HAS_BIAS, BLOCK_D)
+    s_y = gathered_logits(u_ptr, e_ptr, bias_ptr, row, tl.full([1, 1], 0, tl.int64) + y, D, stride_u, stride_e,
+                          HAS_BIAS, BLOCK_D)
+    s_y = tl.sum(tl.sum(s_y, axis=1), axis=0)
 
     lse1 = tl.load(lse1_ptr + row)
     lset = tl.load(lset_ptr + row)
@@ -161,12 +177,13 @@ def _lin_terms_kernel(
 @triton.autotune(configs=linear_configs(), key=["C", "D", "SPLITS", "UNIT_TAU"])
 @triton.jit
 def _lin_grad_user_kernel(
-    u_ptr, e_ptr, bias_ptr, gout_ptr, target_ptr, ids_ptr, coef_ptr, lse1_ptr, lset_ptr, wsum_ptr, du_ptr,
-    B, C, D, N, SPLITS, stride_u, stride_e, tau, lambda_ce, lambda_kd,
+    u_ptr, e_ptr, bias_ptr, g1_ptr, gt_ptr, lse1_ptr, lset_ptr, ids_ptr, val_ptr, du_ptr,
+    B, C, D, N, SPLITS, stride_u, stride_e, tau,
     HAS_BIAS: tl.constexpr, UNIT_TAU: tl.constexpr, D_PAD: tl.constexpr, DOT_PREC: tl.constexpr,
     BLOCK_B: tl.constexpr, BLOCK_C: tl.constexpr,
 ):
-    """fp32 partial dU of one row block over one catalog split, to du_ptr [SPLITS, B, D] (contiguous)."""
+    """fp32 partial dU of one row block over one catalog split, to du_ptr [SPLITS, B, D] (contiguous), from
+    the rows' dense factors g1 / gt [B] and their sparse entries (item ids_ptr, value val_ptr) [B, N]."""
     start, end = _split_range(C, SPLITS, BLOCK_C)
     split = tl.program_id(1)
     rows = tl.program_id(0) * BLOCK_B + tl.arange(0, BLOCK_B)
@@ -177,13 +194,10 @@ def _lin_grad_user_kernel(
     inv_tau = 1.0 / tau
     u = tl.load(u_ptr + rows64[:, None] * stride_u + d_idx[None, :],
                 mask=r_mask[:, None] & d_mask[None, :], other=0.0)
-    g = tl.load(gout_ptr + rows, mask=r_mask, other=0.0)
-    y = tl.load(target_ptr + rows, mask=r_mask, other=-1)
-    has_y = y >= 0
     lse1 = tl.load(lse1_ptr + rows, mask=r_mask, other=0.0)
     lset = tl.load(lset_ptr + rows, mask=r_mask, other=0.0)
-    g_dense1 = g * tl.where(has_y, lambda_ce, 0.0)
-    g_denset = g * lambda_kd * tau * tl.load(wsum_ptr + rows, mask=r_mask, other=0.0)
+    g_dense1 = tl.load(g1_ptr + rows, mask=r_mask, other=0.0)
+    g_denset = tl.load(gt_ptr + rows, mask=r_mask, other=0.0)
 
     acc = tl.zeros([BLOCK_B, D_PAD], tl.float32)
     for c0 in range(start, end, BLOCK_C):
@@ -193,17 +207,14 @@ def _lin_grad_user_kernel(
         ds = tl.where(c_mask[None, :], _dense_grad(s, g_dense1, g_denset, lse1, lset, inv_tau, UNIT_TAU), 0.0)
         acc += dot(ds.to(e.dtype), e, DOT_PREC)
 
-    # sparse part (split 0 only): each teacher slot of these rows, then the target's -lambda_ce
+    # sparse part (split 0 only): each entry of these rows, value * E[item]; -1 = no entry
     n_sparse = tl.where(split == 0, N, 0)
     for n in range(0, n_sparse):
         ids_n = tl.load(ids_ptr + rows64 * N + n, mask=r_mask, other=-1)
-        coef_n = tl.load(coef_ptr + rows64 * N + n, mask=r_mask, other=0.0) * g
+        val_n = tl.load(val_ptr + rows64 * N + n, mask=r_mask, other=0.0)
         e_n = tl.load(e_ptr + ids_n[:, None] * stride_e + d_idx[None, :],
                       mask=(ids_n >= 0)[:, None] & d_mask[None, :], other=0.0).to(tl.float32)
-        acc += coef_n[:, None] * e_n
-    e_y = tl.load(e_ptr + y[:, None] * stride_e + d_idx[None, :],
-                  mask=(has_y & (split == 0))[:, None] & d_mask[None, :], other=0.0).to(tl.float32)
-    acc -= (g * lambda_ce)[:, None] * e_y
+        acc += val_n[:, None] * e_n
     tl.store(du_ptr + (split.to(tl.int64) * B + rows64[:, None]) * D + d_idx[None, :], acc,
              mask=r_mask[:, None] & d_mask[None, :])
 
@@ -211,9 +222,9 @@ def _lin_grad_user_kernel(
 @triton.autotune(configs=linear_configs(), key=["C", "D", "UNIT_TAU"])
 @triton.jit
 def _lin_grad_item_kernel(
-    u_ptr, e_ptr, bias_ptr, gout_ptr, target_ptr, lse1_ptr, lset_ptr, wsum_ptr,
+    u_ptr, e_ptr, bias_ptr, g1_ptr, gt_ptr, lse1_ptr, lset_ptr,
     entry_item_ptr, entry_row_ptr, entry_val_ptr, bounds_ptr, de_ptr, dbias_ptr,
-    B, C, D, n_bounds, stride_u, stride_e, tau, lambda_ce, lambda_kd,
+    B, C, D, n_bounds, stride_u, stride_e, tau,
     HAS_BIAS: tl.constexpr, UNIT_TAU: tl.constexpr, D_PAD: tl.constexpr, DOT_PREC: tl.constexpr, GRANULE: tl.constexpr,
     CHUNK: tl.constexpr, BLOCK_B: tl.constexpr, BLOCK_C: tl.constexpr,
 ):
@@ -235,10 +246,8 @@ def _lin_grad_item_kernel(
         r_mask = rows < B
         u = tl.load(u_ptr + rows.to(tl.int64)[:, None] * stride_u + d_idx[None, :],
                     mask=r_mask[:, None] & d_mask[None, :], other=0.0)
-        g = tl.load(gout_ptr + rows, mask=r_mask, other=0.0)
-        y = tl.load(target_ptr + rows, mask=r_mask, other=-1)
-        g_dense1 = g * tl.where(y >= 0, lambda_ce, 0.0)
-        g_denset = g * lambda_kd * tau * tl.load(wsum_ptr + rows, mask=r_mask, other=0.0)
+        g_dense1 = tl.load(g1_ptr + rows, mask=r_mask, other=0.0)
+        g_denset = tl.load(gt_ptr + rows, mask=r_mask, other=0.0)
         lse1 = tl.load(lse1_ptr + rows, mask=r_mask, other=0.0)
         lset = tl.load(lset_ptr + rows, mask=r_mask, other=0.0)
         s = dot(u, tl.trans(e), DOT_PREC)
@@ -288,6 +297,103 @@ def _d_pad(dim: int) -> int:
     return max(16, triton.next_power_of_2(dim))
 
 
+def _tile_args(user: Tensor, tau: float, bias: Tensor | None) -> dict:
+    """The constexprs every logits-tile kernel takes."""
+    return dict(HAS_BIAS=bias is not None, UNIT_TAU=tau == 1.0, D_PAD=_d_pad(user.shape[1]),
+                DOT_PREC=dot_precision(user.dtype))
+
+
+def check_embeddings(op: str, user_emb: Tensor, item_emb: Tensor) -> None:
+    """ValueError unless user_emb [B, d] and item_emb [C, d] share a float32 / bfloat16 dtype and a d the
+    tiles can hold."""
+    if user_emb.dtype not in _EMB_DTYPES or item_emb.dtype != user_emb.dtype:
+        raise ValueError(f"triton {op}: user_emb and item_emb must share a dtype in "
+                         f"(float32, bfloat16), got {user_emb.dtype} and {item_emb.dtype}")
+    if user_emb.dim() != 2 or item_emb.dim() != 2 or user_emb.shape[1] != item_emb.shape[1]:
+        raise ValueError(f"triton {op}: expected user_emb [B, d] and item_emb [C, d], got "
+                         f"{tuple(user_emb.shape)} and {tuple(item_emb.shape)}")
+    if user_emb.shape[1] > MAX_LINEAR_DIM:
+        raise ValueError(f"triton {op}: d = {user_emb.shape[1]} > {MAX_LINEAR_DIM}, the widest "
+                         f"embedding its tiles hold; use kd_loss on materialised logits or backend='cpp'")
+
+
+def split_lse_stats(user: Tensor, item: Tensor, bias: Tensor | None, tau: float) -> tuple[Tensor, Tensor, Tensor]:
+    """Per catalog split, the LSE state of every row of ``user @ item.T (+ bias)``: (max in log2 units,
+    sum exp2(x2 - max), sum exp2((x2 - max) / tau)), each [splits, B] float32 (contiguous inputs).
+    Nothing to stream (B = 0 or C = 0): zeros, i.e. empty sums."""
+    batch, n_items = user.shape[0], item.shape[0]
+    splits = catalog_splits(batch, n_items, user.device)
+    parts = torch.zeros((3, splits, batch), dtype=torch.float32, device=user.device)
+    if batch > 0 and n_items > 0:
+        _lin_lse_kernel[lambda meta: (triton.cdiv(batch, meta["BLOCK_B"]), splits)](
+            user, item, user if bias is None else bias, parts[0], parts[1], parts[2],
+            batch, n_items, user.shape[1], splits, user.stride(0), item.stride(0), tau,
+            **_tile_args(user, tau, bias),
+        )
+    return parts[0], parts[1], parts[2]
+
+
+def combine_splits(m2: Tensor, sum1: Tensor, sumt: Tensor, tau: float,
+                   dtype: torch.dtype) -> tuple[Tensor, Tensor, Tensor]:
+    """The splits' LSE states (``split_lse_stats``) merged per row, in ``dtype``: (m = max s (natural log),
+    z1 = sum exp(s - m), zt = sum exp((s - m) / tau)), so LSE_1 = m + log z1 and LSE_tau = m / tau + log zt.
+    A row with nothing in any split has m = -inf and both sums 0."""
+    m2, sum1, sumt = m2.to(dtype), sum1.to(dtype), sumt.to(dtype)
+    top = m2.max(dim=0).values
+    z1 = (sum1 * torch.exp2(m2 - top)).sum(dim=0)
+    # tau == 1: the kernels store sumt = sum1, and the same ops keep zt bit-identical to z1 (LSE_tau == LSE_1)
+    zt = (sumt * torch.exp2((m2 - top) / tau)).sum(dim=0)
+    m = torch.where(z1 > 0, top * math.log(2.0), float("-inf"))
+    return m, z1, zt
+
+
+def _sorted_entries(ids: Tensor, values: Tensor, n_items: int) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """The sparse entries [B, N] sorted by item for the item-gradient kernel: (items, rows, values, bounds),
+    bounds[i] = first entry with item >= i * SPARSE_GRANULE; the -1 entries sort first and fall outside."""
+    n = ids.shape[1]
+    items, order = torch.sort(ids.reshape(-1))
+    bounds = torch.searchsorted(items, torch.arange(triton.cdiv(n_items, SPARSE_GRANULE) + 1, device=ids.device)
+                                * SPARSE_GRANULE)
+    return items, (order // n).contiguous(), values.reshape(-1)[order].contiguous(), bounds
+
+
+def linear_grads(user: Tensor, item: Tensor, bias: Tensor | None, g1: Tensor, gt: Tensor, lse1: Tensor,
+                 lset: Tensor, tau: float, ids: Tensor, values: Tensor,
+                 grad_dtype: torch.dtype) -> tuple[Tensor, Tensor, Tensor | None]:
+    """(dS @ item [B, d] float32, dS^T @ user [C, d], column sums of dS [C] or None without a bias) for the
+    logits s = user @ item.T (+ bias), never holding [B, C], where
+      dS_bj = g1_b exp(s_bj - lse1_b) + gt_b exp(s_bj / tau - lset_b) + sum of ``values`` at (b, ids == j);
+    g1, gt, lse1, lset [B] and values [B, N] float32, ids [B, N] int64 (-1 = no entry, duplicates add).
+    The item-side gradients come in ``grad_dtype``. tau == 1 takes the one-exp path: lset must equal lse1."""
+    batch, dim = user.shape
+    n_items = item.shape[0]
+    if batch == 0 or n_items == 0:  # an empty dS
+        zeros = dict(dtype=grad_dtype, device=user.device)
+        return (torch.zeros((batch, dim), dtype=torch.float32, device=user.device), torch.zeros(item.shape, **zeros),
+                torch.zeros(n_items, **zeros) if bias is not None else None)
+    # the kernels write every element: no zero fill of the (catalog-sized) item gradient
+    d_item = torch.empty(item.shape, dtype=grad_dtype, device=user.device)
+    d_bias = torch.empty(n_items, dtype=grad_dtype, device=user.device) if bias is not None else None
+    common = _tile_args(user, tau, bias)
+    bias_arg = user if bias is None else bias  # never read without a bias
+    splits = catalog_splits(batch, n_items, user.device)
+    d_user_parts = torch.empty((splits, batch, dim), dtype=torch.float32, device=user.device)
+    _lin_grad_user_kernel[lambda meta: (triton.cdiv(batch, meta["BLOCK_B"]), splits)](
+        user, item, bias_arg, g1, gt, lse1, lset, ids, values, d_user_parts,
+        batch, n_items, dim, ids.shape[1], splits, user.stride(0), item.stride(0), tau, **common,
+    )
+    d_user = d_user_parts.sum(dim=0)
+
+    items, entry_rows, entry_values, bounds = _sorted_entries(ids, values, n_items)
+    _lin_grad_item_kernel[lambda meta: (triton.cdiv(n_items, meta["BLOCK_C"]),)](
+        user, item, bias_arg, g1, gt, lse1, lset,
+        items, entry_rows, entry_values, bounds, d_item, d_item if d_bias is None else d_bias,
+        batch, n_items, dim, bounds.numel(), user.stride(0), item.stride(0), tau,
+        GRANULE=SPARSE_GRANULE, CHUNK=ENTRY_CHUNK, **common,
+    )
+    return d_user, d_item, d_bias
+
+
 class _KDLossLinearRows(torch.autograd.Function):
     @staticmethod
     def forward(ctx, user_emb: Tensor, item_emb: Tensor, item_bias: Tensor | None, target: Tensor,
@@ -295,84 +401,44 @@ class _KDLossLinearRows(torch.autograd.Function):
                 rank_weights: Tensor | None, temperature: float, lambda_ce: float, lambda_kd: float,
                 lambda_rank: float) -> Tensor:
         batch, dim = user_emb.shape
-        n_items = item_emb.shape[0]
+        tau = float(temperature)
         teachers = TeacherInputs(teacher_ids, teacher_scores, teacher_weights, rank_weights, lambda_rank)
         target = target.detach().to(torch.int64).contiguous()
-        has_bias = item_bias is not None
-        bias = item_bias.contiguous() if has_bias else user_emb  # never read without a bias
+        bias = item_bias.contiguous() if item_bias is not None else None
         f32 = dict(dtype=torch.float32, device=user_emb.device)
         loss, wsum = (torch.empty(batch, **f32) for _ in range(2))
-        splits = catalog_splits(batch, n_items, user_emb.device)
-        lse1_parts, lset_parts = (torch.empty((splits, batch), **f32) for _ in range(2))
         coef = torch.empty((batch, teachers.n_teachers, teachers.k_slots), **f32)
-        common = dict(HAS_BIAS=has_bias, UNIT_TAU=float(temperature) == 1.0, D_PAD=_d_pad(dim),
-                      DOT_PREC=dot_precision(user_emb.dtype))
-        if batch > 0:
-            _lin_lse_kernel[lambda meta: (triton.cdiv(batch, meta["BLOCK_B"]), splits)](
-                user_emb, item_emb, bias, lse1_parts, lset_parts,
-                batch, n_items, dim, splits, user_emb.stride(0), item_emb.stride(0), float(temperature), **common,
-            )
-        lse1, lset = (torch.logsumexp(x, dim=0) for x in (lse1_parts, lset_parts))
+        m, z1, zt = combine_splits(*split_lse_stats(user_emb, item_emb, bias, tau), tau, torch.float32)
+        lse1, lset = m + z1.log(), m / tau + zt.log()
         if batch > 0:
             _lin_terms_kernel[(batch,)](
-                user_emb, item_emb, bias, target, teachers.ids, teachers.scores, teachers.weights, teachers.rank,
-                lse1, lset, loss, wsum, coef,
+                user_emb, item_emb, user_emb if bias is None else bias, target, teachers.ids, teachers.scores,
+                teachers.weights, teachers.rank, lse1, lset, loss, wsum, coef,
                 dim, teachers.n_teachers, teachers.k_slots, user_emb.stride(0), item_emb.stride(0),
-                float(temperature), float(lambda_ce), float(lambda_kd), float(lambda_rank),
-                HAS_BIAS=has_bias, HAS_RANK=teachers.has_rank,
+                tau, float(lambda_ce), float(lambda_kd), float(lambda_rank),
+                HAS_BIAS=bias is not None, HAS_RANK=teachers.has_rank,
                 BLOCK_T=teachers.block_t, BLOCK_K=teachers.block_k, BLOCK_D=GATHER_BLOCK_D,
             )
         ctx.save_for_backward(user_emb, item_emb, bias, target, teachers.ids, coef, lse1, lset, wsum)
-        ctx.params = (has_bias, float(temperature), float(lambda_ce), float(lambda_kd))
+        ctx.params = (tau, float(lambda_ce), float(lambda_kd))
         return loss
 
     @staticmethod
     def backward(ctx, grad_loss: Tensor):
         user_emb, item_emb, bias, target, ids, coef, lse1, lset, wsum = ctx.saved_tensors
-        has_bias, temperature, lambda_ce, lambda_kd = ctx.params
-        batch, dim = user_emb.shape
-        n_items = item_emb.shape[0]
+        tau, lambda_ce, lambda_kd = ctx.params
+        batch = user_emb.shape[0]
         n_slots = ids.shape[1] * ids.shape[2]
         g = grad_loss.detach().to(torch.float32).contiguous()  # a mean's grad arrives as a stride-0 view
-        d_item = torch.empty_like(item_emb)
-        d_bias = torch.empty_like(bias) if has_bias else None
-        common = dict(HAS_BIAS=has_bias, UNIT_TAU=float(temperature) == 1.0, D_PAD=_d_pad(dim),
-                      DOT_PREC=dot_precision(user_emb.dtype))
-        if batch == 0:
-            d_user = torch.empty_like(user_emb)
-            d_item.zero_()
-            if d_bias is not None:
-                d_bias.zero_()
-            return (d_user, d_item, d_bias) + (None,) * 9
-
-        splits = catalog_splits(batch, n_items, user_emb.device)
-        d_user_parts = torch.empty((splits, batch, dim), dtype=torch.float32, device=user_emb.device)
-        _lin_grad_user_kernel[lambda meta: (triton.cdiv(batch, meta["BLOCK_B"]), splits)](
-            user_emb, item_emb, bias, g, target, ids, coef, lse1, lset, wsum, d_user_parts,
-            batch, n_items, dim, n_slots, splits, user_emb.stride(0), item_emb.stride(0),
-            temperature, lambda_ce, lambda_kd, **common,
-        )
-        d_user = d_user_parts.sum(dim=0).to(user_emb.dtype)
-
-        # sparse entries of the item gradient, sorted by item: every teacher slot, then every target
-        device = user_emb.device
-        rows = torch.arange(batch, device=device)
-        items = torch.cat([ids.reshape(-1), target])
-        entry_rows = torch.cat([rows.repeat_interleave(n_slots), rows])
-        values = torch.cat([(coef.reshape(batch, n_slots) * g[:, None]).reshape(-1),
-                            torch.where(target >= 0, -lambda_ce * g, torch.zeros_like(g))])
-        items, order = torch.sort(items)
-        entry_rows, values = entry_rows[order].contiguous(), values[order].contiguous()
-        granules = triton.cdiv(n_items, SPARSE_GRANULE)
-        # bounds[i] = first entry with item >= i * GRANULE; empty slots (-1) sort first and fall outside
-        bounds = torch.searchsorted(items, torch.arange(granules + 1, device=device) * SPARSE_GRANULE)
-        _lin_grad_item_kernel[lambda meta: (triton.cdiv(n_items, meta["BLOCK_C"]),)](
-            user_emb, item_emb, bias, g, target, lse1, lset, wsum,
-            items, entry_rows, values, bounds, d_item, d_bias if has_bias else d_item,
-            batch, n_items, dim, granules + 1, user_emb.stride(0), item_emb.stride(0),
-            temperature, lambda_ce, lambda_kd, GRANULE=SPARSE_GRANULE, CHUNK=ENTRY_CHUNK, **common,
-        )
-        return (d_user, d_item, d_bias) + (None,) * 9
+        has_y = target >= 0
+        g_dense1 = torch.where(has_y, lambda_ce * g, torch.zeros_like(g))
+        g_denset = (lambda_kd * tau) * wsum * g
+        # sparse entries per row: every teacher slot (g * coef), then the target (-lambda_ce * g)
+        entry_ids = torch.cat([ids.reshape(batch, n_slots), target[:, None]], dim=1).contiguous()
+        entry_values = torch.cat([coef.reshape(batch, n_slots) * g[:, None], -g_dense1[:, None]], dim=1).contiguous()
+        d_user, d_item, d_bias = linear_grads(user_emb, item_emb, bias, g_dense1, g_denset.contiguous(), lse1,
+                                              lset, tau, entry_ids, entry_values, item_emb.dtype)
+        return (d_user.to(user_emb.dtype), d_item, d_bias) + (None,) * 9
 
 
 def kd_loss_linear_rows(
@@ -394,15 +460,7 @@ def kd_loss_linear_rows(
 
     user_emb [B, d] and item_emb [C, d] float32 or bfloat16 (the same dtype),
     item_bias [C] or None; the other arguments as in ``prmkd_dist.kernels.kd_loss.kd_loss_rows``."""
-    if user_emb.dtype not in _EMB_DTYPES or item_emb.dtype != user_emb.dtype:
-        raise ValueError(f"triton kd_loss_linear_rows: user_emb and item_emb must share a dtype in "
-                         f"(float32, bfloat16), got {user_emb.dtype} and {item_emb.dtype}")
-    if user_emb.dim() != 2 or item_emb.dim() != 2 or user_emb.shape[1] != item_emb.shape[1]:
-        raise ValueError(f"triton kd_loss_linear_rows: expected user_emb [B, d] and item_emb [C, d], got "
-                         f"{tuple(user_emb.shape)} and {tuple(item_emb.shape)}")
-    if user_emb.shape[1] > MAX_LINEAR_DIM:
-        raise ValueError(f"triton kd_loss_linear_rows: d = {user_emb.shape[1]} > {MAX_LINEAR_DIM}, the widest "
-                         f"embedding its tiles hold; use kd_loss on materialised logits or backend='cpp'")
+    check_embeddings("kd_loss_linear_rows", user_emb, item_emb)
     # no-ops for the usual contiguous inputs; the gradients are allocated with the same layout
     user_emb, item_emb = user_emb.contiguous(), item_emb.contiguous()
     return _KDLossLinearRows.apply(user_emb, item_emb, item_bias, target, teacher_ids, teacher_scores,

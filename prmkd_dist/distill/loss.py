@@ -36,8 +36,9 @@ Backend selection (:func:`resolve_backend`, the only place that decides): "auto"
 tensors, the C++ extension for CPU tensors, and the reference otherwise, and records why each
 unavailable backend was passed over (``last_resolution()``, and an INFO log line the first time).
 The same function decides for the local part of the catalog-parallel loss (``op="catalog_local"``:
-``catalog_local_stats`` / ``catalog_local_grad``, see :mod:`prmkd_dist.parallel.catalog_loss`): the C++ op
-serves CPU tensors; Triton has no kernel for it yet, so CUDA tensors get the chunked PyTorch reference.
+``catalog_local_stats`` / ``catalog_local_grad``, see :mod:`prmkd_dist.parallel.catalog_loss`) by the same
+rules: Triton kernels (``prmkd_dist.kernels.kd_catalog_local``) for CUDA tensors, the C++ op for CPU tensors,
+the chunked PyTorch reference otherwise.
 
 Input checks
 ------------
@@ -243,7 +244,7 @@ _logged: set[tuple[str, str, str, str]] = set()
 
 @functools.lru_cache(maxsize=None)
 def _probe(name: str) -> tuple[Any | None, str]:
-    """Import backend ``name`` once per process: (module exposing kd_loss_rows / kd_loss_linear_rows, "") or
+    """Import backend ``name`` once per process: (module exposing the functions of its ops (``OPS``), "") or
     (None, why it is unavailable). The device-independent part of availability."""
     if name == "reference":
         return reference, ""
@@ -263,14 +264,17 @@ def _probe(name: str) -> tuple[Any | None, str]:
         try:
             rows = importlib.import_module("prmkd_dist.kernels.kd_loss")
             linear = importlib.import_module("prmkd_dist.kernels.kd_loss_linear")
+            catalog = importlib.import_module("prmkd_dist.kernels.kd_catalog_local")
         except ImportError as exc:
             return None, f"triton: kernels failed to import ({type(exc).__name__}: {exc})"
         except Exception as exc:  # noqa: BLE001
             log.warning("triton backend is broken, using another: %s: %s", type(exc).__name__, exc)
             return None, f"triton: kernels raised on import ({type(exc).__name__}: {exc})"
-        # the two Triton ops live in one module each; present them as one backend namespace
+        # the Triton ops live in one module each; present them as one backend namespace
         mod = types.SimpleNamespace(kd_loss_rows=rows.kd_loss_rows, kd_loss_linear_rows=linear.kd_loss_linear_rows,
-                                    __name__="prmkd_dist.kernels.kd_loss[+_linear]")
+                                    catalog_local_stats=catalog.catalog_local_stats,
+                                    catalog_local_grad=catalog.catalog_local_grad,
+                                    __name__="prmkd_dist.kernels.kd_loss[+_linear, kd_catalog_local]")
         return mod, ""
     raise ValueError(f"backend must be one of {('auto',) + BACKENDS}, got {name!r}")
 
@@ -294,11 +298,7 @@ def _unavailable_on(name: str, device: torch.device, dtype: torch.dtype | None, 
 def _lacks_op(name: str, mod: Any, op: str) -> str:
     """Why backend ``name`` (imported as ``mod``) has no implementation of ``op`` ("" if it has one)."""
     missing = [fn for fn in OPS[op] if not hasattr(mod, fn)]
-    if not missing:
-        return ""
-    if name == "triton" and op == "catalog_local":
-        return "triton: no catalog-parallel local kernel yet (the chunked PyTorch reference serves CUDA tensors)"
-    return f"{name}: does not implement {op} ({', '.join(missing)})"
+    return f"{name}: does not implement {op} ({', '.join(missing)})" if missing else ""
 
 
 def resolve_backend(requested: str, device: torch.device | str, dtype: torch.dtype | None = None,

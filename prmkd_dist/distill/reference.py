@@ -144,8 +144,9 @@ def kd_loss_linear_rows(
 
 # ------------------------------------------------------------------------- catalog-parallel local part
 # The per-rank pieces of :mod:`prmkd_dist.parallel.catalog_loss` (the item table split by rows over ranks).
-# This chunked PyTorch form is the reference of the fused ones (``torch.ops.prmkd.kd_catalog_local_*``);
-# it walks the shard in chunks of ``chunk_rows`` rows so that [B, R] logits are never held at once.
+# This chunked PyTorch form is the reference of the fused ones (``torch.ops.prmkd.kd_catalog_local_*`` and
+# ``prmkd_dist.kernels.kd_catalog_local``); it walks the shard in chunks of ``chunk_rows`` rows so that
+# [B, R] logits are never held at once.
 
 def _shard_logits(u: Tensor, item: Tensor, bias: Tensor | None, lo: int, hi: int, cdt: torch.dtype) -> Tensor:
     """Logits of shard rows [lo, hi) for every user, in the compute dtype: [B, hi - lo]."""

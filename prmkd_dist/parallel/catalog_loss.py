@@ -25,11 +25,12 @@ Local part and backends: a rank's share of the statistics (local max and sum-exp
 backward, the gradient of its local logits (turned into its part of d user_emb and the gradients of its own
 rows) come from ``catalog_local_stats`` / ``catalog_local_grad`` of the backend chosen by
 :func:`prmkd_dist.distill.loss.resolve_backend` (``op="catalog_local"``, the one place that decides):
-"auto" takes the fused C++ op on CPU (float32 / bfloat16: ``torch.ops.prmkd.kd_catalog_local_*``, tiled over
-the shard like ``kd_loss_linear``'s C++ op) and the chunked PyTorch reference otherwise (float64; CUDA tensors,
-Triton has no kernel for this part yet). Neither holds the [B, R] logits at once: the reference walks the
-local rows in chunks of ``chunk_rows`` (online max / sum-exp forward, recompute in backward), so the working
-set is O(B * chunk_rows + B * T * K * d) whatever the catalog size; the C++ op in cache-sized tiles.
+"auto" takes the Triton kernels on CUDA (float32 / bfloat16: ``prmkd_dist.kernels.kd_catalog_local``, the
+fused-linear kernels of ``kd_loss_linear`` run on the shard), the fused C++ op on CPU (float32 / bfloat16:
+``torch.ops.prmkd.kd_catalog_local_*``, tiled over the shard like ``kd_loss_linear``'s C++ op) and the chunked
+PyTorch reference otherwise (float64). None holds the [B, R] logits at once: the reference walks the local
+rows in chunks of ``chunk_rows`` (online max / sum-exp forward, recompute in backward), so the working set is
+O(B * chunk_rows + B * T * K * d) whatever the catalog size; the C++ op and the Triton kernels in tiles.
 """
 from __future__ import annotations
 
@@ -170,10 +171,11 @@ def kd_loss_linear_catalog_parallel(
 
     ``user_emb`` [B, d] and the batch tensors are replicated; ``item_emb_shard`` [R, d] holds global item
     rows [item_offset, item_offset + R) (``item_bias_shard`` [R] likewise). Returns the same loss on every
-    rank: a scalar, or [B] for ``reduction="none"``. ``backend`` picks the local part ("auto", "cpp" or
-    "reference"; see the module docstring). ``chunk_rows`` bounds the [B, chunk_rows] logits block of the
-    reference local part (default: about 4M values; the C++ op tiles by itself). ``check_inputs`` as in ``kd_loss`` (the data scans; it also verifies, with
-    one small all-gather, that the ranks' ranges tile the catalog)."""
+    rank: a scalar, or [B] for ``reduction="none"``. ``backend`` picks the local part ("auto", "triton", "cpp"
+    or "reference"; see the module docstring). ``chunk_rows`` bounds the [B, chunk_rows] logits block of the
+    reference local part (default: about 4M values; the C++ op and the Triton kernels tile by themselves).
+    ``check_inputs`` as in ``kd_loss`` (the data scans; it also verifies, with one small all-gather, that the
+    ranks' ranges tile the catalog)."""
     if not dist.is_available() or not dist.is_initialized():
         raise RuntimeError("kd_loss_linear_catalog_parallel needs an initialised torch.distributed process group")
     for name, x in (("user_emb", user_emb), ("item_emb_shard", item_emb_shard)):

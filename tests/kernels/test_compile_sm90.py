@@ -11,8 +11,8 @@ import sys
 
 import pytest
 
-# (kernel, dtype of the student tensors, constexprs); every other argument is typed by its name. Kernels with a
-# UNIT_TAU switch are compiled both ways (tau == 1: one exp2 per logit).
+# (kernel, dtype of the student tensors, constexprs[, argument types]); every other argument is typed by its name.
+# Kernels with a UNIT_TAU switch are compiled both ways (tau == 1: one exp2 per logit).
 KERNELS = [
     ("kd_loss._kd_fwd_kernel", "bf16", dict(HAS_RANK=True, BLOCK_T=4, BLOCK_K=64, BLOCK_C=2048)),
     ("kd_loss._kd_bwd_kernel", "bf16", dict(BLOCK_N=256, CHUNK_N=16, BLOCK_C=2048)),
@@ -21,12 +21,17 @@ KERNELS = [
     ("kd_loss_linear._lin_grad_user_kernel", "bf16", dict(HAS_BIAS=False, D_PAD=128, DOT_PREC="tf32", BLOCK_B=64, BLOCK_C=128)),
     ("kd_loss_linear._lin_grad_item_kernel", "fp32",
      dict(HAS_BIAS=True, D_PAD=128, DOT_PREC="tf32x3", GRANULE=16, CHUNK=32, BLOCK_B=32, BLOCK_C=64)),
+    # the catalog-parallel local part: bf16 shards get fp32 gradients from the same item kernel
+    ("kd_loss_linear._lin_grad_item_kernel", "bf16",
+     dict(HAS_BIAS=True, D_PAD=64, DOT_PREC="tf32", GRANULE=16, CHUNK=32, BLOCK_B=64, BLOCK_C=128),
+     dict(de_ptr="*fp32", dbias_ptr="*fp32")),
+    ("kd_catalog_local._sel_logits_kernel", "bf16", dict(HAS_BIAS=True, BLOCK_M=64, BLOCK_D=32)),
 ]
 SHARED_MEMORY_LIMIT = 232448  # bytes of shared memory per block on an H100
 
 
 def _arg_type(name: str, dtype: str) -> str:
-    if name in ("logits_ptr", "grad_ptr", "u_ptr", "e_ptr", "bias_ptr", "du_ptr", "de_ptr", "dbias_ptr"):
+    if name in ("logits_ptr", "grad_ptr", "u_ptr", "e_ptr", "bias_ptr", "de_ptr", "dbias_ptr"):
         return f"*{dtype}"
     if name in ("target_ptr", "ids_ptr", "entry_item_ptr", "entry_row_ptr", "bounds_ptr"):
         return "*i64"
@@ -47,14 +52,16 @@ def _compile_all() -> None:
     from triton.compiler import ASTSource
 
     target = GPUTarget("cuda", 90, 32)
-    for path, dtype, constexprs in KERNELS:
+    for path, dtype, constexprs, *types in KERNELS:
+        types = types[0] if types else {}
         module, name = path.split(".")
         kernel = getattr(importlib.import_module(f"prmkd_dist.kernels.{module}"), name)
         fn = kernel.fn if hasattr(kernel, "configs") else kernel  # autotuned kernels wrap the JITFunction
         variants = [dict(UNIT_TAU=u) for u in (False, True)] if "UNIT_TAU" in fn.arg_names else [{}]
         for variant in variants:
             consts = {**constexprs, **variant}
-            signature = {a: "constexpr" if a in consts else _arg_type(a, dtype) for a in fn.arg_names}
+            signature = {a: "constexpr" if a in consts else types.get(a) or _arg_type(a, dtype)
+                         for a in fn.arg_names}
             src = ASTSource(fn=fn, signature=signature,
                             constexprs={(fn.arg_names.index(k),): v for k, v in consts.items()})
             compiled = triton.compile(src, target=target, options=dict(num_warps=4, num_stages=2))
@@ -67,8 +74,8 @@ def test_kernels_compile_for_sm90():
     env = {**os.environ, "TRITON_INTERPRET": "0"}
     proc = subprocess.run([sys.executable, __file__], env=env, capture_output=True, text=True, timeout=280)
     assert proc.returncode == 0, proc.stdout + proc.stderr
-    # five kernels stream the catalog and have the UNIT_TAU switch; the terms kernel does not
-    assert proc.stdout.count("compiled ") == len(KERNELS) + 5, proc.stdout
+    # six entries stream the catalog and have the UNIT_TAU switch; the terms and gather kernels do not
+    assert proc.stdout.count("compiled ") == len(KERNELS) + 6, proc.stdout
 
 
 if __name__ == "__main__":

@@ -51,16 +51,18 @@ def test_auto_never_picks_the_interpreter_on_cpu():
     assert resolve_backend("auto", "cpu", torch.float32).name != "triton"
 
 
-def test_catalog_local_part_has_no_triton_kernel_and_says_so():
-    """The catalog-parallel local part has a C++ op only: an explicit Triton request is refused with the reason,
-    and "auto" on CUDA tensors falls back to the chunked PyTorch reference (saying why)."""
+def test_catalog_local_part_resolves_to_the_triton_kernels():
+    """The catalog-parallel local part: "auto" takes the Triton kernels for CUDA tensors (never for CPU
+    tensors), and an explicit request serves CPU tensors through the interpreter."""
     from prmkd_dist.distill.loss import available_backends, resolve_backend
+    from prmkd_dist.kernels import kd_catalog_local
 
     dev = "cuda" if torch.cuda.is_available() else "cpu"
-    with pytest.raises(RuntimeError, match="no catalog-parallel local kernel"):
-        resolve_backend("triton", dev, torch.float32, op="catalog_local")
+    res = resolve_backend("triton", dev, torch.bfloat16, op="catalog_local")
+    assert res.module.catalog_local_stats is kd_catalog_local.catalog_local_stats
+    assert res.module.catalog_local_grad is kd_catalog_local.catalog_local_grad
     if torch.cuda.is_available():
-        res = resolve_backend("auto", "cuda", torch.float32, op="catalog_local")
-        assert res.name == "reference" and "no catalog-parallel local kernel" in res.reason
-        ok, why = available_backends("cuda", op="catalog_local")["triton"]
-        assert not ok and "no catalog-parallel local kernel" in why
+        assert resolve_backend("auto", "cuda", torch.float32, op="catalog_local").name == "triton"
+        assert available_backends("cuda", op="catalog_local")["triton"] == (True, "")
+    else:
+        assert resolve_backend("auto", "cpu", torch.float32, op="catalog_local").name != "triton"

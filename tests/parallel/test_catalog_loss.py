@@ -1,11 +1,12 @@
 """kd_loss_linear_catalog_parallel with 2 real gloo processes against the single-process reference: value,
 gradient of user_emb, and each rank's gradient of its own rows (and bias), over several configurations.
-Both local parts are checked: the chunked PyTorch reference (float64, chosen by "auto" for float64) and the
+Every local part is checked: the chunked PyTorch reference (float64, chosen by "auto" for float64), the
 fused C++ op (float32 and bfloat16, backend="cpp", on a catalog of 1100 items: more than two 512-row tiles,
-not a multiple of any tile size).
+not a multiple of any tile size) and, in a second pair of processes, the Triton kernels (backend="triton",
+under the interpreter on CPU tensors, on 150 items: several interpreter tiles).
 
-The workers are this file run as a script (``python test_catalog_loss.py RANK WORLD PORT OUT``), so they do
-not depend on how pytest imports test modules."""
+The workers are this file run as a script (``python test_catalog_loss.py RANK WORLD PORT OUT [MODE]``), so
+they do not depend on how pytest imports test modules."""
 from __future__ import annotations
 
 import json
@@ -19,6 +20,7 @@ import pytest
 
 C, D = 23, 5
 C_FUSED = 1100  # the fused-op pass: several C++ item tiles, split unevenly
+C_TRITON = 150  # the Triton pass: several interpreter item tiles (32 rows), split unevenly; interpreting is slow
 TOL = {"float32": 1e-4, "bfloat16": 1e-2}
 # (name, rank-0 rows, kwargs): uneven splits, a rank holding nothing, tau = 1 (shared LSE) and != 1
 CONFIGS = [
@@ -61,9 +63,10 @@ def rel_err(got, want) -> float:
     return float((got - want).abs().max() / want.abs().max().clamp_min(1e-12))
 
 
-def check_fused(rank: int, name: str, split: int, kw: dict, dtype_name: str, report: dict) -> None:
-    """The fused C++ local part in ``dtype_name`` against the float64 single-process reference on the same
-    (rounded) values: loss, d user_emb, this rank's rows and bias; never NaN."""
+def check_fused(rank: int, name: str, split: int, kw: dict, dtype_name: str, report: dict,
+                backend: str = "cpp", n_items: int = C_FUSED) -> None:
+    """The fused local part of ``backend`` in ``dtype_name`` against the float64 single-process reference on
+    the same (rounded) values: loss, d user_emb, this rank's rows and bias; never NaN."""
     import torch
 
     from prmkd_dist import kd_loss_linear
@@ -71,18 +74,18 @@ def check_fused(rank: int, name: str, split: int, kw: dict, dtype_name: str, rep
     from prmkd_dist.parallel.catalog_loss import kd_loss_linear_catalog_parallel
 
     dtype = getattr(torch, dtype_name)
-    user, item, bias, target, ids, scores, weights, rank_w = make_case(kw, seed=2, n_items=C_FUSED)
+    user, item, bias, target, ids, scores, weights, rank_w = make_case(kw, seed=2, n_items=n_items)
     # the same ids land on either rank: rank 0 owns [0, split), rank 1 the rest (split 0: rank 0 holds nothing)
-    split = round(split * C_FUSED / C)
-    lo, hi = (0, split) if rank == 0 else (split, C_FUSED)
+    split = round(split * n_items / C)
+    lo, hi = (0, split) if rank == 0 else (split, n_items)
     user, item = user.to(dtype), item.to(dtype)
     bias = bias.to(dtype) if bias is not None else None
     u = user.clone().requires_grad_()
     shard = item[lo:hi].clone().requires_grad_()
     bshard = bias[lo:hi].clone().requires_grad_() if bias is not None else None
-    got = kd_loss_linear_catalog_parallel(u, shard, lo, C_FUSED, target, ids, scores, weights, rank_w,
-                                          item_bias_shard=bshard, backend="cpp", **loss_kwargs(kw))
-    assert last_resolution().name == "cpp", last_resolution()
+    got = kd_loss_linear_catalog_parallel(u, shard, lo, n_items, target, ids, scores, weights, rank_w,
+                                          item_bias_shard=bshard, backend=backend, **loss_kwargs(kw))
+    assert last_resolution().name == backend, last_resolution()
     got.sum().backward()
 
     ru, ri = user.double().requires_grad_(), item.double().requires_grad_()
@@ -103,7 +106,18 @@ def check_fused(rank: int, name: str, split: int, kw: dict, dtype_name: str, rep
     report[f"{name}/{dtype_name}"] = float(got.detach().double().sum())
 
 
-def worker(rank: int, world: int, port: int, out: str) -> None:
+def triton_checks(rank: int) -> dict:
+    """The Triton local part (interpreted on CPU tensors: TRITON_INTERPRET=1), every configuration."""
+    report = {}
+    for name, split, kw in CONFIGS:
+        for dtype_name in TOL:
+            check_fused(rank, name, split, kw, dtype_name, report, backend="triton", n_items=C_TRITON)
+    return report
+
+
+def all_checks(rank: int) -> dict:
+    """The chunked reference (float64) and the fused C++ local part (float32 / bfloat16) of every configuration,
+    the default chunking, and the refusal of ranges that do not tile the catalog."""
     import torch
     import torch.distributed as dist
 
@@ -111,58 +125,65 @@ def worker(rank: int, world: int, port: int, out: str) -> None:
     from prmkd_dist.distill.loss import last_resolution
     from prmkd_dist.parallel.catalog_loss import kd_loss_linear_catalog_parallel
 
-    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world)
     report = {}
+    for name, split, kw in CONFIGS:
+        user, item, bias, target, ids, scores, weights, rank_w = make_case(kw)
+        lo, hi = (0, split) if rank == 0 else (split, C)
+        u = user.clone().requires_grad_()
+        shard = item[lo:hi].clone().requires_grad_()
+        bshard = bias[lo:hi].clone().requires_grad_() if bias is not None else None
+        got = kd_loss_linear_catalog_parallel(u, shard, lo, C, target, ids, scores, weights, rank_w,
+                                              item_bias_shard=bshard, chunk_rows=4, **loss_kwargs(kw))
+        assert last_resolution().name == "reference"  # "auto" sends float64 to the chunked reference
+        got.sum().backward()
+
+        ru, ri = user.clone().requires_grad_(), item.clone().requires_grad_()
+        rb = bias.clone().requires_grad_() if bias is not None else None
+        want = kd_loss_linear(ru, ri, target, ids, scores, weights, rank_w, item_bias=rb, backend="reference",
+                              **loss_kwargs(kw))
+        want.sum().backward()
+        torch.testing.assert_close(got, want, rtol=1e-10, atol=1e-12, msg=lambda m: f"{name} value: {m}")
+        torch.testing.assert_close(u.grad, ru.grad, rtol=1e-10, atol=1e-12, msg=lambda m: f"{name} d user: {m}")
+        torch.testing.assert_close(shard.grad, ri.grad[lo:hi], rtol=1e-10, atol=1e-12,
+                                   msg=lambda m: f"{name} d rows: {m}")
+        if bias is not None:
+            torch.testing.assert_close(bshard.grad, rb.grad[lo:hi], rtol=1e-10, atol=1e-12,
+                                       msg=lambda m: f"{name} d bias: {m}")
+        report[name] = float(got.detach().sum())
+
+    # the fused C++ local part, float32 and bfloat16
+    for name, split, kw in CONFIGS:
+        for dtype_name in ("float32", "bfloat16"):
+            check_fused(rank, name, split, kw, dtype_name, report)
+
+    # float32 with the default chunking agrees too, through the chunked reference and through "auto" (C++)
+    user, item, bias, target, ids, scores, weights, rank_w = make_case(CONFIGS[0][2], seed=1)
+    lo, hi = (0, 12) if rank == 0 else (12, C)
+    want = kd_loss_linear(user.float(), item.float(), target, ids, scores, weights, rank_w,
+                          item_bias=bias.float(), lambda_rank=0.3, backend="reference")
+    for backend, name in (("reference", "reference"), ("auto", "cpp")):
+        got = kd_loss_linear_catalog_parallel(user.float(), item[lo:hi].float(), lo, C, target, ids, scores,
+                                              weights, rank_w, item_bias_shard=bias[lo:hi].float(),
+                                              lambda_rank=0.3, backend=backend)
+        assert last_resolution().name == name
+        torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
+
+    # ranges that do not tile the catalog are refused on every rank
+    lo, hi = (0, 10) if rank == 0 else (9, C)
     try:
-        for name, split, kw in CONFIGS:
-            user, item, bias, target, ids, scores, weights, rank_w = make_case(kw)
-            lo, hi = (0, split) if rank == 0 else (split, C)
-            u = user.clone().requires_grad_()
-            shard = item[lo:hi].clone().requires_grad_()
-            bshard = bias[lo:hi].clone().requires_grad_() if bias is not None else None
-            got = kd_loss_linear_catalog_parallel(u, shard, lo, C, target, ids, scores, weights, rank_w,
-                                                  item_bias_shard=bshard, chunk_rows=4, **loss_kwargs(kw))
-            assert last_resolution().name == "reference"  # "auto" sends float64 to the chunked reference
-            got.sum().backward()
+        kd_loss_linear_catalog_parallel(user, item[lo:hi], lo, C, target, ids, scores, weights)
+    except ValueError as exc:
+        report["tiling_error"] = str(exc)
+    dist.barrier()
+    return report
 
-            ru, ri = user.clone().requires_grad_(), item.clone().requires_grad_()
-            rb = bias.clone().requires_grad_() if bias is not None else None
-            want = kd_loss_linear(ru, ri, target, ids, scores, weights, rank_w, item_bias=rb, backend="reference",
-                                  **loss_kwargs(kw))
-            want.sum().backward()
-            torch.testing.assert_close(got, want, rtol=1e-10, atol=1e-12, msg=lambda m: f"{name} value: {m}")
-            torch.testing.assert_close(u.grad, ru.grad, rtol=1e-10, atol=1e-12, msg=lambda m: f"{name} d user: {m}")
-            torch.testing.assert_close(shard.grad, ri.grad[lo:hi], rtol=1e-10, atol=1e-12,
-                                       msg=lambda m: f"{name} d rows: {m}")
-            if bias is not None:
-                torch.testing.assert_close(bshard.grad, rb.grad[lo:hi], rtol=1e-10, atol=1e-12,
-                                           msg=lambda m: f"{name} d bias: {m}")
-            report[name] = float(got.detach().sum())
 
-        # the fused C++ local part, float32 and bfloat16
-        for name, split, kw in CONFIGS:
-            for dtype_name in ("float32", "bfloat16"):
-                check_fused(rank, name, split, kw, dtype_name, report)
+def worker(rank: int, world: int, port: int, out: str, mode: str = "all") -> None:
+    import torch.distributed as dist
 
-        # float32 with the default chunking agrees too, through the chunked reference and through "auto" (C++)
-        user, item, bias, target, ids, scores, weights, rank_w = make_case(CONFIGS[0][2], seed=1)
-        lo, hi = (0, 12) if rank == 0 else (12, C)
-        want = kd_loss_linear(user.float(), item.float(), target, ids, scores, weights, rank_w,
-                              item_bias=bias.float(), lambda_rank=0.3, backend="reference")
-        for backend, name in (("reference", "reference"), ("auto", "cpp")):
-            got = kd_loss_linear_catalog_parallel(user.float(), item[lo:hi].float(), lo, C, target, ids, scores,
-                                                  weights, rank_w, item_bias_shard=bias[lo:hi].float(),
-                                                  lambda_rank=0.3, backend=backend)
-            assert last_resolution().name == name
-            torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
-
-        # ranges that do not tile the catalog are refused on every rank
-        lo, hi = (0, 10) if rank == 0 else (9, C)
-        try:
-            kd_loss_linear_catalog_parallel(user, item[lo:hi], lo, C, target, ids, scores, weights)
-        except ValueError as exc:
-            report["tiling_error"] = str(exc)
-        dist.barrier()
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world)
+    try:
+        report = triton_checks(rank) if mode == "triton" else all_checks(rank)
     finally:
         dist.destroy_process_group()
     Path(out).write_text(json.dumps(report))
@@ -174,21 +195,34 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-@pytest.mark.multiproc
-def test_two_gloo_ranks_match_single_process_reference(tmp_path):
+def run_two_ranks(tmp_path, mode: str, **env) -> list[dict]:
+    """Run ``worker`` as 2 gloo ranks in ``mode``; each rank's report."""
     port = _free_port()
     outs = [tmp_path / f"rank{r}.json" for r in range(2)]
-    env = dict(os.environ, OMP_NUM_THREADS="1")
-    procs = [subprocess.Popen([sys.executable, __file__, str(r), "2", str(port), str(outs[r])], env=env,
+    env = dict(os.environ, OMP_NUM_THREADS="1", **env)
+    procs = [subprocess.Popen([sys.executable, __file__, str(r), "2", str(port), str(outs[r]), mode], env=env,
                               stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True) for r in range(2)]
     logs = [p.communicate(timeout=240)[0] for p in procs]
     for r, p in enumerate(procs):
         assert p.returncode == 0, f"rank {r} failed:\n{logs[r]}"
     reports = [json.loads(o.read_text()) for o in outs]
     assert reports[0] == reports[1]  # the same loss on both ranks
+    return reports
+
+
+@pytest.mark.multiproc
+def test_two_gloo_ranks_match_single_process_reference(tmp_path):
+    reports = run_two_ranks(tmp_path, "all")
     fused = {f"{name}/{dt}" for name, _, _ in CONFIGS for dt in TOL}
     assert set(reports[0]) == {name for name, _, _ in CONFIGS} | fused | {"tiling_error"}
     assert "do not tile [0, 23)" in reports[0]["tiling_error"]
+
+
+@pytest.mark.multiproc
+def test_two_gloo_ranks_triton_local_part(tmp_path):
+    pytest.importorskip("triton", reason="triton is not installed")
+    reports = run_two_ranks(tmp_path, "triton", TRITON_INTERPRET="1")
+    assert set(reports[0]) == {f"{name}/{dt}" for name, _, _ in CONFIGS for dt in TOL}
 
 
 @pytest.mark.multiproc
@@ -204,4 +238,4 @@ def test_needs_an_initialised_process_group():
 
 
 if __name__ == "__main__":
-    worker(int(sys.argv[1]), int(sys.argv[2]), int(sys.argv[3]), sys.argv[4])
+    worker(int(sys.argv[1]), int(sys.argv[2]), int(sys.argv[3]), sys.argv[4], *sys.argv[5:])
