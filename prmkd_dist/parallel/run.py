@@ -45,8 +45,8 @@ from prmkd_dist.train import config as config_mod
 from prmkd_dist.train.config import TrainConfig
 from prmkd_dist.train.evaluate import stage_histories
 from prmkd_dist.train.metrics import MetricAccumulator
-from prmkd_dist.train.trainer import (SELECT_METRIC, build_model, load_split_for, next_item_loss, training_batch,
-                                      training_examples)
+from prmkd_dist.train.trainer import (SELECT_METRIC, build_model, configured_stride, load_split_for, next_item_loss,
+                                      training_batch, training_examples)
 from prmkd_dist.train.utils import get_logger, seed_everything, set_num_threads
 
 log = get_logger(__name__)
@@ -253,7 +253,7 @@ def train_distributed(cfg: TrainConfig, pcfg: ParallelConfig, max_steps: int = 0
     dist.barrier()
     ckpt_root = out_dir / "dist_checkpoint"
     record = out_dir / f"examples_rank{rank}.jsonl" if record_examples else None
-    stride = cfg.data.window_stride if cfg.data.windows == "all" else None
+    stride = configured_stride(cfg) if objective is None else None
     examples = (training_examples(split, cfg.data.max_len, cfg.data.windows, stride) if objective is None
                 else objective.examples)  # [N, 2] (user, end) or (user, position)
     sampler = GlobalBatchSampler(np.arange(len(examples)), cfg.optim.batch_size, cfg.run.seed, rank, world)

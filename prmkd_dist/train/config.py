@@ -31,8 +31,9 @@ class DataConfig:
     # training windows per user: "last" (the most recent max_len items) or "all" (the whole training
     # prefix in consecutive max_len windows: every interaction is a target once); see train/trainer.py
     windows: str = "last"
-    # "all" windows start every window_stride items (0 = max_len: consecutive windows); a smaller stride
-    # overlaps them, the first max_len - window_stride positions of a window being context without a target
+    # "all" windows (and the window-packed distillation, which always uses them) start every window_stride
+    # items (0 = max_len: consecutive windows); a smaller stride overlaps them, the first max_len - window_stride
+    # positions of a window being context without a target
     window_stride: int = 0
 
     def problems(self) -> dict[str, str]:
@@ -41,8 +42,6 @@ class DataConfig:
             out["windows"] = f"expected 'last' or 'all', got {self.windows!r}"
         if not 0 <= self.window_stride <= max(self.max_len, 0):
             out["window_stride"] = f"expected 0 (= max_len) or 1..max_len ({self.max_len}), got {self.window_stride}"
-        elif self.window_stride and self.windows != "all":
-            out["window_stride"] = "only applies to windows: all"
         return out
 
 

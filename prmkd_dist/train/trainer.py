@@ -31,7 +31,7 @@ from tqdm.auto import tqdm
 from prmkd_dist.constants import PAD_ID
 from prmkd_dist.data.dataset import LeaveOneOutSplit, left_pad
 from prmkd_dist.models.base import SequentialStudent
-from prmkd_dist.train.config import TrainConfig, load_config, save_config
+from prmkd_dist.train.config import ConfigError, TrainConfig, load_config, save_config
 from prmkd_dist.train.engine import Engine, LocalEngine, no_teachers
 from prmkd_dist.train.evaluate import evaluate, evaluate_sampled
 from prmkd_dist.train.utils import get_logger, seed_everything, set_num_threads
@@ -86,6 +86,17 @@ def window_stride(max_len: int, stride: int | None) -> int:
     if not 1 <= stride <= max_len:
         raise ValueError(f"window stride must be in 1..max_len ({max_len}), got {stride}")
     return int(stride)
+
+
+def configured_stride(cfg: TrainConfig) -> int | None:
+    """``data.window_stride`` for the next-item objective (None: consecutive windows); a stride with
+    ``windows: last`` is a configuration error (one window per user has nothing to overlap)."""
+    if not cfg.data.window_stride:
+        return None
+    if cfg.data.windows != "all":
+        raise ConfigError(f"data.window_stride={cfg.data.window_stride}: only applies to data.windows: all "
+                          f"(or to distill.packing: window), got data.windows: {cfg.data.windows}")
+    return cfg.data.window_stride
 
 
 def training_examples(split: LeaveOneOutSplit, max_len: int, windows: str = "last",
@@ -287,7 +298,7 @@ def train(cfg: TrainConfig, split: LeaveOneOutSplit | None = None,
         objective = student_objective(cfg, split, model)
     if objective is None:
         objective = NextItemObjective(split, cfg.data.max_len, cfg.optim.batch_size, cfg.run.seed, device,
-                                      cfg.data.windows, cfg.data.window_stride)
+                                      cfg.data.windows, configured_stride(cfg))
     writer = _tb_writer(cfg)
     eval_kw = _eval_kwargs(cfg)
 

@@ -3,6 +3,7 @@ from pathlib import Path
 import pytest
 
 from prmkd_dist.train.config import CONFIG_DIR, ConfigError, TrainConfig, load_config
+from prmkd_dist.train.trainer import configured_stride
 
 
 def write(tmp_path: Path, text: str) -> Path:
@@ -48,8 +49,10 @@ def test_wrong_type_names_key_and_expectation(tmp_path):
         load_config(write(tmp_path, BASE), ["optim.epochs=0"])
     with pytest.raises(ConfigError, match=r"data\.window_stride.*expected 0 \(= max_len\) or 1\.\.max_len"):
         load_config(write(tmp_path, BASE), ["data.windows=all", "data.max_len=10", "data.window_stride=11"])
-    with pytest.raises(ConfigError, match=r"data\.window_stride.*only applies to windows: all"):
-        load_config(write(tmp_path, BASE), ["data.windows=last", "data.window_stride=2"])
+    # a stride with one window per user is refused when the next-item objective is built
+    with pytest.raises(ConfigError, match=r"data\.window_stride=2: only applies to data\.windows: all"):
+        configured_stride(load_config(write(tmp_path, BASE), ["data.windows=last", "data.window_stride=2"]))
+    assert configured_stride(load_config(write(tmp_path, BASE), ["data.windows=all", "data.window_stride=2"])) == 2
 
 
 def test_missing_required_key(tmp_path):
