@@ -41,7 +41,7 @@ def time_backend(name: str, device: torch.device, dtype: torch.dtype, batch: int
         lse1 = (m + z1.log()).float()
         lset = (m / tau + zt.log()).float()
         coef = torch.full((batch,), 1.0 / batch, device=device)
-        mod.catalog_local_grad(user, item, bias, coef, coef, lse1, lset, sel, s.float() * 0 + 1e-3, tau, chunk)
+        mod.catalog_local_grad(user, item, bias, coef, coef, lse1, lset, sel, torch.full_like(s, 1e-3), tau, chunk)
 
     def sync() -> None:
         if device.type == "cuda":
