@@ -5,7 +5,9 @@ row group by row group) of the same files, and (if the SASRec student exists) th
 
 Writes synthetic shards (T teachers x K, histories up to --max-hist) to --dir (reused when it already
 holds a finished export of the same shape) or a temp dir, then prints a markdown table and writes JSON.
-Goals: loader >= 70% of the raw scan rate; loader >= 10x the student's consumption rate.
+Goals: loader >= 70% of the raw scan rate; loader >= 10x the student's consumption rate. Each worker count
+runs --reps rounds of (raw scan, loader pass) back to back and reports medians; the loader's rate is given
+for the whole epoch and after its first batch (worker start-up and the first window excluded).
 """
 from __future__ import annotations
 
@@ -63,15 +65,23 @@ def raw_scan(root: str) -> tuple[float, int]:
     return time.perf_counter() - t0, rows
 
 
-def loader_pass(root: str, workers: int, batch_size: int, max_len: int) -> tuple[float, int, int]:
+def loader_pass(root: str, workers: int, batch_size: int, max_len: int) -> dict:
+    """One epoch through ShardLoader: seconds, rows, batches, and the wait for the first batch (worker
+    start-up, first window), so the rate after it (what an epoch of 10^8 rows sees) can be told apart."""
     ds = TeacherShardDataset(root, batch_size, max_len=max_len, seed=0)
     loader = ShardLoader(ds, num_workers=workers)
     t0 = time.perf_counter()
     rows = batches = 0
+    first_s = first_rows = None
     for b in loader:
         rows += b["example_key"].shape[0]
         batches += 1
-    return time.perf_counter() - t0, rows, batches
+        if first_s is None:
+            first_s, first_rows = time.perf_counter() - t0, rows
+    s = time.perf_counter() - t0
+    return {"seconds": s, "rows": rows, "batches": batches, "first_batch_s": first_s,
+            "rows_per_s": rows / s, "after_first_rows_per_s": (rows - first_rows) / (s - first_s),
+            "stats": dict(loader.stats)}
 
 
 def student_rate(batch: dict, num_items: int, steps: int) -> dict | None:
@@ -118,6 +128,7 @@ def main(argv=None) -> int:
     p.add_argument("--batch-size", type=int, default=1024)
     p.add_argument("--rows-per-row-group", type=int, default=8192)
     p.add_argument("--workers", default="0,1,2")
+    p.add_argument("--reps", type=int, default=3, help="rounds of (raw scan, loader pass) per worker count")
     p.add_argument("--student-steps", type=int, default=5, help="0 skips the student measurement")
     p.add_argument("--dir", default=None, help="shard dir to (re)use; default: a temp dir removed afterwards")
     p.add_argument("--out", default=None, help="JSON results path")
@@ -135,17 +146,24 @@ def main(argv=None) -> int:
         results = {"shape": shape, "batch_size": args.batch_size, "bytes_on_disk": size,
                    "write_s": None if reuse else write_s, "machine": f"{platform.machine()} {os.cpu_count()} CPU(s)",
                    "raw_scan": [], "loader": []}
+        raw_scan(root)  # warm-up: page cache and pyarrow's allocator (the first scan runs cold)
         for w in [int(x) for x in args.workers.split(",") if x != ""]:
-            # a raw scan right before each loader pass: on a shared machine the load drifts, so each
-            # ratio compares two measurements taken under the same conditions
-            raw_s, raw_rows = raw_scan(root)
-            results["raw_scan"].append({"seconds": raw_s, "rows": raw_rows, "rows_per_s": raw_rows / raw_s})
-            s, rows, batches = loader_pass(root, w, args.batch_size, args.max_hist)
-            if rows != raw_rows:
-                raise RuntimeError(f"loader with {w} worker(s) read {rows} rows, the shards hold {raw_rows}")
-            results["loader"].append({"workers": w, "seconds": s, "rows": rows, "batches": batches,
-                                      "rows_per_s": rows / s, "raw_scan_rows_per_s": raw_rows / raw_s,
-                                      "vs_raw_scan": (rows / s) / (raw_rows / raw_s)})
+            # rounds of (raw scan, loader pass) back to back: on a noisy machine each ratio compares
+            # measurements taken under the same conditions; medians over the rounds
+            rounds = []
+            for _ in range(args.reps):
+                raw_s, raw_rows = raw_scan(root)
+                lp = loader_pass(root, w, args.batch_size, args.max_hist)
+                if lp["rows"] != raw_rows:
+                    raise RuntimeError(f"loader with {w} worker(s) read {lp['rows']} rows, the shards hold {raw_rows}")
+                lp["raw_scan_rows_per_s"] = raw_rows / raw_s
+                rounds.append(lp)
+            med = {k: float(np.median([r[k] for r in rounds]))
+                   for k in ("rows_per_s", "after_first_rows_per_s", "raw_scan_rows_per_s", "first_batch_s")}
+            results["raw_scan"].append({"workers_round": w, "rows_per_s": [r["raw_scan_rows_per_s"] for r in rounds]})
+            results["loader"].append({"workers": w, "rounds": rounds, **med,
+                                      "vs_raw_scan": med["rows_per_s"] / med["raw_scan_rows_per_s"],
+                                      "after_first_vs_raw_scan": med["after_first_rows_per_s"] / med["raw_scan_rows_per_s"]})
         if args.student_steps:
             batch = next(iter(ShardLoader(TeacherShardDataset(root, args.batch_size, max_len=args.max_hist))))
             torch.set_num_threads(os.cpu_count() or 1)
@@ -156,11 +174,13 @@ def main(argv=None) -> int:
 
     print(f"\n{args.rows} rows, T={args.teachers}, K={args.k}, history <= {args.max_hist}, "
           f"{results['bytes_on_disk'] / 2**20:.0f} MiB on disk, batch {args.batch_size}, {results['machine']}\n")
-    print("| reader | workers | rows/s | raw pyarrow scan just before, rows/s | loader / raw |")
-    print("|---|---|---|---|---|")
+    print(f"medians of {args.reps} rounds of (raw scan, loader pass)\n")
+    print("| reader | workers | rows/s | raw pyarrow scan, rows/s | loader / raw | first batch s | rows/s after it | after / raw |")
+    print("|---|---|---|---|---|---|---|---|")
     for r in results["loader"]:
         print(f"| TeacherShardDataset + ShardLoader | {r['workers']} | {r['rows_per_s']:,.0f} | "
-              f"{r['raw_scan_rows_per_s']:,.0f} | {100 * r['vs_raw_scan']:.0f}% |")
+              f"{r['raw_scan_rows_per_s']:,.0f} | {100 * r['vs_raw_scan']:.0f}% | {r['first_batch_s']:.2f} | "
+              f"{r['after_first_rows_per_s']:,.0f} | {100 * r['after_first_vs_raw_scan']:.0f}% |")
     st = results.get("student")
     if st:
         best = max(r["rows_per_s"] for r in results["loader"])

@@ -19,6 +19,7 @@ A background thread reads and decodes the next windows while batches are consume
 """
 from __future__ import annotations
 
+import collections
 import math
 import queue
 import sys
@@ -69,9 +70,11 @@ class _WindowPool:
     only once nothing points into it any more:
     - in-process, batches are numpy/torch views of the buffer, so its CPython reference count says
       whether a batch (or any view of one) is still alive;
-    - in a worker, batches cross into the main process, which tells through ``release`` (a shared
-      counter per stream, set by ShardLoader) how many of the stream's batches it has copied out.
-      Without that channel (a plain DataLoader) every window gets new shared memory, as before.
+    - in a worker, batches cross into the main process as views of the window (see ``_pack``), and
+      ShardLoader tells through ``release`` (a shared counter per stream) how many of the stream's
+      batches its consumer has dropped. A worker that finds every pooled window still held waits up
+      to ``grace_s`` for a release, then takes a fresh, unpooled window (a consumer may keep batches).
+      Without that channel (a plain DataLoader) every window gets new shared memory.
     """
 
     def __init__(self, layout: dict, rows: int, max_buffers: int, shared: bool,
@@ -83,6 +86,9 @@ class _WindowPool:
         self.pooled_storages: set[int] = set()  # data_ptr of the pooled shared blocks
         self.sent: set[int] = set()  # pooled blocks already handed to the main process once
         self.allocated = 0  # buffers allocated (for tests and diagnostics)
+        # how long a worker waits for the main process to release a pooled buffer before it takes a
+        # fresh one instead (so a consumer that keeps batches can never deadlock the worker)
+        self.grace_s = 0.1
 
     def _allocate(self) -> dict:
         offsets, total = {}, 0
@@ -131,6 +137,7 @@ class _WindowPool:
         """(numpy arrays [n, ...] to fill, what the window yields: the same memory, as tensors in a
         worker), or None once ``stop`` is set. ``release_at``: the stream's count of released
         batches from which the buffer may be reused (release channel only)."""
+        waited_since = time.perf_counter()
         while True:
             buf = next((b for b in self.pool if self._is_free(b)), None)
             if buf is None and len(self.pool) < self.max_buffers:
@@ -138,13 +145,15 @@ class _WindowPool:
                 self.pool.append(buf)
                 if buf["tensors"] is not None:
                     self.pooled_storages.add(buf["base"].untyped_storage().data_ptr())
-            if buf is None and self.release is None:
-                buf = self._new()  # the pooled buffers all hold live batches: one more, not pooled
+            if buf is None and (self.release is None or time.perf_counter() - waited_since > self.grace_s):
+                # every pooled buffer still holds live batches (the consumer keeps them, or releases
+                # them later than ``grace_s``): one more buffer, not pooled, freed with its batches
+                buf = self._new()
             if buf is not None:
                 break
             if self.stop.is_set():
                 return None
-            time.sleep(0.0005)  # the main process releases batches as it consumes them
+            time.sleep(0.0005)  # the main process releases batches once the consumer has dropped them
         buf["release_at"] = release_at
         arrays = {k: v[:n] for k, v in buf["arrays"].items()}
         out = {k: v[:n] for k, v in buf["tensors"].items()} if buf["tensors"] is not None else dict(arrays)
@@ -171,14 +180,35 @@ def _pack(out: dict, pool: _WindowPool) -> dict:
     return {"_packed": {"window": ptr, "block": block, "views": views}}
 
 
-def _unpack(packed: dict, stream: int, windows: dict) -> dict:
-    """Private copies (numpy: one single-threaded memcpy each) of a packed batch's tensors."""
+class _MappedWindow:
+    """A worker's pooled shared window as mapped in the main process. Batches are handed out as views
+    of it (no copy); each view holds a reference to ``array`` (torch.from_numpy keeps its array, numpy
+    views keep their base), so its CPython reference count says whether any batch, or any tensor
+    derived from one without a copy, still points into the window."""
+
+    def __init__(self, storage: torch.UntypedStorage):
+        self.storage = storage
+        self.array = torch.empty(0, dtype=torch.uint8).set_(storage).numpy()
+        self.baseline = sys.getrefcount(self.array)
+
+    def view(self, dtype: torch.dtype, offset: int, shape: tuple) -> torch.Tensor:
+        npdt = torch.empty(0, dtype=dtype).numpy().dtype
+        start = offset * npdt.itemsize
+        flat = self.array[start : start + math.prod(shape) * npdt.itemsize]
+        return torch.from_numpy(flat.view(npdt).reshape(shape))
+
+    def in_use(self) -> bool:
+        return sys.getrefcount(self.array) > self.baseline
+
+
+def _unpack(packed: dict, stream: int, windows: dict) -> tuple[dict, tuple]:
+    """(the packed batch's tensors as views of the worker's window, the window's key in ``windows``).
+    The window is mapped once, when its block first comes along."""
     key = (stream, packed["window"])
     if packed["block"] is not None:
-        windows[key] = packed["block"].untyped_storage()
-    storage = windows[key]
-    return {k: torch.from_numpy(torch.empty(0, dtype=dt).set_(storage, off, shape).numpy().copy())
-            for k, (dt, off, shape) in packed["views"].items()}
+        windows[key] = _MappedWindow(packed["block"].untyped_storage())
+    win = windows[key]
+    return {k: win.view(dt, off, shape) for k, (dt, off, shape) in packed["views"].items()}, key
 
 
 def _scatter_right_aligned(out: np.ndarray, rows: np.ndarray, offsets: np.ndarray, values: np.ndarray,
@@ -612,6 +642,9 @@ class ShardLoader:
             self._dl_kwargs["prefetch_factor"] = prefetch_factor
         self._consumed = 0
         self.counters = {"bad_rows_skipped": 0}
+        # of the last iteration with workers: pooled windows mapped here, batches that came with memory
+        # of their own (stitched from two windows, bad rows removed, or from an unpooled window)
+        self.stats = {"windows_mapped": 0, "batches_own_memory": 0}
 
     @property
     def teacher_names(self) -> tuple[str, ...]:
@@ -633,8 +666,8 @@ class ShardLoader:
         W = self.num_workers
         release = None
         if W:
-            # the release channel (see _WindowPool): per stream, how many of its batches this process
-            # has copied out of the workers' shared windows, which they then reuse
+            # the release channel (see _WindowPool): per stream, how many of its batches the consumer
+            # here has dropped, so that the workers may overwrite (reuse) their shared windows
             release = torch.tensor([max(0, -(-(self._consumed - s) // W)) for s in range(W)],
                                    dtype=torch.int64).share_memory_()
             # packed batches would make the DataLoader's pin thread copy whole windows
@@ -643,26 +676,55 @@ class ShardLoader:
             it = iter(DataLoader(self.dataset, batch_size=None, **self._dl_kwargs))
         finally:
             self.dataset._release, self.dataset._packed = None, False  # the workers hold their copy
-        windows: dict = {}  # (stream, window id) -> the worker's pooled window, mapped here once
+        windows: dict = {}  # (stream, window id) -> _MappedWindow, a worker's pooled window mapped here once
+        # per stream, the batches handed out and not yet released: (stream-local index, window key or
+        # None when the batch has memory of its own), oldest first
+        held = [collections.deque() for _ in range(W)]
+        received = [int(release[s]) for s in range(W)] if W else []
         if W:
             self.dataset._resume = None  # the workers hold their copy; later epochs start fresh
-        for batch in it:
+        self.stats = {"windows_mapped": 0, "batches_own_memory": 0}
+        while True:
+            if release is not None:
+                self._release_dropped(held, received, windows, release)
+            try:
+                batch = next(it)
+            except StopIteration:
+                return
             info = batch.pop("info")
             if info["rank_batch"] != self._consumed:
                 raise RuntimeError(f"batch {info['rank_batch']} arrived while {self._consumed} was expected: "
                                    "the DataLoader must deliver worker batches in order (in_order=True)")
             if release is not None:
-                # a worker overwrites its window once released: hand out a private copy (one memcpy of
-                # the batch, far cheaper than fresh shared memory per window); pinned ones are copies.
-                # numpy copies: single-threaded, where torch's would wake the intra-op thread pool
+                # a worker overwrites a pooled window once released. Packed batches are handed out as
+                # views of the window (no copy) and released once the consumer has dropped them; pinned
+                # ones are copies already; others (pin_memory without an accelerator) are copied here
+                # (numpy: single-threaded, where torch's copy would wake the intra-op thread pool)
+                key = None
                 if "_packed" in batch:
-                    batch = _unpack(batch["_packed"], info["stream"], windows)
+                    if batch["_packed"]["block"] is not None:
+                        self.stats["windows_mapped"] += 1
+                    batch, key = _unpack(batch["_packed"], info["stream"], windows)
                 elif self._dl_kwargs["pin_memory"]:  # (packed mode: an unpacked batch has its own memory)
                     batch = {k: v if v.is_pinned() else torch.from_numpy(v.numpy().copy()) for k, v in batch.items()}
-                release[info["stream"]] = info["rank_batch"] // W + 1
+                if key is None:
+                    self.stats["batches_own_memory"] += 1
+                s = info["stream"]
+                held[s].append((info["rank_batch"] // W, key))
+                received[s] = info["rank_batch"] // W + 1
             self._consumed += 1
             self.counters["bad_rows_skipped"] += int(info["skipped_bad_rows"])
             yield batch
+            del batch  # this frame must not keep the batch's window in use
+
+    @staticmethod
+    def _release_dropped(held: list, received: list, windows: dict, release: torch.Tensor) -> None:
+        """Tell each worker how many of its stream's batches it may overwrite: those before the oldest
+        batch whose window still has a live view here (stream order, so a count suffices)."""
+        for s, q in enumerate(held):
+            while q and (q[0][1] is None or not windows[q[0][1]].in_use()):
+                q.popleft()
+            release[s] = q[0][0] if q else received[s]
 
     def state_dict(self) -> dict:
         sd = self.dataset.state_dict(self._consumed, self.num_workers)

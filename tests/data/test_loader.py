@@ -342,6 +342,27 @@ def test_workers_reuse_shared_windows_exactly(shards, monkeypatch):
             assert torch.equal(x[k], y[k]), k
 
 
+def test_worker_batches_are_views_released_once_dropped(shards):
+    """With workers, ShardLoader hands batches out as views of the workers' shared windows (no copy):
+    a consumer that drops each batch lets the workers recycle a few windows; one that keeps every batch
+    (or one tensor derived from it) gets intact batches, the workers taking fresh windows instead of
+    overwriting held ones (and never waiting for a release that cannot come)."""
+    root, ex = shards
+    kw = dict(max_len=20, seed=8, shuffle_buffer_rows=40)  # 2 batches per window; 13 windows per stream
+    dropping = ShardLoader(TeacherShardDataset(root, 20, **kw), num_workers=2)
+    copies = [{k: v.clone() for k, v in b.items()} for b in dropping]  # each batch dropped after its copy
+    ds = dropping.dataset
+    assert dropping.stats["batches_own_memory"] == 0  # every batch came as a view of a pooled window
+    assert 2 <= dropping.stats["windows_mapped"] <= 2 * (ds.prefetch_windows + 3) < 26  # windows went round
+    keeping = ShardLoader(TeacherShardDataset(root, 20, **kw), num_workers=2)
+    held = [(b["teacher_ids"][:, 0], b["history"][1:]) for b in keeping]  # derived views keep windows too
+    assert keeping.stats["batches_own_memory"] > 0  # fresh unpooled windows once the pool was held
+    assert len(np.unique(_check_content(copies, ex, 20))) == N  # every example once, content exact
+    assert len(held) == len(copies)
+    for y, z in zip(copies, held):
+        assert torch.equal(z[0], y["teacher_ids"][:, 0]) and torch.equal(z[1], y["history"][1:])
+
+
 def test_scatter_right_aligned_matches_pad_ragged():
     from prmkd_dist.data.dataset import pad_ragged
     from prmkd_dist.data.loader import _scatter_right_aligned
