@@ -1,7 +1,7 @@
-// Schemas of the torch ops `torch.ops.prmkd.*` and the (empty) Python module `prmkd_dist._C` whose import
+// Schemas of the torch ops `torch.ops.prmkd.*` and the Python module `prmkd_dist._C` whose import
 // loads this library and so registers them. The CPU kernels are registered next to their code
 // (kd_loss.cpp, kd_loss_linear.cpp, kd_catalog_local.cpp); autograd is attached in prmkd_dist/distill/cpp_backend.py.
-#include <Python.h>
+#include <pybind11/pybind11.h>
 #include <torch/library.h>
 
 TORCH_LIBRARY(prmkd, m) {
@@ -37,11 +37,13 @@ TORCH_LIBRARY(prmkd, m) {
       "float temperature) -> (Tensor, Tensor, Tensor)");
 }
 
-extern "C" {
-// `import prmkd_dist._C` needs a module init; the ops live in the TORCH_LIBRARY registry, not in the module.
-PyMODINIT_FUNC PyInit__C(void) {
-  static struct PyModuleDef module_def = {PyModuleDef_HEAD_INIT, "_C", "C++ CPU ops of prmkd-dist (torch.ops.prmkd)",
-                                          -1, nullptr};
-  return PyModule_Create(&module_def);
+namespace prmkd {
+void bind_shard_rows(pybind11::module_& m);  // shard_rows.cpp
 }
+
+// `import prmkd_dist._C` loads this library, which registers the torch ops above; the module itself holds the
+// loader's window-assembly functions (shard_rows.cpp), which work on numpy/Arrow buffers, not tensors.
+PYBIND11_MODULE(_C, m) {
+  m.doc() = "C++ CPU ops of prmkd-dist (torch.ops.prmkd) and the loader's window assembly";
+  prmkd::bind_shard_rows(m);
 }

@@ -43,6 +43,11 @@ from prmkd_dist.data.shards import (
     raise_first,
 )
 
+try:  # the C++ window assembly (csrc/shard_rows.cpp); the numpy path below is its reference
+    from prmkd_dist import _C as _shard_rows
+except ImportError:  # the loader stays usable without the extension, on the numpy path
+    _shard_rows = None
+
 STATE_FORMAT = "prmkd-dist/loader-state"
 STATE_VERSION = 1
 BAD_ROW_POLICIES = ("raise", "skip")
@@ -164,6 +169,16 @@ class _WindowPool:
         return arrays, out
 
 
+def _row_problems(info, num_items: int) -> tuple:
+    """(bit, column, problem) of the C++ assembly's problem bits (csrc/shard_rows.cpp), named as the
+    numpy checks name them (data/shards.py check_id_lists); a length mismatch first, as there."""
+    return ((16, info.scores_column, f"length differs from {info.ids_column}"),
+            (1, info.ids_column, f"item id outside [0, {num_items})"),
+            (2, info.ids_column, f"more than the declared K={info.k} entries"),
+            (4, info.scores_column, "score is NaN or infinite"),
+            (8, info.scores_column, "scores not sorted descending"))
+
+
 def _pack(out: dict, pool: _WindowPool) -> dict:
     """A worker's batch whose tensors are all views of one pooled shared window, sent as offsets into
     that window: each tensor would otherwise pass its own file descriptor (a connection to the
@@ -255,6 +270,9 @@ class TeacherShardDataset(IterableDataset):
     epoch), stream, epoch, skipped_bad_rows} (plain ints; ShardLoader pops it). T follows ``teacher_names``; K is the
     largest declared K.
 
+    assembly: "auto" (C++ window assembly of prmkd_dist._C when built and check_duplicates is off, else
+    numpy), "cpp" or "numpy" (the reference): how rows are checked and copied into shuffle windows.
+
     on_bad_rows: "raise" (default) raises BadRowError naming file/column/row; "skip" drops bad rows
     from their batch (which may then hold fewer than B rows, keeping the batch count in lockstep) and
     counts them in ``counters["bad_rows_skipped"]`` and in each batch's info.
@@ -278,6 +296,7 @@ class TeacherShardDataset(IterableDataset):
         prefetch_windows: int = 2,
         check_sorted: bool = True,
         check_duplicates: bool = False,
+        assembly: str = "auto",
     ):
         super().__init__()
         if batch_size < 1 or max_len < 1 or shuffle_buffer_rows < 1 or prefetch_windows < 1:
@@ -292,6 +311,14 @@ class TeacherShardDataset(IterableDataset):
         self.shuffle, self.seed, self.drop_last = shuffle, int(seed), drop_last
         self.shuffle_buffer_rows, self.prefetch_windows = int(shuffle_buffer_rows), int(prefetch_windows)
         self.on_bad_rows, self.check_sorted, self.check_duplicates = on_bad_rows, check_sorted, check_duplicates
+        if assembly not in ("auto", "cpp", "numpy"):
+            raise ValueError(f"assembly={assembly!r}, expected 'auto', 'cpp' or 'numpy'")
+        if assembly == "cpp" and (_shard_rows is None or check_duplicates):
+            raise ValueError("assembly='cpp' needs the built extension prmkd_dist._C and check_duplicates=False"
+                             + ("" if _shard_rows is not None else " (the extension is not built: run `make install`)"))
+        # the C++ path checks and copies the lists in one pass; duplicate checks exist on the numpy path only
+        self.assembly = "cpp" if assembly == "cpp" or (assembly == "auto" and _shard_rows is not None
+                                                        and not check_duplicates) else "numpy"
         if world_size is None or rank is None:
             dist = torch.distributed.is_available() and torch.distributed.is_initialized()
             rank = torch.distributed.get_rank() if dist and rank is None else (rank or 0)
@@ -364,9 +391,11 @@ class TeacherShardDataset(IterableDataset):
     # ---- decoding ---------------------------------------------------------------------------------
     def _decode(self, table, path: str, first_row: int) -> dict:
         """Check one row group and turn it into numpy arrays. Teacher lists that are all full stay
-        zero-copy [n, K_t] views of the Arrow buffers; the window assembly copies everything once."""
+        zero-copy [n, K_t] views of the Arrow buffers; the window assembly copies everything once. On
+        the C++ path the lists stay raw (offsets, values) and are checked as they are copied."""
+        cpp = self.assembly == "cpp"
         found = check_example_table(table, self.meta, check_sorted=self.check_sorted,
-                                    check_duplicates=self.check_duplicates)
+                                    check_duplicates=self.check_duplicates, check_lists=not cpp)
         n = len(table)
         bad = np.zeros(n, dtype=bool)
         if found:
@@ -378,8 +407,12 @@ class TeacherShardDataset(IterableDataset):
         for t in self.meta.teachers:
             ioff, iv = list_parts(table.column(t.ids_column))
             soff, sv = list_parts(table.column(t.scores_column))
-            ids.append(pad_ragged(ioff, iv, t.k, PAD_ID, np.int64, "first"))
-            scores.append(pad_ragged(soff, sv, t.k, 0.0, np.float32, "first"))
+            if cpp:  # the raw lists: checked while they are copied into the window (_assemble_cpp)
+                ids.append((ioff, iv))
+                scores.append((soff, sv))
+            else:
+                ids.append(pad_ragged(ioff, iv, t.k, PAD_ID, np.int64, "first"))
+                scores.append(pad_ragged(soff, sv, t.k, 0.0, np.float32, "first"))
         return {
             "example_key": np.asarray(table.column("example_key")),
             "user_id": np.asarray(table.column("user_id")),
@@ -399,7 +432,8 @@ class TeacherShardDataset(IterableDataset):
             "example_key": ((), torch.int64, None),
             "user_id": ((), torch.int64, None),
             "domain_id": ((), torch.int64, None),
-            "history": ((self.max_len,), torch.int64, PAD_ID),  # lists are scattered in right-aligned
+            # lists are scattered in right-aligned (the C++ path writes the padding itself)
+            "history": ((self.max_len,), torch.int64, None if self.assembly == "cpp" else PAD_ID),
             "target": ((), torch.int64, None),
             "teacher_ids": ((T, K), torch.int64, PAD_ID if ragged else None),
             "teacher_scores": ((T, K), torch.float32, 0.0 if ragged else None),
@@ -448,12 +482,40 @@ class TeacherShardDataset(IterableDataset):
                 part = cache[1]
                 for key in ("example_key", "user_id", "domain_id", "target", "bad"):
                     win[key][d] = part[key][s0:s1]
+                if self.assembly == "cpp":
+                    self._assemble_cpp(win, d, part, s0, s1, self.shards.files[fi].path, first)
+                    continue
                 hoff, hvals = part["history"]
                 _scatter_right_aligned(win["history"], d, hoff[s0 : s1 + 1], hvals, scratch)
                 for t in range(len(self.meta.teachers)):
                     ids_rows[t][d] = _as_rows(part["teacher_ids"][t][s0:s1])
                     scores_rows[t][d] = _as_rows(part["teacher_scores"][t][s0:s1])
             yield window_out
+
+    def _assemble_cpp(self, win: dict, d: np.ndarray, part: dict, s0: int, s1: int, path: str, first: int) -> None:
+        """Rows [s0, s1) of a decoded row group into window rows ``d``, lists checked while copied (one
+        pass over each value). Problems found here are the ones the numpy path finds in
+        ``check_example_table``, with the same names; rows are raised or marked bad the same way."""
+        C = self.meta.num_items
+        found: dict[tuple[str, str], np.ndarray] = {}
+        hoff, hvals = part["history"]
+        bits = _shard_rows.history_rows_into(win["history"], d, hoff[s0 : s1 + 1], hvals, C)
+        if bits.any():
+            found[("history", f"item id outside [0, {C})")] = bits != 0
+        lists = [(ioff[s0 : s1 + 1], iv, soff[s0 : s1 + 1], sv, info.k)
+                 for (ioff, iv), (soff, sv), info in zip(part["teacher_ids"], part["teacher_scores"], self.meta.teachers)]
+        bits = _shard_rows.teacher_rows_into(win["teacher_ids"], win["teacher_scores"], d, lists, C, self.check_sorted)
+        if bits.any():
+            for t, info in enumerate(self.meta.teachers):
+                for bit, col, problem in _row_problems(info, C):
+                    m = (bits[:, t] & bit) != 0
+                    if m.any():
+                        found[(col, problem)] = m
+        if found:
+            if self.on_bad_rows == "raise":
+                raise_first(found, path, first + s0)
+            for m in found.values():
+                win["bad"][d[m]] = True
 
     def _read_groups(self, order: np.ndarray, js: range, stop: threading.Event) -> Iterator[tuple]:
         """(j, Arrow table) of the plan's row groups ``js``, read in order."""

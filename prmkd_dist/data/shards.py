@@ -281,19 +281,24 @@ def check_example_table(
     *,
     check_sorted: bool = True,
     check_duplicates: bool = True,
+    check_lists: bool = True,
 ) -> dict[tuple[str, str], np.ndarray]:
-    """All row checks of an example table: {(column, problem): bool mask [n]} for problems present."""
+    """All row checks of an example table: {(column, problem): bool mask [n]} for problems present.
+    ``check_lists=False`` leaves out the history and teacher lists (the loader's C++ window assembly
+    checks those while it copies them)."""
     found: dict[tuple[str, str], np.ndarray] = {}
     for name in table.column_names:
         if table.column(name).null_count:
             found[(name, "null value")] = np.asarray(table.column(name).is_null().to_numpy(zero_copy_only=False))
-    off, hv = list_parts(table.column("history"))
-    for p, m in check_id_lists(off, hv, meta.num_items, check_duplicates=False).items():
-        found[("history", p)] = m
     tgt = np.asarray(table.column("target"))
     bad_t = (tgt < PAD_ID) | (tgt >= meta.num_items)
     if bad_t.any():
         found[("target", f"target outside [-1, {meta.num_items})")] = bad_t
+    if not check_lists:
+        return found
+    off, hv = list_parts(table.column("history"))
+    for p, m in check_id_lists(off, hv, meta.num_items, check_duplicates=False).items():
+        found[("history", p)] = m
     for t in meta.teachers:
         ioff, ids = list_parts(table.column(t.ids_column))
         soff, sc = list_parts(table.column(t.scores_column))

@@ -158,7 +158,8 @@ def _copy(root, dst) -> str:
     return str(dst)
 
 
-def test_bad_input_raises_naming_file_column_row(shards, tmp_path):
+@pytest.mark.parametrize("assembly", ["cpp", "numpy"])
+def test_bad_input_raises_naming_file_column_row(shards, tmp_path, assembly):
     root, _ = shards
     with pytest.raises(FingerprintMismatchError):
         TeacherShardDataset(root, 8, item_fingerprint="deadbeefdeadbeef")
@@ -170,6 +171,11 @@ def test_bad_input_raises_naming_file_column_row(shards, tmp_path):
         "ids": ("teacher.sasrec.ids", lambda v: [NUM_ITEMS + 1] + v[1:], r"item id outside"),
         "nan": ("teacher.sasrec.scores", lambda v: [float("nan")] + v[1:], r"NaN or infinite"),
         "wide": ("teacher.llm.ids", lambda v: v + [0] * 6, r"more than the declared K=5"),
+        "negative": ("teacher.llm.ids", lambda v: v[:-1] + [-3], r"item id outside"),
+        "unsorted": ("teacher.sasrec.scores", lambda v: [v[1], v[0]] + v[2:] if v[1] < v[0] else [v[0], v[0] + 1.0] + v[2:],
+                     r"not sorted descending"),
+        "inf": ("teacher.llm.scores", lambda v: v[:-1] + [float("-inf")], r"NaN or infinite"),
+        "history": ("history", lambda v: v[:-1] + [NUM_ITEMS], r"item id outside"),
     }
     for name, (col, edit, msg) in cases.items():
         bad = _copy(root, tmp_path / name)
@@ -188,11 +194,11 @@ def test_bad_input_raises_naming_file_column_row(shards, tmp_path):
 
         rewrite_part(part, mutate)
         with pytest.raises(BadRowError) as info:
-            list(TeacherShardDataset(bad, 64, shuffle=False))
+            list(TeacherShardDataset(bad, 64, shuffle=False, assembly=assembly))
         assert (info.value.file, info.value.column, info.value.row) == (part, col, mutate.row), name
         assert info.match(msg)
         # skip mode: the bad row is dropped from its batch, counted, and the batch count is unchanged
-        ds = TeacherShardDataset(bad, 64, shuffle=False, on_bad_rows="skip")
+        ds = TeacherShardDataset(bad, 64, shuffle=False, on_bad_rows="skip", assembly=assembly)
         batches = list(ds)
         assert len(batches) == ds.num_batches() and ds.counters["bad_rows_skipped"] == 1
         assert len(_keys(batches)) == N - 1 and 600 + mutate.row not in set(_keys(batches).tolist())
