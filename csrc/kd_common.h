@@ -147,12 +147,13 @@ inline double sigmoid(double x) {
   return x >= 0 ? 1.0 / (1.0 + std::exp(-x)) : std::exp(x) / (1.0 + std::exp(x));
 }
 
-// l_b given both LSEs; logit(j) returns s_j as float.
+// l_b given both LSEs; logit(j, slot) returns s_j as float, where slot is -1 for the target and t * K + k for
+// teacher slot (t, k) (an accessor over the full logits reads j; one over gathered logits reads the slot).
 template <class Logit>
 inline double row_loss(const TeacherRow& r, int64_t y, double lse1, double lse_tau, const LossParams& P,
                        Logit&& logit) {
   double loss = 0.0;
-  if (y >= 0 && P.lambda_ce != 0.0) loss += P.lambda_ce * (lse1 - double(logit(y)));
+  if (y >= 0 && P.lambda_ce != 0.0) loss += P.lambda_ce * (lse1 - double(logit(y, int64_t(-1))));
   const bool rank_on = r.rank != nullptr && P.lambda_rank != 0.0;
   if (P.lambda_kd == 0.0 && !rank_on) return loss;
   double kd = 0.0, rank = 0.0;
@@ -166,7 +167,7 @@ inline double row_loss(const TeacherRow& r, int64_t y, double lse1, double lse_t
     double kl = 0.0, rk = 0.0;
     for (int64_t k = 0; k < r.K; ++k) {
       if (ids[k] < 0) continue;
-      const double s = logit(ids[k]);
+      const double s = logit(ids[k], t * r.K + k);
       const double log_p = double(sc[k]) / P.tau - z_max - log_z;
       kl += std::exp(log_p) * (log_p - (s / P.tau - lse_tau));
       if (rtot > 0.0) rk -= (double(r.rank[t * r.K + k]) / rtot) * log_sigmoid(s);
@@ -192,14 +193,14 @@ inline void row_dense_coefs(const TeacherRow& r, int64_t y, double g, const Loss
   *c = g * P.lambda_kd * P.tau * w_sum;
 }
 
-// The sparse corrections of d l_b / d s: emit(j, delta) for the target and every valid teacher slot
-// (an id may be emitted several times: the deltas add).
+// The sparse corrections of d l_b / d s: emit(j, slot, delta) for the target (slot -1) and every valid teacher
+// slot (slot t * K + k; an id may be emitted several times: per id the deltas add). logit as in row_loss.
 //   target:        -g lambda_ce
 //   teacher slot:  -g lambda_kd tau w_t p_tk  -  g lambda_rank w_t rho_hat_tk (1 - sigmoid(s_j))
 template <class Logit, class Emit>
 inline void row_sparse_grad(const TeacherRow& r, int64_t y, double g, const LossParams& P, Logit&& logit,
                             Emit&& emit) {
-  if (y >= 0 && P.lambda_ce != 0.0) emit(y, -g * P.lambda_ce);
+  if (y >= 0 && P.lambda_ce != 0.0) emit(y, int64_t(-1), -g * P.lambda_ce);
   const bool rank_on = r.rank != nullptr && P.lambda_rank != 0.0;
   if (P.lambda_kd == 0.0 && !rank_on) return;
   for (int64_t t = 0; t < r.T; ++t) {
@@ -214,9 +215,9 @@ inline void row_sparse_grad(const TeacherRow& r, int64_t y, double g, const Loss
       double d = -g * P.lambda_kd * P.tau * w * std::exp(double(sc[k]) / P.tau - z_max - log_z);
       if (rtot > 0.0) {
         const double rho = double(r.rank[t * r.K + k]) / rtot;
-        d -= g * P.lambda_rank * w * rho * (1.0 - sigmoid(double(logit(ids[k]))));
+        d -= g * P.lambda_rank * w * rho * (1.0 - sigmoid(double(logit(ids[k], t * r.K + k))));
       }
-      emit(ids[k], d);
+      emit(ids[k], t * r.K + k, d);
     }
   }
 }

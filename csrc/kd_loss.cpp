@@ -85,7 +85,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> kd_loss_fwd(const at::Tensor& log
       }
       const double l1 = st.lse1(), lt = same_tau ? l1 : st.lse_tau(inv_tau);
       const TeacherRow r = teacher_row(ids, sc, tw, rw, T, K, b);
-      loss_p[b] = float(row_loss(r, tgt[b], l1, lt, P, [&](int64_t j) { return reader.at(b, j); }));
+      loss_p[b] = float(row_loss(r, tgt[b], l1, lt, P, [&](int64_t j, int64_t) { return reader.at(b, j); }));
       lse1_p[b] = float(l1);
       lset_p[b] = float(lt);
     }
@@ -138,8 +138,8 @@ at::Tensor kd_loss_bwd(const at::Tensor& grad_rows, const at::Tensor& logits, co
                         same_tau, out + j0);
       }
       row_sparse_grad(
-          r, tgt[b], g_p[b], P, [&](int64_t j) { return reader.at(b, j); },
-          [&](int64_t j, double d) { out[j] += float(d); });
+          r, tgt[b], g_p[b], P, [&](int64_t j, int64_t) { return reader.at(b, j); },
+          [&](int64_t j, int64_t, double d) { out[j] += float(d); });
       if (is_bf16) float_to_bf16(out, g_bf16 + b * C, C);
     }
   });

@@ -47,7 +47,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> kd_loss_linear_fwd(
       const LseState& st = states[b];
       const double l1 = st.lse1(), lt = same_tau ? l1 : st.lse_tau(inv_tau);
       const TeacherRow r = teacher_row(ids, sc, tw, rw, T, K, b);
-      loss_p[b] = float(row_loss(r, tgt[b], l1, lt, P, [&](int64_t j) { return logit(b, j); }));
+      loss_p[b] = float(row_loss(r, tgt[b], l1, lt, P, [&](int64_t j, int64_t) { return logit(b, j); }));
       lse1_p[b] = float(l1);
       lset_p[b] = float(lt);
     }
@@ -105,8 +105,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> kd_loss_linear_bwd(
     for (int64_t b = b0; b < b1; ++b) {
       int64_t n_emitted = 0;
       row_sparse_grad(
-          teacher_row(ids, sc, tw, rw, T, K, b), tgt[b], g_p[b], P, [&](int64_t j) { return logit(b, j); },
-          [&](int64_t j, double delta) {
+          teacher_row(ids, sc, tw, rw, T, K, b), tgt[b], g_p[b], P, [&](int64_t j, int64_t) { return logit(b, j); },
+          [&](int64_t j, int64_t, double delta) {
             sp_id[b * slots + n_emitted] = j;
             sp_delta[b * slots + n_emitted] = float(delta);
             ++n_emitted;

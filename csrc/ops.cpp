@@ -1,6 +1,6 @@
 // Schemas of the torch ops `torch.ops.prmkd.*` and the Python module `prmkd_dist._C` whose import
 // loads this library and so registers them. The CPU kernels are registered next to their code
-// (kd_loss.cpp, kd_loss_linear.cpp, kd_catalog_local.cpp); autograd is attached in prmkd_dist/distill/cpp_backend.py.
+// (kd_loss.cpp, kd_loss_linear.cpp, kd_rows.cpp, kd_catalog_local.cpp); autograd is attached in prmkd_dist/distill/cpp_backend.py.
 #include <pybind11/pybind11.h>
 #include <torch/library.h>
 
@@ -25,6 +25,17 @@ TORCH_LIBRARY(prmkd, m) {
       "Tensor lse_tau, Tensor target, Tensor teacher_ids, Tensor teacher_scores, Tensor teacher_weights, "
       "Tensor? rank_weights, float temperature, float lambda_ce, float lambda_kd, float lambda_rank) "
       "-> (Tensor, Tensor, Tensor)");
+  // the row loss from per-row statistics (catalog-parallel form): lse1, lse_tau [B] and sel [B, 1 + T*K]
+  // (logits at the target, then at teacher slot (t, k) in column 1 + t*K + k), all float32 -> loss_rows [B]
+  m.def(
+      "kd_rows_fwd(Tensor lse1, Tensor lse_tau, Tensor sel, Tensor target, Tensor teacher_ids, "
+      "Tensor teacher_scores, Tensor teacher_weights, Tensor? rank_weights, float temperature, float lambda_ce, "
+      "float lambda_kd, float lambda_rank) -> Tensor");
+  // -> (d lse1 [B], d lse_tau [B], d sel [B, 1 + T*K]), float32
+  m.def(
+      "kd_rows_bwd(Tensor grad_rows, Tensor sel, Tensor target, Tensor teacher_ids, Tensor teacher_scores, "
+      "Tensor teacher_weights, Tensor? rank_weights, float temperature, float lambda_ce, float lambda_kd, "
+      "float lambda_rank) -> (Tensor, Tensor, Tensor)");
   // catalog-parallel local part over a row shard [R, d] (R may be 0):
   // -> (local max [B], sum exp(s - max) [B], sum exp((s - max) / tau) [B]), all float64, and the logits at the
   // local rows sel_idx [B, M] (-1: none, logit 0) as float32 [B, M] ([B, 0] without sel_idx)

@@ -14,7 +14,8 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-__all__ = ["available", "kd_loss_rows", "kd_loss_linear_rows", "catalog_local_stats", "catalog_local_grad"]
+__all__ = ["available", "kd_loss_rows", "kd_loss_linear_rows", "kd_rows_from_sel", "catalog_local_stats",
+           "catalog_local_grad"]
 
 try:
     import prmkd_dist._C  # noqa: F401  (registers torch.ops.prmkd.*)
@@ -106,6 +107,42 @@ def kd_loss_linear_rows(user_emb: Tensor, item_emb: Tensor, item_bias: Tensor | 
                                    float(lambda_kd), float(lambda_rank))
 
 
+class _KDRowsFromSel(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, lse1, lse_tau, sel, target, teacher_ids, teacher_scores, teacher_weights, rank_weights,
+                temperature, lambda_ce, lambda_kd, lambda_rank):
+        loss = torch.ops.prmkd.kd_rows_fwd(lse1, lse_tau, sel, target, teacher_ids, teacher_scores, teacher_weights,
+                                           rank_weights, temperature, lambda_ce, lambda_kd, lambda_rank)
+        ctx.save_for_backward(sel, target, teacher_ids, teacher_scores, teacher_weights, rank_weights)
+        ctx.hparams = (temperature, lambda_ce, lambda_kd, lambda_rank)
+        return loss
+
+    @staticmethod
+    def backward(ctx, grad_rows):
+        sel, target, ids, scores, weights, rank = ctx.saved_tensors
+        g1, gt, gs = torch.ops.prmkd.kd_rows_bwd(grad_rows.to(torch.float32).contiguous(), sel, target, ids, scores,
+                                                 weights, rank, *ctx.hparams)
+        return (g1, gt, gs) + (None,) * 9
+
+
+def kd_rows_from_sel(lse1: Tensor, lse_tau: Tensor | None, sel: Tensor, target: Tensor, teacher_ids: Tensor,
+                     teacher_scores: Tensor, teacher_weights: Tensor, rank_weights: Tensor | None, temperature: float,
+                     lambda_ce: float, lambda_kd: float, lambda_rank: float) -> Tensor:
+    """``reference.kd_rows_from_sel`` (the row loss from LSE_1, LSE_tau and the logits ``sel`` [B, 1 + T*K] at
+    the target and the teacher slots) by the C++ op: one pass per row instead of a dozen [B, T, K] tensor
+    ops, differentiable wrt lse1, lse_tau and sel. float32 statistics; others go to the reference."""
+    if not (lse1.dtype == sel.dtype == torch.float32 and lse1.device.type == "cpu"):
+        from prmkd_dist.distill.reference import kd_rows_from_sel as reference_rows
+
+        return reference_rows(lse1, lse_tau, sel, target, teacher_ids, teacher_scores, teacher_weights, rank_weights,
+                              temperature, lambda_ce, lambda_kd, lambda_rank)
+    ids, scores, weights, rank = _teacher_args(teacher_ids, teacher_scores, teacher_weights, rank_weights)
+    lt = lse1 if lse_tau is None else lse_tau  # not read when lambda_kd == 0 or there are no teacher slots
+    return _KDRowsFromSel.apply(lse1.contiguous(), lt.to(torch.float32).contiguous(), sel.contiguous(),
+                                target.contiguous(), ids, scores, weights, rank, float(temperature), float(lambda_ce),
+                                float(lambda_kd), float(lambda_rank))
+
+
 def catalog_local_stats(user_emb: Tensor, item_emb: Tensor, item_bias: Tensor | None, temperature: float,
                         chunk_rows: int | None = None, sel_idx: Tensor | None = None
                         ) -> tuple[Tensor, Tensor, Tensor, Tensor | None]:
@@ -156,6 +193,14 @@ if not _IMPORT_ERROR:
         d_bias = item_bias.new_empty(item_bias.shape) if item_bias is not None else \
             user_emb.new_empty((0,), dtype=torch.float32)
         return torch.empty_like(user_emb), torch.empty_like(item_emb), d_bias
+
+    @torch.library.register_fake("prmkd::kd_rows_fwd")
+    def _kd_rows_fwd_fake(lse1, *_):
+        return torch.empty_like(lse1)
+
+    @torch.library.register_fake("prmkd::kd_rows_bwd")
+    def _kd_rows_bwd_fake(grad_rows, sel, *_):
+        return torch.empty_like(grad_rows), torch.empty_like(grad_rows), torch.empty_like(sel)
 
     @torch.library.register_fake("prmkd::kd_catalog_local_stats")
     def _kd_catalog_local_stats_fake(user_emb, item_emb, item_bias, temperature, sel_idx=None):

@@ -90,6 +90,27 @@ def kd_rows_from_stats(
     return loss
 
 
+def kd_rows_from_sel(
+    lse1: Tensor,
+    lse_tau: Tensor | None,
+    sel: Tensor,
+    target: Tensor,
+    teacher_ids: Tensor,
+    teacher_scores: Tensor,
+    teacher_weights: Tensor,
+    rank_weights: Tensor | None,
+    temperature: float,
+    lambda_ce: float,
+    lambda_kd: float,
+    lambda_rank: float,
+) -> Tensor:
+    """``kd_rows_from_stats`` with the selected logits in one tensor ``sel`` [B, 1 + T*K]: column 0 at the
+    target, column 1 + t*K + k at teacher slot (t, k) (how the catalog-parallel loss gathers them)."""
+    return kd_rows_from_stats(lse1, lse_tau, sel[:, 0], sel[:, 1:].reshape(teacher_ids.shape), target, teacher_ids,
+                              teacher_scores, teacher_weights, rank_weights, temperature, lambda_ce, lambda_kd,
+                              lambda_rank)
+
+
 def kd_loss_rows(
     logits: Tensor,
     target: Tensor,

@@ -12,7 +12,8 @@ Contract
 - The loss is the one of :func:`prmkd_dist.kd_loss_linear` on the full table, identical on every rank.
   The partial max and sum-exp of LSE_1 and LSE_tau are all-reduced (max, then sum), the logits at the
   target and teacher ids come from their owners; then every rank evaluates the same row formula
-  (:func:`prmkd_dist.distill.reference.kd_rows_from_stats`, so the semantics live in one place).
+  (:func:`prmkd_dist.distill.reference.kd_rows_from_stats`, so the semantics live in one place; the C++ backend
+  evaluates the same formula in one fused op, ``torch.ops.prmkd.kd_rows_*``, tested against it).
 - Gradients: each rank receives the gradient of the loss w.r.t. its OWN rows (``item_emb_shard``,
   ``item_bias_shard``), and the FULL gradient w.r.t. ``user_emb``: the local contributions of all ranks
   are all-reduced (summed) in backward, so ``user_emb.grad`` is identical on every rank and equals the
@@ -46,7 +47,7 @@ from prmkd_dist.distill.loss import (
     reduce_rows,
     resolve_backend,
 )
-from prmkd_dist.distill.reference import compute_dtype, kd_rows_from_stats
+from prmkd_dist.distill.reference import compute_dtype, kd_rows_from_sel
 
 __all__ = ["kd_loss_linear_catalog_parallel", "default_chunk_rows"]
 
@@ -225,7 +226,9 @@ def kd_loss_linear_catalog_parallel(
                                              item_bias_shard.contiguous() if item_bias_shard is not None else None,
                                              sel_ids, int(item_offset), float(temperature), need_tau,
                                              int(chunk_rows), group, local)
-    rows_loss = kd_rows_from_stats(lse1, lse_tau if need_tau else None, sel[:, 0], sel[:, 1:].reshape(ids.shape),
-                                   tgt, ids, scores, tw, rw, float(temperature), float(lambda_ce),
-                                   float(lambda_kd), float(lambda_rank))
+    # the row formula over the gathered statistics: the backend's fused op where it has one (C++), else the
+    # reference's tensor ops (reference.kd_rows_from_stats: the one statement of the formula)
+    rows_from_sel = getattr(local, "kd_rows_from_sel", kd_rows_from_sel)
+    rows_loss = rows_from_sel(lse1, lse_tau if need_tau else None, sel, tgt, ids, scores, tw, rw, float(temperature),
+                              float(lambda_ce), float(lambda_kd), float(lambda_rank))
     return reduce_rows(rows_loss, reduction)

@@ -95,6 +95,38 @@ def test_rows_only_ranking_term():
     check_rows(torch.float32, B=6, C=500, T=3, K=7, tau=1.0, with_rank=True, seed=9, lambdas=(0.0, 0.0, 1.0))
 
 
+@pytest.mark.parametrize("T", [0, 1, 3, 4])
+@pytest.mark.parametrize("K", [1, 7, 64])
+def test_rows_from_selected_logits_match_reference(T, K):
+    """The stats form (what the catalog-parallel loss evaluates after its all-reduces): the row loss from LSE_1,
+    LSE_tau and the logits at the target and the teacher slots, values and gradients wrt all three."""
+    gen = torch.Generator().manual_seed(1000 + 10 * T + K)
+    B, C = 9, 300
+    target, ids, scores, weights, rank = make_teachers(gen, B, C, T, K, with_rank=(T + K) % 2 == 1)
+    tau = [1.0, 0.6, 2.5][(T + K) % 3]
+    logits = torch.randn(B, C, generator=gen) * 3
+    lse1 = torch.logsumexp(logits, 1)
+    lse_tau = torch.logsumexp(logits / tau, 1)
+    sel = torch.cat([logits.gather(1, target.clamp(min=0)[:, None]),
+                     logits.gather(1, ids.clamp(min=0).reshape(B, T * K))], 1)
+    upstream = torch.rand(B, generator=gen) + 0.5
+    results = []
+    for fn in (reference.kd_rows_from_sel, cpp_backend.kd_rows_from_sel):
+        leaves = [t.clone().requires_grad_() for t in (lse1, lse_tau, sel)]
+        rows = fn(*leaves, target, ids, scores, weights, rank, tau, 1.0, 0.7, 0.3)
+        (rows * upstream).sum().backward()
+        results.append((rows.detach(), [t.grad for t in leaves]))
+    (want, want_g), (got, got_g) = results
+    assert got.dtype == torch.float32 and got.shape == (B,) and torch.isfinite(got).all()
+    assert rel_err(got, want) <= 1e-5
+    for name, g, w in zip(("lse1", "lse_tau", "sel"), got_g, want_g):
+        w = torch.zeros_like(g) if w is None else w  # the reference's graph may not reach an unused input
+        assert g.shape == w.shape and (rel_err(g, w) <= 1e-5 if w.abs().max() > 0 else g.abs().max() == 0), name
+    # the reference's loss on full logits agrees too (the stats form is the same function)
+    full = reference.kd_loss_rows(logits, target, ids, scores, weights, rank, tau, 1.0, 0.7, 0.3)
+    assert rel_err(got, full) <= 1e-5
+
+
 def check_linear(dtype, B, C, d, T, K, tau, with_rank, with_bias, seed):
     gen = torch.Generator().manual_seed(seed)
     user = torch.randn(B, d, generator=gen).to(dtype)
