@@ -76,6 +76,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--student", default="sasrec", choices=["sasrec", "gru4rec", "caser"])
     ap.add_argument("--config", help="base config (default: distill-<student>-ml)")
     ap.add_argument("--seeds", type=int, default=3)
+    ap.add_argument("--first-seed", type=int, default=0, help="seeds first-seed .. first-seed + seeds - 1 (to add seeds to a run)")
     ap.add_argument("--shards", help="merged teacher shards (default: run the teacher pipeline)")
     ap.add_argument("--teacher-embeddings", nargs="*", default=None, help="embedding shard dirs (with --shards)")
     ap.add_argument("--teachers-out", help="teacher pipeline output dir (default artifacts/teachers/<dataset>)")
@@ -114,7 +115,7 @@ def main(argv: list[str] | None = None) -> int:
     results: dict[str, dict] = {}
     for name, overrides in plan.items():
         runs = []
-        for seed in range(args.seeds):
+        for seed in range(args.first_seed, args.first_seed + args.seeds):
             run_dir = out_root / name.replace(" ", "_").replace(",", "").replace("+", "plus") / f"seed{seed}"
             cfg = load_config(base, [f"data.dataset={args.dataset}", f"distill.shards={shards}", *emb_set, *overrides,
                                      *args.set, f"run.seed={seed}", f"run.out_dir={run_dir}", "run.tensorboard=false"])
@@ -153,7 +154,7 @@ def main(argv: list[str] | None = None) -> int:
     print(table)
     os.makedirs(os.path.dirname(args.out) or ".", exist_ok=True)
     Path(args.out).write_text(json.dumps({
-        "dataset": split.data.name, "config": base, "seeds": args.seeds, "shards": shards, "teachers": teachers,
+        "dataset": split.data.name, "config": base, "seeds": list(range(args.first_seed, args.first_seed + args.seeds)), "shards": shards, "teachers": teachers,
         "teacher_embeddings": embeddings, "overrides": args.set, "results": results, "table": table,
         "seconds": time.perf_counter() - t_all, "command": " ".join(sys.argv)}, indent=2))
     print(f"wrote {args.out} ({time.perf_counter() - t_all:.0f}s)")
