@@ -126,7 +126,9 @@ def main(argv: list[str] | None = None) -> int:
                          "epochs_run": res.epochs_run, "train_seconds": res.train_seconds})
             print(f"[quality] {name} seed {seed}: valid NDCG@10 {res.valid['NDCG@10']:.4f} test NDCG@10 "
                   f"{res.test['NDCG@10']:.4f} (epoch {res.best_epoch}, {time.perf_counter() - t0:.0f}s)", flush=True)
-        results[name] = {"overrides": overrides, "runs": runs, "summary": summarise(runs)}
+            # partial results after every run, so a run cut short by a timeout keeps what it finished
+            results[name] = {"overrides": overrides, "runs": runs, "summary": summarise(runs)}
+            _write(args, split, base, shards, teachers, embeddings, results, t_all, table=None)
 
     base10 = results[BASELINE]["summary"]["test NDCG@10"]["mean"]
     base20 = results[BASELINE]["summary"]["test NDCG@20"]["mean"]
@@ -152,13 +154,19 @@ def main(argv: list[str] | None = None) -> int:
               f"validation-selected, test read once per run; mean ± std over seeds")
     print(header)
     print(table)
-    os.makedirs(os.path.dirname(args.out) or ".", exist_ok=True)
-    Path(args.out).write_text(json.dumps({
-        "dataset": split.data.name, "config": base, "seeds": list(range(args.first_seed, args.first_seed + args.seeds)), "shards": shards, "teachers": teachers,
-        "teacher_embeddings": embeddings, "overrides": args.set, "results": results, "table": table,
-        "seconds": time.perf_counter() - t_all, "command": " ".join(sys.argv)}, indent=2))
+    _write(args, split, base, shards, teachers, embeddings, results, t_all, table=table)
     print(f"wrote {args.out} ({time.perf_counter() - t_all:.0f}s)")
     return 0
+
+
+def _write(args, split, base, shards, teachers, embeddings, results, t_all, table) -> None:
+    """The JSON report; ``complete`` is false (and ``table`` null) while runs are still to come."""
+    os.makedirs(os.path.dirname(args.out) or ".", exist_ok=True)
+    Path(args.out).write_text(json.dumps({
+        "dataset": split.data.name, "config": base, "seeds": list(range(args.first_seed, args.first_seed + args.seeds)),
+        "shards": shards, "teachers": teachers, "teacher_embeddings": embeddings, "overrides": args.set,
+        "results": results, "table": table, "complete": table is not None,
+        "seconds": time.perf_counter() - t_all, "command": " ".join(sys.argv)}, indent=2))
 
 
 if __name__ == "__main__":

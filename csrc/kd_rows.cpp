@@ -26,6 +26,41 @@ void check_row_vector(const at::Tensor& t, const char* name, int64_t B) {
               t.scalar_type());
 }
 
+// The per-row inputs both directions read: checked once, then viewed row by row.
+struct RowStats {
+  int64_t B, T, K, slots;
+  LossParams P;
+  const float* sel;  // [B, 1 + T*K]: the logit at the target, then at each teacher slot
+  const int64_t* target;
+  const int64_t *ids;
+  const float *scores, *weights, *rank;
+
+  RowStats(int64_t batch, const at::Tensor& sel_t, const at::Tensor& target_t, const at::Tensor& teacher_ids,
+           const at::Tensor& teacher_scores, const at::Tensor& teacher_weights,
+           const c10::optional<at::Tensor>& rank_weights, double temperature, double lambda_ce, double lambda_kd,
+           double lambda_rank)
+      : B(batch) {
+    check_teacher_inputs(target_t, teacher_ids, teacher_scores, teacher_weights, rank_weights, B);
+    check_stats(sel_t, teacher_ids, B);
+    P = make_params(temperature, lambda_ce, lambda_kd, lambda_rank);
+    T = teacher_ids.size(1);
+    K = teacher_ids.size(2);
+    slots = 1 + T * K;
+    sel = sel_t.data_ptr<float>();
+    target = target_t.data_ptr<int64_t>();
+    ids = teacher_ids.data_ptr<int64_t>();
+    scores = teacher_scores.data_ptr<float>();
+    weights = teacher_weights.data_ptr<float>();
+    rank = rank_ptr(rank_weights);
+  }
+  TeacherRow teachers(int64_t b) const { return teacher_row(ids, scores, weights, rank, T, K, b); }
+  // the row's logit at teacher slot ``slot`` (row formula accessor: (item id, slot) -> logit)
+  auto logit(int64_t b) const {
+    const float* row = sel + b * slots;
+    return [row](int64_t, int64_t slot) { return row[1 + slot]; };
+  }
+};
+
 at::Tensor kd_rows_fwd(const at::Tensor& lse1, const at::Tensor& lse_tau, const at::Tensor& sel,
                        const at::Tensor& target, const at::Tensor& teacher_ids, const at::Tensor& teacher_scores,
                        const at::Tensor& teacher_weights, const c10::optional<at::Tensor>& rank_weights,
@@ -33,26 +68,15 @@ at::Tensor kd_rows_fwd(const at::Tensor& lse1, const at::Tensor& lse_tau, const 
   const int64_t B = lse1.size(0);
   check_row_vector(lse1, "lse1", B);
   check_row_vector(lse_tau, "lse_tau", B);
-  check_teacher_inputs(target, teacher_ids, teacher_scores, teacher_weights, rank_weights, B);
-  check_stats(sel, teacher_ids, B);
-  const LossParams P = make_params(temperature, lambda_ce, lambda_kd, lambda_rank);
-  const int64_t T = teacher_ids.size(1), K = teacher_ids.size(2), slots = 1 + T * K;
+  const RowStats R(B, sel, target, teacher_ids, teacher_scores, teacher_weights, rank_weights, temperature,
+                   lambda_ce, lambda_kd, lambda_rank);
   at::Tensor loss = at::empty({B}, lse1.options());
   float* loss_p = loss.data_ptr<float>();
   const float* l1 = lse1.data_ptr<float>();
   const float* lt = lse_tau.data_ptr<float>();
-  const float* s = sel.data_ptr<float>();
-  const int64_t* tgt = target.data_ptr<int64_t>();
-  const int64_t* ids = teacher_ids.data_ptr<int64_t>();
-  const float* sc = teacher_scores.data_ptr<float>();
-  const float* tw = teacher_weights.data_ptr<float>();
-  const float* rw = rank_ptr(rank_weights);
   at::parallel_for(0, B, 64, [&](int64_t b0, int64_t b1) {
-    for (int64_t b = b0; b < b1; ++b) {
-      const float* row = s + b * slots;  // [target, teacher slots...]
-      loss_p[b] = float(row_loss(teacher_row(ids, sc, tw, rw, T, K, b), tgt[b], l1[b], lt[b], P,
-                                 [&](int64_t, int64_t slot) { return row[1 + slot]; }));
-    }
+    for (int64_t b = b0; b < b1; ++b)
+      loss_p[b] = float(row_loss(R.teachers(b), R.target[b], l1[b], lt[b], R.P, R.logit(b)));
   });
   return loss;
 }
@@ -64,36 +88,26 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> kd_rows_bwd(
     double temperature, double lambda_ce, double lambda_kd, double lambda_rank) {
   const int64_t B = grad_rows.size(0);
   check_row_vector(grad_rows, "grad_rows", B);
-  check_teacher_inputs(target, teacher_ids, teacher_scores, teacher_weights, rank_weights, B);
-  check_stats(sel, teacher_ids, B);
-  const LossParams P = make_params(temperature, lambda_ce, lambda_kd, lambda_rank);
-  const int64_t T = teacher_ids.size(1), K = teacher_ids.size(2), slots = 1 + T * K;
+  const RowStats R(B, sel, target, teacher_ids, teacher_scores, teacher_weights, rank_weights, temperature,
+                   lambda_ce, lambda_kd, lambda_rank);
   at::Tensor g_lse1 = at::empty({B}, grad_rows.options()), g_lse_tau = at::empty({B}, grad_rows.options());
-  at::Tensor g_sel = at::zeros({B, slots}, grad_rows.options());
+  at::Tensor g_sel = at::zeros({B, R.slots}, grad_rows.options());
   float* g1 = g_lse1.data_ptr<float>();
   float* gt = g_lse_tau.data_ptr<float>();
   float* gs = g_sel.data_ptr<float>();
   const float* g = grad_rows.data_ptr<float>();
-  const float* s = sel.data_ptr<float>();
-  const int64_t* tgt = target.data_ptr<int64_t>();
-  const int64_t* ids = teacher_ids.data_ptr<int64_t>();
-  const float* sc = teacher_scores.data_ptr<float>();
-  const float* tw = teacher_weights.data_ptr<float>();
-  const float* rw = rank_ptr(rank_weights);
   at::parallel_for(0, B, 64, [&](int64_t b0, int64_t b1) {
     for (int64_t b = b0; b < b1; ++b) {
-      const TeacherRow r = teacher_row(ids, sc, tw, rw, T, K, b);
+      const TeacherRow r = R.teachers(b);
       // d l / d s_j = a softmax_1(s)_j + c softmax_tau(s)_j + sparse: as d lse1 / d s_j = softmax_1(s)_j and
       // d lse_tau / d s_j = softmax_tau(s)_j / tau, the LSE gradients are a and c * tau
       double a, c;
-      row_dense_coefs(r, tgt[b], g[b], P, &a, &c);
+      row_dense_coefs(r, R.target[b], g[b], R.P, &a, &c);
       g1[b] = float(a);
-      gt[b] = float(c * P.tau);
-      const float* row = s + b * slots;
-      float* grow = gs + b * slots;
-      row_sparse_grad(
-          r, tgt[b], g[b], P, [&](int64_t, int64_t slot) { return row[1 + slot]; },
-          [&](int64_t, int64_t slot, double d) { grow[1 + slot] += float(d); });
+      gt[b] = float(c * R.P.tau);
+      float* grow = gs + b * R.slots;
+      row_sparse_grad(r, R.target[b], g[b], R.P, R.logit(b),
+                      [grow](int64_t, int64_t slot, double d) { grow[1 + slot] += float(d); });
     }
   });
   return {g_lse1, g_lse_tau, g_sel};
