@@ -64,9 +64,10 @@ def worker(args) -> None:
     rows = {t: [] for t in variants}
     gen = torch.Generator().manual_seed(1234 + rank)
     eng.train()
-    for s in range(args.warmup + args.steps):
+    def batch(s: int):
         b = users[(s * args.batch) % (len(users) - args.batch):][:args.batch][rank * per:(rank + 1) * per]
         x, y = training_batch(split, b, args.max_len)
+        ids = scores = w = None
         if args.teachers > 0:
             # this rank's rows' lists (the engine gathers them with the rows), drawn outside the timed step
             tgt_all = y[y >= 0]
@@ -74,29 +75,45 @@ def worker(args) -> None:
             scores = torch.randn(ids.shape, generator=gen).sort(dim=-1, descending=True).values
             if args.weights == "prepared":
                 w = teacher_weights(ids, scores, tgt_all, strategy="confidence_consistency")
+        return x, y, ids, scores, w
+
+    def step(t: int, x, y, ids, scores, w) -> dict:
+        dist.barrier()
+        t0 = time.perf_counter()
+        hidden = eng.model.encode(x)
+        t1 = time.perf_counter()
+        mask = y >= 0
+        h, tgt = hidden[mask], y[mask]
+        if t == 0:
+            loss = eng.linear_loss(h, tgt, *no_teachers(h.shape[0]), backend=args.loss_backend)
+        else:
+            if args.weights == "step":
+                w = teacher_weights(ids, scores, tgt, strategy="confidence_consistency")
+            loss = eng.linear_loss(h, tgt, ids, scores, w, None, temperature=args.temperature, lambda_kd=1.0,
+                                   backend=args.loss_backend)
+        t2 = time.perf_counter()
+        eng._stash = None
+        eng.ds.backward(loss)
+        t3 = time.perf_counter()
+        eng.ds.step()
+        t4 = time.perf_counter()
+        return {"lookup": timer["t"], "dense": t1 - t0 - timer["t"], "loss": t2 - t1, "backward": t3 - t2,
+                "step": t4 - t3, "total": t4 - t0}
+
+    for s in range(args.warmup + args.steps):
+        data = batch(s)
         for t in (variants if s % 2 == 0 else variants[::-1]):
-            dist.barrier()
-            t0 = time.perf_counter()
-            hidden = eng.model.encode(x)
-            t1 = time.perf_counter()
-            mask = y >= 0
-            h, tgt = hidden[mask], y[mask]
-            if t == 0:
-                loss = eng.linear_loss(h, tgt, *no_teachers(h.shape[0]), backend=args.loss_backend)
-            else:
-                if args.weights == "step":
-                    w = teacher_weights(ids, scores, tgt, strategy="confidence_consistency")
-                loss = eng.linear_loss(h, tgt, ids, scores, w, None, temperature=args.temperature, lambda_kd=1.0,
-                                       backend=args.loss_backend)
-            t2 = time.perf_counter()
-            eng._stash = None
-            eng.ds.backward(loss)
-            t3 = time.perf_counter()
-            eng.ds.step()
-            t4 = time.perf_counter()
+            r = step(t, *data)
             if s >= args.warmup:
-                rows[t].append({"lookup": timer["t"], "dense": t1 - t0 - timer["t"], "loss": t2 - t1,
-                                "backward": t3 - t2, "step": t4 - t3, "total": t4 - t0})
+                rows[t].append(r)
+    if args.profile and rank == 0 and len(variants) == 2:
+        profile_steps(args, step, [batch(args.warmup + args.steps + i) for i in range(args.profile_steps)], world)
+    elif args.profile and len(variants) == 2:
+        # the other ranks take part in the collectives of rank 0's profiled steps, in its order
+        batches = [batch(args.warmup + args.steps + i) for i in range(args.profile_steps)]
+        for t in variants:
+            for data in batches:
+                step(t, *data)
     out = []
     for t in variants:
         med = {k: float(np.median([r[k] for r in rows[t]])) for k in PHASES}
@@ -110,6 +127,34 @@ def worker(args) -> None:
     from prmkd_dist.parallel.engine import exit_after_process_group
 
     exit_after_process_group(0)  # past the interpreter's teardown (see its docstring)
+
+
+def profile_steps(args, step, batches, world) -> None:
+    """torch.profiler over the same batches as a plain and as a distillation step (rank 0, CPU self time
+    per op); writes both op tables and the per-op difference (distillation minus plain) to ``--profile``."""
+    from torch.profiler import ProfilerActivity, profile
+
+    def run(t: int) -> dict:
+        with profile(activities=[ProfilerActivity.CPU], record_shapes=False) as prof:
+            for data in batches:
+                step(t, *data)
+        return {e.key: {"self_ms": e.self_cpu_time_total / 1e3 / len(batches), "calls": e.count / len(batches)}
+                for e in prof.key_averages()}
+
+    plain, distill = run(0), run(args.teachers)
+    diff = {k: distill.get(k, {}).get("self_ms", 0.0) - plain.get(k, {}).get("self_ms", 0.0)
+            for k in set(plain) | set(distill)}
+    top = sorted(diff.items(), key=lambda kv: -abs(kv[1]))[:25]
+    lines = [f"world {world}: per-step CPU self time, distillation ({args.teachers} x {args.k}) minus plain, top ops",
+             "| op | plain ms | distill ms | extra ms |", "|---|---:|---:|---:|"]
+    for k, d in top:
+        lines.append(f"| {k} | {plain.get(k, {}).get('self_ms', 0.0):.1f} | "
+                     f"{distill.get(k, {}).get('self_ms', 0.0):.1f} | {d:+.1f} |")
+    lines.append(f"| total | {sum(v['self_ms'] for v in plain.values()):.1f} | "
+                 f"{sum(v['self_ms'] for v in distill.values()):.1f} | {sum(diff.values()):+.1f} |")
+    print("\n".join(lines), flush=True)
+    path = Path(args.profile).with_suffix(f".world{world}.json")
+    path.write_text(json.dumps({"plain": plain, "distill": distill, "table": lines}, indent=2))
 
 
 def main() -> None:
@@ -129,6 +174,9 @@ def main() -> None:
                     help="KD temperature with --teachers (the packaged configs use 1; != 1 adds a second LSE pass)")
     ap.add_argument("--weights", choices=["prepared", "step"], default="prepared",
                     help="teacher weights outside the timed step (window-packed trainer) or inside it (streaming)")
+    ap.add_argument("--profile", help="with --teachers: also profile (torch.profiler, rank 0) plain vs distillation "
+                    "steps; writes PROFILE.world<N>.json and prints the ops that differ most")
+    ap.add_argument("--profile-steps", type=int, default=3)
     ap.add_argument("--out", default=str(ROOT / "benchmarks" / "scaling.json"))
     ap.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
     ap.add_argument("--result", help=argparse.SUPPRESS)
@@ -144,10 +192,14 @@ def main() -> None:
                    str(args.warmup), "--batch", str(args.batch), "--max-len", str(args.max_len),
                    "--dim", str(args.dim), "--zero", str(args.zero), "--loss-backend", args.loss_backend,
                    "--teachers", str(args.teachers), "--k", str(args.k), "--temperature", str(args.temperature),
-                   "--weights", args.weights]
+                   "--weights", args.weights, "--profile-steps", str(args.profile_steps)]
+            if args.profile:
+                cmd += ["--profile", str(Path(args.profile).resolve())]
             env = {**os.environ, "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "1"),
                    "PRMKD_LOG_LEVEL": "WARNING"}
-            subprocess.run(cmd, cwd=ROOT, env=env, check=True, capture_output=True)
+            proc = subprocess.run(cmd, cwd=ROOT, env=env, check=True, capture_output=True, text=True)
+            if args.profile:  # the profile table is printed by rank 0
+                print("\n".join(l for l in proc.stdout.splitlines() if l.startswith(("|", "world"))))
             results.extend(json.loads(res.read_text()))
     print("| loss backend | ranks | teachers x K | " + " | ".join(f"{k} ms" for k in PHASES) + " | examples/s |")
     print("|---" * (len(PHASES) + 4) + "|")

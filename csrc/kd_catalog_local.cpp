@@ -14,8 +14,6 @@
 // because the all-reduce adds them across ranks.
 #include <torch/library.h>
 
-#include <vector>
-
 #include "kd_common.h"
 
 namespace prmkd {
@@ -32,44 +30,31 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> kd_catalog_local_stat
   const float inv_tau = float(1.0 / temperature);
 
   // logits at selected (row, local item) pairs, picked out of the logits blocks as the pass forms them (no
-  // [B, M, d] gather): entries bucketed by item tile, rows ascending within a tile, one cursor per tile
+  // [B, M, d] gather), through the entries bucketed by item tile
   const int64_t slots = sel_idx.has_value() ? sel_idx->size(1) : 0;
   at::Tensor sel = at::zeros({B, slots}, at::TensorOptions().dtype(at::kFloat));
-  const int64_t n_tiles = (R + kTileItems - 1) / kTileItems;
-  std::vector<int64_t> start(n_tiles + 1, 0), cursor, e_row, e_out, e_col;
+  TileBuckets buckets;
   if (sel_idx.has_value()) {
     TORCH_CHECK(sel_idx->dim() == 2 && sel_idx->size(0) == B && sel_idx->scalar_type() == at::kLong &&
                     sel_idx->is_contiguous(),
                 "prmkd: sel_idx must be a contiguous int64 [B=", B, ", M] tensor, got ", sel_idx->sizes(), " ",
                 sel_idx->scalar_type());
     const int64_t* id = sel_idx->data_ptr<int64_t>();
-    for (int64_t i = 0; i < B * slots; ++i) {
+    for (int64_t i = 0; i < B * slots; ++i)
       TORCH_CHECK(id[i] >= -1 && id[i] < R, "prmkd: sel_idx[", i / slots, ", ", i % slots, "] = ", id[i],
                   " is not a local row of this shard ([-1, ", R, "))");
-      if (id[i] >= 0) ++start[id[i] / kTileItems + 1];
-    }
-    for (int64_t t = 0; t < n_tiles; ++t) start[t + 1] += start[t];
-    cursor.assign(start.begin(), start.end() - 1);
-    e_row.resize(start[n_tiles]);
-    e_out.resize(start[n_tiles]);
-    e_col.resize(start[n_tiles]);
-    for (int64_t i = 0; i < B * slots; ++i) {  // i ascending = rows ascending: each bucket comes out row-sorted
-      if (id[i] < 0) continue;
-      const int64_t t = id[i] / kTileItems, k = cursor[t]++;
-      e_row[k] = i / slots;
-      e_out[k] = i;
-      e_col[k] = id[i] - t * kTileItems;
-    }
-    cursor.assign(start.begin(), start.end() - 1);
+    buckets = TileBuckets(id, B, slots, R);
   }
   float* sel_p = sel.data_ptr<float>();
+  const bool pick = !buckets.empty();
   const std::vector<LseState> states = linear_row_states(
       in, inv_tau, same_tau, [&](int64_t r0, int64_t m, int64_t c0, int64_t n, const float* logits) {
-        if (slots == 0) return;
-        const int64_t t = c0 / kTileItems, end = start[t + 1];
-        int64_t k = cursor[t];  // only this tile's owner thread touches cursor[t]
-        for (; k < end && e_row[k] < r0 + m; ++k) sel_p[e_out[k]] = logits[(e_row[k] - r0) * n + e_col[k]];
-        cursor[t] = k;
+        if (!pick) return;
+        const int64_t tile = c0 / kTileItems;
+        for (int64_t r = 0; r < m; ++r) {
+          const float* row = logits + r * n;
+          buckets.visit_row(tile, r0 + r, [&](int64_t flat, int64_t col) { sel_p[flat] = row[col]; });
+        }
       });
   auto opts = at::TensorOptions().dtype(at::kDouble);
   at::Tensor m = at::empty({in.B}, opts), s1 = at::empty({in.B}, opts), st = at::empty({in.B}, opts);
@@ -120,9 +105,10 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> kd_catalog_local_grad(
   auto opts = at::TensorOptions().dtype(at::kFloat);
   at::Tensor d_item = at::zeros({R, d}, opts);
   at::Tensor d_bias = at::zeros({R}, opts);
+  TileBuckets sparse(sp_id, B, slots, R);
   at::Tensor d_user = linear_dense_grad(in, coef_lse1.data_ptr<float>(), coef_c.data(), lse1.data_ptr<float>(),
-                                        lse_tau.data_ptr<float>(), inv_tau, same_tau, d_item, d_bias);
-  linear_sparse_grad(in, slots, sp_id, sparse_grad.data_ptr<float>(), d_user, d_item, d_bias);
+                                        lse_tau.data_ptr<float>(), inv_tau, same_tau, d_item, d_bias, &sparse,
+                                        sparse_grad.data_ptr<float>());
   return {d_user.contiguous(), d_item, in.bias.defined() ? d_bias : at::empty({0}, opts)};
 }
 

@@ -309,6 +309,49 @@ inline at::Tensor logits_block(const LinearInputs& in, int64_t r0, int64_t m, in
   return out;
 }
 
+// Sparse (row, item) entries of a [B, C] logits matrix, ids[b * slots + s] (-1 = none), bucketed by item tile
+// with rows ascending inside each bucket. The tile passes below walk a tile's row blocks in ascending order on
+// one thread, so one cursor per tile visits every entry exactly once, while its logits block is in cache: the
+// forward picks selected logits out of the block, the backward adds their gradients into it before the GEMMs
+// (no per-entry d-wide dot products or axpys over scattered rows).
+struct TileBuckets {
+  std::vector<int64_t> start;   // [n_tiles + 1]: bucket t is entries start[t] .. start[t + 1]
+  std::vector<int64_t> cursor;  // [n_tiles]: next entry of bucket t (advanced by the tile's owner thread only)
+  std::vector<int64_t> row, flat, col;  // per entry: row b, flat index b * slots + s, item - tile start
+
+  TileBuckets() = default;
+  // ids must lie in [-1, C) (the callers check it with their own messages).
+  TileBuckets(const int64_t* ids, int64_t B, int64_t slots, int64_t C) {
+    const int64_t n_tiles = (C + kTileItems - 1) / kTileItems;
+    start.assign(n_tiles + 1, 0);
+    for (int64_t i = 0; i < B * slots; ++i)
+      if (ids[i] >= 0) ++start[ids[i] / kTileItems + 1];
+    for (int64_t t = 0; t < n_tiles; ++t) start[t + 1] += start[t];
+    const int64_t n = start[n_tiles];
+    row.resize(n);
+    flat.resize(n);
+    col.resize(n);
+    cursor.assign(start.begin(), start.end() - 1);
+    for (int64_t i = 0; i < B * slots; ++i) {  // i ascending = rows ascending: each bucket comes out row-sorted
+      if (ids[i] < 0) continue;
+      const int64_t t = ids[i] / kTileItems, k = cursor[t]++;
+      row[k] = i / slots;
+      flat[k] = i;
+      col[k] = ids[i] - t * kTileItems;
+    }
+    cursor.assign(start.begin(), start.end() - 1);
+  }
+  bool empty() const { return start.empty() || start.back() == 0; }
+  // f(flat, col) for the entries of tile `tile` in row `b`; rows must be visited in ascending order per tile
+  template <class F>
+  void visit_row(int64_t tile, int64_t b, F&& f) {
+    int64_t k = cursor[tile];
+    const int64_t end = start[tile + 1];
+    for (; k < end && row[k] == b; ++k) f(flat[k], col[k]);
+    cursor[tile] = k;
+  }
+};
+
 // Forward pass: each row's online (max, sum-exp at 1 and tau) over all in.C items, merged across threads.
 // A row of an empty catalog keeps the initial state (m = -inf, sums 0). `on_block(r0, m, c0, n, logits)` sees
 // every [m, n] block of logits (rows r0.., items c0..) once, before it is reduced, on the thread that owns its
@@ -347,9 +390,13 @@ inline std::vector<LseState> linear_row_states(const LinearInputs& in, float inv
 // Backward, dense part: with dS_bj = a_b exp(s_bj - lse1_b) + c_b exp(s_bj / tau - lse_tau_b) (recomputed tile
 // by tile, never stored), returns dS @ item (float32 [B, d]) and writes dS^T @ user into d_item [C, d] and the
 // column sums of dS into d_bias [C] (both float32, zero-initialised by the caller).
+// With `sparse` (and its deltas sp_delta[flat]), the sparse gradient entries (d loss / d s_bj at target and
+// teacher ids) are added into the logits-gradient block before its GEMMs, so they reach d_user, d_item and
+// d_bias with the dense part; `sparse` is consumed (its cursors advance).
 inline at::Tensor linear_dense_grad(const LinearInputs& in, const float* coef_a, const float* coef_c,
                                     const float* lse1, const float* lse_tau, float inv_tau, bool same_tau,
-                                    at::Tensor& d_item, at::Tensor& d_bias) {
+                                    at::Tensor& d_item, at::Tensor& d_bias, TileBuckets* sparse = nullptr,
+                                    const float* sp_delta = nullptr) {
   const int64_t B = in.B, C = in.C, d = in.d;
   const int64_t n_shares = share_count(C);
   at::Tensor d_user_shares = at::zeros({n_shares, B, d}, at::TensorOptions().dtype(at::kFloat));
@@ -367,6 +414,7 @@ inline at::Tensor linear_dense_grad(const LinearInputs& in, const float* coef_a,
           const int64_t b = r0 + r;
           float* row = buf.data() + r * n;  // in place: logits -> d loss / d logits
           vec_softmax_mix(row, n, coef_a[b], lse1[b], coef_c[b], inv_tau, lse_tau[b], same_tau, row);
+          if (sparse) sparse->visit_row(tile, b, [&](int64_t flat, int64_t col) { row[col] += sp_delta[flat]; });
           vec_add(d_bias_p + c0, row, n);
         }
         d_user.narrow(0, r0, m).addmm_(ds, in.item.narrow(0, c0, n));
@@ -375,44 +423,6 @@ inline at::Tensor linear_dense_grad(const LinearInputs& in, const float* coef_a,
     }
   });
   return n_shares == 1 ? d_user_shares[0] : d_user_shares.sum(0);
-}
-
-// Backward, sparse part: row b has `slots` entries (item j = sp_id[b * slots + s], -1 = none, and its
-// d loss / d s_bj = sp_delta[...]); adds them to d_user [B, d], d_item [C, d] and d_bias [C] (float32).
-// d user per row in parallel (one writer per row); d item / d bias serially (ids repeat across rows).
-inline void linear_sparse_grad(const LinearInputs& in, int64_t slots, const int64_t* sp_id, const float* sp_delta,
-                               at::Tensor& d_user, at::Tensor& d_item, at::Tensor& d_bias) {
-  const int64_t B = in.B, d = in.d;
-  float* du = d_user.data_ptr<float>();
-  float* di = d_item.data_ptr<float>();
-  float* db = d_bias.data_ptr<float>();
-  const float* item_p = in.item.data_ptr<float>();
-  const float* user_p = in.user.data_ptr<float>();
-  at::parallel_for(0, B, 16, [&](int64_t b0, int64_t b1) {
-    for (int64_t b = b0; b < b1; ++b) {
-      float* du_b = du + b * d;
-      for (int64_t s = 0; s < slots; ++s) {
-        const int64_t j = sp_id[b * slots + s];
-        if (j < 0) continue;
-        const float fd = sp_delta[b * slots + s];
-        const float* it = item_p + j * d;
-#pragma omp simd
-        for (int64_t k = 0; k < d; ++k) du_b[k] += fd * it[k];
-      }
-    }
-  });
-  for (int64_t b = 0; b < B; ++b) {
-    const float* u = user_p + b * d;
-    for (int64_t s = 0; s < slots; ++s) {
-      const int64_t j = sp_id[b * slots + s];
-      if (j < 0) continue;
-      const float fd = sp_delta[b * slots + s];
-      float* di_j = di + j * d;
-#pragma omp simd
-      for (int64_t k = 0; k < d; ++k) di_j[k] += fd * u[k];
-      db[j] += fd;
-    }
-  }
 }
 
 // ------------------------------------------------------------------------------------- large outputs

@@ -90,12 +90,6 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> kd_loss_linear_bwd(
     coef_c[b] = float(c);
   }
 
-  auto opts = at::TensorOptions().dtype(at::kFloat);
-  at::Tensor d_item = at::zeros({C, d}, opts);
-  at::Tensor d_bias = at::zeros({C}, opts);
-  at::Tensor d_user = linear_dense_grad(in, coef_a.data(), coef_c.data(), lse1_p, lset_p, inv_tau, same_tau,
-                                        d_item, d_bias);
-
   // sparse corrections at the target / teacher ids (the rank term needs the logit there: a dot product)
   const int64_t slots = 1 + T * K;
   std::vector<int64_t> sp_id(B * slots, -1);
@@ -113,7 +107,14 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> kd_loss_linear_bwd(
           });
     }
   });
-  linear_sparse_grad(in, slots, sp_id.data(), sp_delta.data(), d_user, d_item, d_bias);
+
+  // dense part, with the sparse entries added into each logits-gradient block before its GEMMs
+  TileBuckets sparse(sp_id.data(), B, slots, C);
+  auto opts = at::TensorOptions().dtype(at::kFloat);
+  at::Tensor d_item = at::zeros({C, d}, opts);
+  at::Tensor d_bias = at::zeros({C}, opts);
+  at::Tensor d_user = linear_dense_grad(in, coef_a.data(), coef_c.data(), lse1_p, lset_p, inv_tau, same_tau,
+                                        d_item, d_bias, &sparse, sp_delta.data());
 
   const at::ScalarType dt = user_emb.scalar_type();
   at::Tensor d_bias_out = in.bias.defined() ? d_bias.to(item_bias->scalar_type()) : at::empty({0}, opts);
