@@ -76,9 +76,9 @@ class _CatalogStats(torch.autograd.Function):
         with torch.no_grad():
             # logits at the selected ids: the owner computes them (in the same pass as its statistics),
             # everyone else adds 0; the same local ids (-1 = another rank's) route the sparse gradient back
+            # (an empty slot, -1, lands below 0 too: item_offset >= 0)
             local_ids = sel_ids - item_offset
-            owned = (sel_ids >= 0) & (local_ids >= 0) & (local_ids < rows)
-            local_sel = torch.where(owned, local_ids, torch.full_like(local_ids, -1))
+            local_sel = local_ids.masked_fill_((local_ids < 0) | (local_ids >= rows), -1)
             m, z1, zt, sel = local.catalog_local_stats(u, w, b, tau, chunk_rows, local_sel)
             lse1, lse_tau = _global_lse(m, z1, zt, tau, group)
             lse1, lse_tau = lse1.to(cdt), lse_tau.to(cdt)
@@ -100,10 +100,10 @@ class _CatalogStats(torch.autograd.Function):
         gt = g_lse_tau if (g_lse_tau is not None and ctx.need_tau) else torch.zeros_like(lse1)
         if g_sel is None:
             g_sel = torch.zeros(local_sel.shape, dtype=lse1.dtype, device=lse1.device)
-        # only the owner's rows are touched: the other ranks' entries are -1 (skipped)
-        sparse_grad = torch.where(local_sel >= 0, g_sel, torch.zeros_like(g_sel))
+        # only the owner's rows are touched: every backend skips the entries whose local id is -1 (another
+        # rank's item or an empty slot), so g_sel goes in as it is
         grad_u, grad_w, grad_b = ctx.local.catalog_local_grad(u, w, b, g1, gt, lse1, lse_tau, local_sel,
-                                                              sparse_grad, ctx.tau, ctx.chunk_rows)
+                                                              g_sel.contiguous(), ctx.tau, ctx.chunk_rows)
         # u is replicated: its gradient is the sum of every rank's contribution (summed before any downcast)
         grad_u = grad_u.to(compute_dtype(u.dtype)).contiguous()
         dist.all_reduce(grad_u, op=dist.ReduceOp.SUM, group=ctx.group)

@@ -133,3 +133,31 @@ def test_builtin_kinds_are_registered_with_shard_score_semantics():
     assert builtins <= set(TEACHER_REGISTRY)
     for kind in builtins:
         assert TEACHER_REGISTRY[kind].score_semantics in SCORE_SEMANTICS
+
+
+def test_unisrec_catalog_cache_follows_parameter_updates():
+    """UniSRec caches adaptor(text) over the catalog at inference; any update of the adaptor or the text
+    buffer must invalidate it, and training mode / autograd must never see it."""
+    from prmkd_dist.teachers.unisrec import UniSRecNetwork
+
+    torch.manual_seed(0)
+    net = UniSRecNetwork(num_items=40, text_dim=12, dim=8, max_len=5, num_layers=1, num_heads=2, num_experts=3)
+    with torch.no_grad():
+        net.text_emb.copy_(torch.nn.functional.normalize(torch.randn(40, 12), dim=-1))
+    net.eval()
+    with torch.no_grad():
+        first = net.output_weight()
+        assert torch.equal(net.output_weight(), first)  # served from the cache
+        assert net._text_repr_cache is not None
+        next(net.adaptor.parameters()).add_(0.5)  # an optimiser step would do this in place
+        updated = net.output_weight()
+        net.text_emb.mul_(-1.0)
+        flipped = net.output_weight()
+    assert not torch.allclose(updated, first)
+    assert not torch.allclose(flipped, updated)
+    net._text_repr_cache = None
+    with torch.no_grad():
+        assert torch.allclose(net.output_weight(), flipped)  # the cached value was the fresh one
+    net.train()
+    w = net.output_weight()  # training: recomputed with autograd, never the cache
+    assert w.requires_grad
