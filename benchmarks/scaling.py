@@ -17,6 +17,8 @@ teachers' top-K lists per row (confidence+consistency teacher weights, KD term a
 distillation overhead. The two variants alternate step by step, so both see the same machine load.
 ``--weights prepared`` (default) computes the teacher weights outside the timed step, as the window-packed
 trainer does (once per position when it starts); ``--weights step`` inside it, as the streaming trainer does.
+``--profile PREFIX`` (with ``--teachers``) then runs torch.profiler on rank 0 over ``--profile-steps`` batches as
+plain and as distillation steps, prints the ops whose CPU self time differs most and writes PREFIX.world<N>.json.
 Prints a table and writes JSON.
 """
 from __future__ import annotations
