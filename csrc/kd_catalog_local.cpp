@@ -107,7 +107,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> kd_catalog_local_grad(
   at::Tensor d_bias = at::zeros({R}, opts);
   TileBuckets sparse(sp_id, B, slots, R);
   at::Tensor d_user = linear_dense_grad(in, coef_lse1.data_ptr<float>(), coef_c.data(), lse1.data_ptr<float>(),
-                                        lse_tau.data_ptr<float>(), inv_tau, same_tau, d_item, d_bias, &sparse,
+                                        lse_tau.data_ptr<float>(), inv_tau, same_tau, d_item, d_bias, sparse,
                                         sparse_grad.data_ptr<float>());
   return {d_user.contiguous(), d_item, in.bias.defined() ? d_bias : at::empty({0}, opts)};
 }

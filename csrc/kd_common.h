@@ -390,13 +390,13 @@ inline std::vector<LseState> linear_row_states(const LinearInputs& in, float inv
 // Backward, dense part: with dS_bj = a_b exp(s_bj - lse1_b) + c_b exp(s_bj / tau - lse_tau_b) (recomputed tile
 // by tile, never stored), returns dS @ item (float32 [B, d]) and writes dS^T @ user into d_item [C, d] and the
 // column sums of dS into d_bias [C] (both float32, zero-initialised by the caller).
-// With `sparse` (and its deltas sp_delta[flat]), the sparse gradient entries (d loss / d s_bj at target and
-// teacher ids) are added into the logits-gradient block before its GEMMs, so they reach d_user, d_item and
-// d_bias with the dense part; `sparse` is consumed (its cursors advance).
+// The sparse gradient entries (`sparse`, deltas sp_delta[flat]: d loss / d s_bj at target and teacher ids) are
+// added into the logits-gradient block before its GEMMs, so they reach d_user, d_item and d_bias with the dense
+// part; `sparse` is consumed (its cursors advance).
 inline at::Tensor linear_dense_grad(const LinearInputs& in, const float* coef_a, const float* coef_c,
                                     const float* lse1, const float* lse_tau, float inv_tau, bool same_tau,
-                                    at::Tensor& d_item, at::Tensor& d_bias, TileBuckets* sparse = nullptr,
-                                    const float* sp_delta = nullptr) {
+                                    at::Tensor& d_item, at::Tensor& d_bias, TileBuckets& sparse,
+                                    const float* sp_delta) {
   const int64_t B = in.B, C = in.C, d = in.d;
   const int64_t n_shares = share_count(C);
   at::Tensor d_user_shares = at::zeros({n_shares, B, d}, at::TensorOptions().dtype(at::kFloat));
@@ -414,7 +414,7 @@ inline at::Tensor linear_dense_grad(const LinearInputs& in, const float* coef_a,
           const int64_t b = r0 + r;
           float* row = buf.data() + r * n;  // in place: logits -> d loss / d logits
           vec_softmax_mix(row, n, coef_a[b], lse1[b], coef_c[b], inv_tau, lse_tau[b], same_tau, row);
-          if (sparse) sparse->visit_row(tile, b, [&](int64_t flat, int64_t col) { row[col] += sp_delta[flat]; });
+          sparse.visit_row(tile, b, [&](int64_t flat, int64_t col) { row[col] += sp_delta[flat]; });
           vec_add(d_bias_p + c0, row, n);
         }
         d_user.narrow(0, r0, m).addmm_(ds, in.item.narrow(0, c0, n));

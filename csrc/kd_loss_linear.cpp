@@ -114,7 +114,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> kd_loss_linear_bwd(
   at::Tensor d_item = at::zeros({C, d}, opts);
   at::Tensor d_bias = at::zeros({C}, opts);
   at::Tensor d_user = linear_dense_grad(in, coef_a.data(), coef_c.data(), lse1_p, lset_p, inv_tau, same_tau,
-                                        d_item, d_bias, &sparse, sp_delta.data());
+                                        d_item, d_bias, sparse, sp_delta.data());
 
   const at::ScalarType dt = user_emb.scalar_type();
   at::Tensor d_bias_out = in.bias.defined() ? d_bias.to(item_bias->scalar_type()) : at::empty({0}, opts);
