@@ -64,6 +64,15 @@ def mean_std(values: list[float]) -> str:
     return f"{statistics.mean(values):.4f} ± {statistics.stdev(values):.4f}"
 
 
+def write_json(args, runs: list, table_full: dict, table_sampled: dict, complete: bool) -> Path:
+    out = Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps({"args": vars(args), "complete": complete,
+                               "machine": {"platform": platform.platform(), "torch_threads": torch.get_num_threads()},
+                               "table_full": table_full, "table_sampled": table_sampled, "runs": runs}, indent=2))
+    return out
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--datasets", nargs="+", choices=list(DATASETS), default=list(DATASETS))
@@ -94,6 +103,7 @@ def main(argv: list[str] | None = None) -> int:
                       f"({r['seconds']:.0f}s)", flush=True)
                 per_seed.append(r)
                 runs.append(r)
+                write_json(args, runs, table_full, table_sampled, complete=False)  # survives an interrupted run
             row = f"{model} / {DATASETS[ds]}"
             table_full[row] = {m: mean_std([r["test"][m] for r in per_seed]) for m in FULL}
             table_sampled[row] = {m: mean_std([r["test_sampled"][m] for r in per_seed]) for m in SAMPLED}
@@ -102,12 +112,7 @@ def main(argv: list[str] | None = None) -> int:
     print(format_table(table_full, FULL))
     print(f"\n## Test, sampled protocol ({args.num_negatives} negatives; SASRec paper on Games: HR@10 0.7410, NDCG@10 0.5360)\n")
     print(format_table(table_sampled, SAMPLED))
-    out = Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps({"args": vars(args), "machine": {"platform": platform.platform(),
-                                                               "torch_threads": torch.get_num_threads()},
-                               "table_full": table_full, "table_sampled": table_sampled, "runs": runs}, indent=2))
-    print(f"\nwrote {out}")
+    print(f"\nwrote {write_json(args, runs, table_full, table_sampled, complete=True)}")
     return 0
 
 

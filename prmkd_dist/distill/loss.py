@@ -170,9 +170,11 @@ def check_loss_inputs(
     teacher_weights: Tensor,
     rank_weights: Tensor | None,
     check_inputs: bool,
+    allow_empty: bool = False,
 ) -> None:
-    """Checks of the arguments kd_loss and kd_loss_linear share (everything but the student's tensors)."""
-    if batch < 1:
+    """Checks of the arguments kd_loss and kd_loss_linear share (everything but the student's tensors).
+    ``allow_empty``: B = 0 is fine (a rank's share of a data-parallel batch may be empty)."""
+    if batch < 1 and not allow_empty:
         raise ValueError("the batch is empty (B = 0): the loss of no rows is undefined")
     if num_items < 1:
         raise ValueError("the catalog is empty (C = 0)")

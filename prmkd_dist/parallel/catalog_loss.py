@@ -22,6 +22,19 @@ Contract
   (averaging identical values is harmless; summing them is not).
 - Every rank must call this function (it runs collectives) and then ``backward`` on its result.
 
+Data-parallel batches (``local_batch=True``): each rank passes its OWN rows (``user_emb`` [b_r, d] and its
+targets and teacher tensors; b_r may differ between ranks) and the loss is the one of the concatenated global
+batch (ranks in order). The user rows and the [b_r, 1 + T*K] selected ids are all-gathered (the teacher
+scores and weights never travel), every rank scores all rows against its shard as above, but the gathered
+logits at the selected ids are reduce-scattered so that each rank evaluates the row formula for its own rows
+only (it was the part of the step that grew with the world size). The returned value is the global-batch
+loss on every rank ("mean" divides by the global batch); its gradient on rank r is that of rank r's rows'
+share, which is what data parallelism wants: backward all-gathers the rows' upstream gradients (each shard
+needs all of them for its rows' gradient, which comes out complete) and reduce-scatters the user-row
+gradients, so ``user_emb.grad`` is the full gradient of the global loss w.r.t. this rank's rows. The dense
+gradients behind ``user_emb`` are then partial sums over ranks, to be SUMMED (not averaged) across ranks.
+``reduction="none"`` returns the rank's own rows' losses [b_r].
+
 Local part and backends: a rank's share of the statistics (local max and sum-exp at 1 and tau) and, in
 backward, the gradient of its local logits (turned into its part of d user_emb and the gradients of its own
 rows) come from ``catalog_local_stats`` / ``catalog_local_grad`` of the backend chosen by
@@ -48,6 +61,7 @@ from prmkd_dist.distill.loss import (
     resolve_backend,
 )
 from prmkd_dist.distill.reference import compute_dtype, kd_rows_from_sel
+from prmkd_dist.parallel.collectives import all_gather_dim0, gather_sizes, reduce_scatter_dim0
 
 __all__ = ["kd_loss_linear_catalog_parallel", "default_chunk_rows"]
 
@@ -68,12 +82,15 @@ class _CatalogStats(torch.autograd.Function):
     log-sum-exp w.r.t. a local logit is its global softmax probability."""
 
     @staticmethod
-    def forward(ctx, u, w, b, sel_ids, item_offset, temperature, need_tau, chunk_rows, group, local):
+    def forward(ctx, u, w, b, sel_ids, item_offset, temperature, need_tau, chunk_rows, group, local, sizes):
         cdt = compute_dtype(u.dtype)
         rows = w.shape[0]
         # without a KL term LSE_tau is not needed: tau = 1 makes the local pass compute one exp per logit
         tau = float(temperature) if need_tau else 1.0
         with torch.no_grad():
+            if sizes is not None:  # each rank brought its own rows: score everybody's against this shard
+                u = all_gather_dim0(u, sizes, group)
+                sel_ids = all_gather_dim0(sel_ids, sizes, group)
             # logits at the selected ids: the owner computes them (in the same pass as its statistics),
             # everyone else adds 0; the same local ids (-1 = another rank's) route the sparse gradient back
             # (an empty slot, -1, lands below 0 too: item_offset >= 0)
@@ -85,30 +102,48 @@ class _CatalogStats(torch.autograd.Function):
             if tau == 1.0:
                 lse_tau = lse1.clone()  # the same quantity: bit-identical, as the fused op assumes at tau = 1
             sel = sel.to(cdt).contiguous()
-            dist.all_reduce(sel, op=dist.ReduceOp.SUM, group=group)
+            if sizes is None:
+                dist.all_reduce(sel, op=dist.ReduceOp.SUM, group=group)
+            else:  # only the rank's own rows go on to the row formula
+                sel = reduce_scatter_dim0(sel, sizes, group)
 
         ctx.save_for_backward(u, w, b if b is not None else torch.empty(0), lse1, lse_tau, local_sel)
         ctx.has_bias = b is not None
         ctx.tau, ctx.need_tau, ctx.chunk_rows, ctx.group, ctx.local = tau, need_tau, chunk_rows, group, local
+        ctx.sizes = sizes
+        if sizes is not None:
+            lo = sum(sizes[:dist.get_rank(group)])
+            lse1, lse_tau = lse1[lo:lo + sel.shape[0]].clone(), lse_tau[lo:lo + sel.shape[0]].clone()
         return lse1, (lse_tau if need_tau else torch.zeros_like(lse1)), sel
 
     @staticmethod
     def backward(ctx, g_lse1, g_lse_tau, g_sel):
         u, w, b, lse1, lse_tau, local_sel = ctx.saved_tensors
         b = b if ctx.has_bias else None
-        g1 = g_lse1 if g_lse1 is not None else torch.zeros_like(lse1)
-        gt = g_lse_tau if (g_lse_tau is not None and ctx.need_tau) else torch.zeros_like(lse1)
+        sizes = ctx.sizes
+        n_own = lse1.shape[0] if sizes is None else sizes[dist.get_rank(ctx.group)]
+        zeros = lse1.new_zeros(n_own)
+        g1 = g_lse1 if g_lse1 is not None else zeros
+        gt = g_lse_tau if (g_lse_tau is not None and ctx.need_tau) else zeros
         if g_sel is None:
-            g_sel = torch.zeros(local_sel.shape, dtype=lse1.dtype, device=lse1.device)
+            g_sel = lse1.new_zeros((n_own, local_sel.shape[1]))
+        if sizes is not None:  # every rank's upstream gradients, for its shard's part of every row (one gather)
+            g_all = all_gather_dim0(torch.cat([g1[:, None], gt[:, None], g_sel], dim=1).to(lse1.dtype), sizes,
+                                    ctx.group)
+            g1, gt, g_sel = g_all[:, 0], g_all[:, 1], g_all[:, 2:]
         # only the owner's rows are touched: every backend skips the entries whose local id is -1 (another
         # rank's item or an empty slot), so g_sel goes in as it is
         grad_u, grad_w, grad_b = ctx.local.catalog_local_grad(u, w, b, g1, gt, lse1, lse_tau, local_sel,
                                                               g_sel.contiguous(), ctx.tau, ctx.chunk_rows)
-        # u is replicated: its gradient is the sum of every rank's contribution (summed before any downcast)
+        # u's gradient is the sum of every rank's contribution (summed before any downcast): all of it when u is
+        # replicated, each rank's own rows when it brought its own
         grad_u = grad_u.to(compute_dtype(u.dtype)).contiguous()
-        dist.all_reduce(grad_u, op=dist.ReduceOp.SUM, group=ctx.group)
+        if sizes is None:
+            dist.all_reduce(grad_u, op=dist.ReduceOp.SUM, group=ctx.group)
+        else:
+            grad_u = reduce_scatter_dim0(grad_u, sizes, ctx.group)
         grad_b = grad_b.to(b.dtype) if (b is not None and grad_b is not None) else None
-        return (grad_u.to(u.dtype), grad_w.to(w.dtype), grad_b) + (None,) * 7
+        return (grad_u.to(u.dtype), grad_w.to(w.dtype), grad_b) + (None,) * 8
 
 
 def _global_lse(m: Tensor, z1: Tensor, zt: Tensor, tau: float, group) -> tuple[Tensor, Tensor]:
@@ -167,6 +202,7 @@ def kd_loss_linear_catalog_parallel(
     check_inputs: bool = True,
     group: dist.ProcessGroup | None = None,
     backend: str = "auto",
+    local_batch: bool = False,
 ) -> Tensor:
     """``kd_loss_linear`` over a catalog split by rows across ``group`` (see the module docstring).
 
@@ -176,7 +212,8 @@ def kd_loss_linear_catalog_parallel(
     or "reference"; see the module docstring). ``chunk_rows`` bounds the [B, chunk_rows] logits block of the
     reference local part (default: about 4M values; the C++ op and the Triton kernels tile by themselves).
     ``check_inputs`` as in ``kd_loss`` (the data scans; it also verifies, with one small all-gather, that the
-    ranks' ranges tile the catalog)."""
+    ranks' ranges tile the catalog). ``local_batch``: each rank passes its own rows instead of the same batch
+    (module docstring, "Data-parallel batches")."""
     if not dist.is_available() or not dist.is_initialized():
         raise RuntimeError("kd_loss_linear_catalog_parallel needs an initialised torch.distributed process group")
     for name, x in (("user_emb", user_emb), ("item_emb_shard", item_emb_shard)):
@@ -207,7 +244,10 @@ def kd_loss_linear_catalog_parallel(
     check_hyperparameters(temperature, lambda_ce, lambda_kd, lambda_rank, reduction)
     batch = user_emb.shape[0]
     check_loss_inputs(num_items, batch, user_emb.device, target, teacher_ids, teacher_scores, teacher_weights,
-                      rank_weights, check_inputs)
+                      rank_weights, check_inputs, allow_empty=local_batch)
+    sizes = gather_sizes(batch, user_emb.device, group) if local_batch else None
+    if sizes is not None and sum(sizes) == 0:
+        raise ValueError("every rank's batch is empty (B = 0 on all ranks): the loss of no rows is undefined")
     if check_inputs:
         check_finite("user_emb", user_emb)
         check_finite("item_emb_shard", item_emb_shard)
@@ -225,10 +265,17 @@ def kd_loss_linear_catalog_parallel(
     lse1, lse_tau, sel = _CatalogStats.apply(user_emb.contiguous(), item_emb_shard.contiguous(),
                                              item_bias_shard.contiguous() if item_bias_shard is not None else None,
                                              sel_ids, int(item_offset), float(temperature), need_tau,
-                                             int(chunk_rows), group, local)
+                                             int(chunk_rows), group, local, sizes)
     # the row formula over the gathered statistics: the backend's fused op where it has one (C++), else the
     # reference's tensor ops (reference.kd_rows_from_stats: the one statement of the formula)
     rows_from_sel = getattr(local, "kd_rows_from_sel", kd_rows_from_sel)
     rows_loss = rows_from_sel(lse1, lse_tau if need_tau else None, sel, tgt, ids, scores, tw, rw, float(temperature),
                               float(lambda_ce), float(lambda_kd), float(lambda_rank))
-    return reduce_rows(rows_loss, reduction)
+    if sizes is None or reduction == "none":
+        return reduce_rows(rows_loss, reduction)
+    # this rank's share of the global-batch loss carries its gradient; the value is the global loss (one
+    # scalar all-reduce), so every rank reports the same number
+    share = rows_loss.sum() / (sum(sizes) if reduction == "mean" else 1)
+    total = share.detach().clone()
+    dist.all_reduce(total, op=dist.ReduceOp.SUM, group=group)
+    return share + (total - share.detach())

@@ -8,15 +8,13 @@ It implements the trainer's ``Engine`` protocol (``prmkd_dist.train.engine``) fo
 - **Dense part** (everything else) is replicated and handed to ``deepspeed.initialize`` (ZeRO 0/1/2, gloo
   on CPU, nccl on CUDA, gradient clipping on the dense parameters). ``step(loss)`` = ``engine.backward`` +
   ``engine.step``.
-- **Loss over the catalog** (``linear_loss``): data parallelism gives each rank its own batch, but the
-  catalog-parallel loss (``kd_loss_linear_catalog_parallel``) needs the same rows on every rank. So the
-  per-rank hidden rows (and targets / teacher tensors) are all-gathered (``gather_rows``, an autograd
-  function: the loss is then replicated, so each rank's gradient of the gathered rows is already the full
-  one and backward just takes the rank's own slice), and each rank scores the gathered batch against its
-  contiguous range of output rows.
+- **Loss over the catalog** (``linear_loss``): data parallelism gives each rank its own batch; the
+  catalog-parallel loss (``kd_loss_linear_catalog_parallel`` with ``local_batch=True``) gathers the hidden
+  rows and selected ids, scores every rank's rows against this rank's contiguous range of output rows, and
+  evaluates the row formula for the rank's own rows only (the teacher scores and weights never travel).
 
-Gradient bookkeeping (why the result equals one process on the concatenated batch): the loss L is the
-global-batch loss, identical on every rank. Rank r backpropagates L only through its own slice, so its
+Gradient bookkeeping (why the result equals one process on the concatenated batch): the loss value is the
+global-batch loss L on every rank; its gradient on rank r is dL w.r.t. rank r's own hidden rows, so its
 dense gradient is a *partial sum* of dL/dtheta; DeepSpeed is therefore told to SUM (not average) the dense
 gradients (``gradient_allreduce_op: sum``). Table rows get dL/dW from the catalog loss (whole gathered
 batch) plus the lookup gradients routed by TorchRec, which are summed as well: both exact (TorchRec's
@@ -96,53 +94,6 @@ class ParallelConfig:
 
 
 # ---- gathering the per-rank batches -----------------------------------------------------------------
-def _gather_sizes(n: int, device, group) -> list[int]:
-    mine = torch.tensor([n], dtype=torch.int64, device=device)
-    sizes = [torch.empty_like(mine) for _ in range(dist.get_world_size(group))]
-    dist.all_gather(sizes, mine, group=group)
-    return [int(s) for s in sizes]
-
-
-def _all_gather_dim0(x: Tensor, sizes: list[int], group) -> Tensor:
-    """Concatenate every rank's ``x`` along dim 0 (ranks may hold different numbers of rows)."""
-    top = max(sizes)
-    padded = x.new_zeros((top, *x.shape[1:]))
-    padded[:x.shape[0]] = x
-    parts = [torch.empty_like(padded) for _ in sizes]
-    dist.all_gather(parts, padded.contiguous(), group=group)
-    return torch.cat([p[:n] for p, n in zip(parts, sizes)])
-
-
-class _GatherRows(torch.autograd.Function):
-    """All-gather along dim 0 with a gradient. ``replicated=True``: the downstream loss is identical on every
-    rank (the catalog-parallel contract), so the incoming gradient is already complete on every rank and
-    the rank keeps its own slice; ``replicated=False``: ranks computed different things from the gathered
-    rows, their gradients are summed (reduce-scatter) before slicing."""
-
-    @staticmethod
-    def forward(ctx, x, group, replicated):
-        sizes = _gather_sizes(x.shape[0], x.device, group)
-        rank = dist.get_rank(group)
-        ctx.lo, ctx.hi = sum(sizes[:rank]), sum(sizes[:rank + 1])
-        ctx.group, ctx.replicated = group, replicated
-        return _all_gather_dim0(x.detach(), sizes, group)
-
-    @staticmethod
-    def backward(ctx, g):
-        if not ctx.replicated:
-            g = g.contiguous().clone()
-            dist.all_reduce(g, op=dist.ReduceOp.SUM, group=ctx.group)
-        return g[ctx.lo:ctx.hi], None, None
-
-
-def gather_rows(x: Tensor, group: dist.ProcessGroup | None = None, replicated: bool = True) -> Tensor:
-    """Every rank's ``x`` [n_r, ...] concatenated in rank order; differentiable for float ``x`` (see
-    ``_GatherRows`` for ``replicated``); integer tensors are gathered without autograd."""
-    if x.is_floating_point() and x.requires_grad:
-        return _GatherRows.apply(x, group, replicated)
-    return _all_gather_dim0(x, _gather_sizes(x.shape[0], x.device, group), group)
-
-
 # ---- DeepSpeed configuration ------------------------------------------------------------------------
 def deepspeed_config(pcfg: ParallelConfig, lr: float, grad_clip: float, micro_batch: int,
                      device: torch.device) -> dict:
@@ -345,18 +296,16 @@ class DistributedEngine:
 
     def linear_loss(self, hidden: Tensor, target: Tensor, teacher_ids: Tensor, teacher_scores: Tensor,
                     teacher_weights: Tensor, rank_weights: Tensor | None = None, **loss_kwargs) -> Tensor:
-        """The full-catalog loss of the batch gathered from all ranks (identical on every rank; the mean is
-        over the global batch, as one process on the concatenated batch would compute it)."""
+        """The full-catalog loss of the global batch (all ranks' rows in rank order): the same value on every rank,
+        the mean over the global batch as one process on the concatenated batch would compute it; its gradient
+        flows into this rank's ``hidden`` rows (and the rank's output rows). ``reduction="none"``: this rank's
+        rows only."""
         from prmkd_dist.parallel.catalog_loss import kd_loss_linear_catalog_parallel
 
-        g = self.group
-        h = gather_rows(hidden, g)
-        tgt = gather_rows(target, g)
-        ids, scores, tw = (gather_rows(x, g) for x in (teacher_ids, teacher_scores, teacher_weights))
-        rw = gather_rows(rank_weights, g) if rank_weights is not None else None
         rows = self.output_rows()
-        return kd_loss_linear_catalog_parallel(h, rows.weight, rows.first_id, rows.num_items, tgt, ids, scores, tw,
-                                               rw, item_bias_shard=rows.bias, group=g, **loss_kwargs)
+        return kd_loss_linear_catalog_parallel(hidden, rows.weight, rows.first_id, rows.num_items, target, teacher_ids,
+                                               teacher_scores, teacher_weights, rank_weights, item_bias_shard=rows.bias,
+                                               group=self.group, local_batch=True, **loss_kwargs)
 
     def step(self, loss: Tensor) -> None:
         """Backward (tables update inside it), DeepSpeed's gradient reduction and dense step, zeroing."""

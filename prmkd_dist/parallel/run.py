@@ -169,7 +169,7 @@ def unsharded_state_dict(engine: DistributedEngine) -> dict[str, torch.Tensor]:
     Collective; for exporting a distributed run to the single-process tools (serve, evaluate)."""
     from torchrec import KeyedJaggedTensor
 
-    from prmkd_dist.parallel.engine import gather_rows
+    from prmkd_dist.parallel.collectives import gather_rows
     from prmkd_dist.parallel.sharding import sharded_module_names
 
     out = {name: p.detach().clone() for name, p in engine.dense_named_parameters()}

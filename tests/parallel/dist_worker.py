@@ -84,7 +84,7 @@ def _engine_case(split, sharding: str, zero: int, model_name: str, steps: int, h
 def engine(out: Path) -> None:
     from prmkd_dist.data.prepare import load_split
     from prmkd_dist.models import build_student
-    from prmkd_dist.parallel.engine import gather_rows
+    from prmkd_dist.parallel.collectives import gather_rows
     from prmkd_dist.parallel.run import evaluate_sharded, sharded_topk, unsharded_state_dict
     from prmkd_dist.train.evaluate import evaluate
 

@@ -2,7 +2,8 @@
 gradient of user_emb, and each rank's gradient of its own rows (and bias), over several configurations.
 Every local part is checked: the chunked PyTorch reference (float64, chosen by "auto" for float64), the
 fused C++ op (float32 and bfloat16, backend="cpp", on a catalog of 1100 items: more than two 512-row tiles,
-not a multiple of any tile size) and, in a second pair of processes, the Triton kernels (backend="triton",
+not a multiple of any tile size), each also with data-parallel batches (``local_batch=True``: each rank
+passes its own rows, split unevenly, one rank empty) and, in a second pair of processes, the Triton kernels (backend="triton",
 under the interpreter on CPU tensors, on 150 items: several interpreter tiles).
 
 The workers are this file run as a script (``python test_catalog_loss.py RANK WORLD PORT OUT [MODE]``), so
@@ -106,6 +107,60 @@ def check_fused(rank: int, name: str, split: int, kw: dict, dtype_name: str, rep
     report[f"{name}/{dtype_name}"] = float(got.detach().double().sum())
 
 
+# local_batch=True: rank 0's share of the 7 batch rows in each configuration (uneven, and either rank empty)
+BATCH_SPLITS = [3, 7, 1, 0, 5]
+
+
+def check_local_batch(rank: int, name: str, split: int, rows0: int, kw: dict, dtype_name: str, backend: str,
+                      report: dict) -> None:
+    """Data-parallel batches (each rank passes its own rows) against the single-process loss on the
+    concatenated batch: the value (the global loss on every rank; "none": the rank's own rows), the gradient
+    of the rank's own user rows, and of its catalog rows (and bias)."""
+    import torch
+    import torch.distributed as dist
+
+    from prmkd_dist import kd_loss_linear
+    from prmkd_dist.parallel.catalog_loss import kd_loss_linear_catalog_parallel
+
+    dtype = getattr(torch, dtype_name)
+    n_items = C if dtype == torch.float64 else C_FUSED
+    user, item, bias, target, ids, scores, weights, rank_w = make_case(kw, seed=3, n_items=n_items)
+    split = round(split * n_items / C)
+    lo, hi = (0, split) if rank == 0 else (split, n_items)
+    mine = slice(0, rows0) if rank == 0 else slice(rows0, user.shape[0])
+    user, item = user.to(dtype), item.to(dtype)
+    bias = bias.to(dtype) if bias is not None else None
+    u = user[mine].clone().requires_grad_()
+    shard = item[lo:hi].clone().requires_grad_()
+    bshard = bias[lo:hi].clone().requires_grad_() if bias is not None else None
+    got = kd_loss_linear_catalog_parallel(u, shard, lo, n_items, target[mine], ids[mine], scores[mine],
+                                          weights[mine], rank_w[mine], item_bias_shard=bshard, backend=backend,
+                                          local_batch=True, **loss_kwargs(kw))
+    got.sum().backward()
+
+    ru, ri = user.double().requires_grad_(), item.double().requires_grad_()
+    rb = bias.double().requires_grad_() if bias is not None else None
+    want = kd_loss_linear(ru, ri, target, ids, scores, weights, rank_w, item_bias=rb, backend="reference",
+                          **loss_kwargs(kw))
+    want.sum().backward()
+    want_value = want[mine] if kw["reduction"] == "none" else want
+    pairs = [("value", got.detach(), want_value.detach()), ("d user", u.grad, ru.grad[mine]),
+             ("d rows", shard.grad, ri.grad[lo:hi])]
+    if bias is not None:
+        pairs.append(("d bias", bshard.grad, rb.grad[lo:hi]))
+    tol = 1e-10 if dtype == torch.float64 else TOL[dtype_name]
+    for what, g, w in pairs:
+        assert g.shape == w.shape, f"local_batch {name} {dtype_name} {what}: shape {tuple(g.shape)} vs {tuple(w.shape)}"
+        assert torch.isfinite(g.float()).all(), f"local_batch {name} {dtype_name} {what}: not finite"
+        if w.numel():
+            err = rel_err(g, w)
+            assert err <= tol, f"local_batch {name} {dtype_name} {what}: relative error {err:.2e}"
+    total = got.detach().double().sum().reshape(1)
+    if kw["reduction"] == "none":  # the ranks hold different rows: report the global sum
+        dist.all_reduce(total)
+    report[f"local_batch/{name}/{dtype_name}"] = float(total)
+
+
 def triton_checks(rank: int) -> dict:
     """The Triton local part (interpreted on CPU tensors: TRITON_INTERPRET=1), every configuration."""
     report = {}
@@ -155,6 +210,11 @@ def all_checks(rank: int) -> dict:
     for name, split, kw in CONFIGS:
         for dtype_name in ("float32", "bfloat16"):
             check_fused(rank, name, split, kw, dtype_name, report)
+
+    # data-parallel batches: each rank brings its own rows (reference in float64, the C++ op in float32)
+    for (name, split, kw), rows0 in zip(CONFIGS, BATCH_SPLITS):
+        check_local_batch(rank, name, split, rows0, kw, "float64", "reference", report)
+        check_local_batch(rank, name, split, rows0, kw, "float32", "cpp", report)
 
     # float32 with the default chunking agrees too, through the chunked reference and through "auto" (C++)
     user, item, bias, target, ids, scores, weights, rank_w = make_case(CONFIGS[0][2], seed=1)
@@ -214,7 +274,8 @@ def run_two_ranks(tmp_path, mode: str, **env) -> list[dict]:
 def test_two_gloo_ranks_match_single_process_reference(tmp_path):
     reports = run_two_ranks(tmp_path, "all")
     fused = {f"{name}/{dt}" for name, _, _ in CONFIGS for dt in TOL}
-    assert set(reports[0]) == {name for name, _, _ in CONFIGS} | fused | {"tiling_error"}
+    local_batch = {f"local_batch/{name}/{dt}" for name, _, _ in CONFIGS for dt in ("float64", "float32")}
+    assert set(reports[0]) == {name for name, _, _ in CONFIGS} | fused | local_batch | {"tiling_error"}
     assert "do not tile [0, 23)" in reports[0]["tiling_error"]
 
 
