@@ -6,7 +6,7 @@
 //   stats: the local max m_b and, relative to it, sum_j exp(s_bj - m_b) and sum_j exp((s_bj - m_b) / tau);
 //          the caller all-reduces them into the global LSE_1 and LSE_tau.
 //   grad:  given the global LSEs and the upstream gradients g1_b = dL/dLSE_1, gt_b = dL/dLSE_tau and
-//          dL/ds at a few (row, local item) pairs (the target / teacher logits this rank owns),
+//          dL/ds at a few (row, item) pairs (the target / teacher logits; global ids, the op keeps its own),
 //            dS_bj = g1_b softmax_1(s_b)_j + gt_b / tau softmax_tau(s_b)_j + sparse entries,
 //          and returns dS @ shard (this rank's contribution to d user_emb), dS^T @ user_emb (d of its own rows)
 //          and the column sums of dS (d of its own bias).
@@ -19,9 +19,17 @@
 namespace prmkd {
 namespace {
 
+// Global ids are >= -1 (-1 = empty slot); which ones are this shard's is the op's business, not an error.
+void check_global_ids(const int64_t* id, int64_t B, int64_t slots, const char* name) {
+  int64_t bad = -1;
+  for (int64_t i = 0; i < B * slots; ++i) bad = (id[i] < -1 && bad < 0) ? i : bad;
+  TORCH_CHECK(bad < 0, "prmkd: ", name, "[", bad / std::max<int64_t>(slots, 1), ", ", bad % std::max<int64_t>(slots, 1),
+              "] = ", bad < 0 ? 0 : id[bad], ": item ids must be >= -1 (-1 = empty slot)");
+}
+
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> kd_catalog_local_stats(
     const at::Tensor& user_emb, const at::Tensor& item_emb, const c10::optional<at::Tensor>& item_bias,
-    double temperature, const c10::optional<at::Tensor>& sel_idx) {
+    double temperature, const c10::optional<at::Tensor>& sel_idx, int64_t id_offset) {
   const LinearInputs in = prepare_linear(user_emb, item_emb, item_bias, /*allow_empty=*/true);
   const int64_t B = in.B, R = in.C;
   TORCH_CHECK(temperature > 0.0 && std::isfinite(temperature), "prmkd: temperature must be > 0 and finite, got ",
@@ -39,11 +47,10 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> kd_catalog_local_stat
                     sel_idx->is_contiguous(),
                 "prmkd: sel_idx must be a contiguous int64 [B=", B, ", M] tensor, got ", sel_idx->sizes(), " ",
                 sel_idx->scalar_type());
-    const int64_t* id = sel_idx->data_ptr<int64_t>();
-    for (int64_t i = 0; i < B * slots; ++i)
-      TORCH_CHECK(id[i] >= -1 && id[i] < R, "prmkd: sel_idx[", i / slots, ", ", i % slots, "] = ", id[i],
-                  " is not a local row of this shard ([-1, ", R, "))");
-    buckets = TileBuckets(id, B, slots, R);
+    TORCH_CHECK(id_offset >= 0, "prmkd: id_offset must be >= 0, got ", id_offset);
+    check_global_ids(sel_idx->data_ptr<int64_t>(), B, slots, "sel_idx");
+    // ids are global: those outside [id_offset, id_offset + R) are other shards' (or -1, none) and skipped
+    buckets = TileBuckets(sel_idx->data_ptr<int64_t>(), B, slots, R, id_offset);
   }
   float* sel_p = sel.data_ptr<float>();
   const bool pick = !buckets.empty();
@@ -72,7 +79,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> kd_catalog_local_stat
 std::tuple<at::Tensor, at::Tensor, at::Tensor> kd_catalog_local_grad(
     const at::Tensor& user_emb, const at::Tensor& item_emb, const c10::optional<at::Tensor>& item_bias,
     const at::Tensor& coef_lse1, const at::Tensor& coef_lse_tau, const at::Tensor& lse1, const at::Tensor& lse_tau,
-    const at::Tensor& sparse_idx, const at::Tensor& sparse_grad, double temperature) {
+    const at::Tensor& sparse_idx, const at::Tensor& sparse_grad, double temperature, int64_t id_offset) {
   const LinearInputs in = prepare_linear(user_emb, item_emb, item_bias, /*allow_empty=*/true);
   const int64_t B = in.B, R = in.C, d = in.d;
   TORCH_CHECK(temperature > 0.0 && std::isfinite(temperature), "prmkd: temperature must be > 0 and finite, got ",
@@ -90,11 +97,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> kd_catalog_local_grad(
               "prmkd: sparse_grad must be a contiguous float32 tensor of sparse_idx's shape ", sparse_idx.sizes(),
               ", got ", sparse_grad.sizes(), " ", sparse_grad.scalar_type());
   const int64_t slots = sparse_idx.size(1);
-  const int64_t* sp_id = sparse_idx.data_ptr<int64_t>();
-  // a local row index outside [-1, R) would be an out-of-bounds write: refuse it (O(B M), cheap)
-  for (int64_t i = 0; i < B * slots; ++i)
-    TORCH_CHECK(sp_id[i] >= -1 && sp_id[i] < R, "prmkd: sparse_idx[", i / slots, ", ", i % slots, "] = ", sp_id[i],
-                " is not a local row of this shard ([-1, ", R, "))");
+  TORCH_CHECK(id_offset >= 0, "prmkd: id_offset must be >= 0, got ", id_offset);
+  check_global_ids(sparse_idx.data_ptr<int64_t>(), B, sparse_idx.size(1), "sparse_idx");
 
   const bool same_tau = temperature == 1.0;  // then lse_tau = lse1 and one exp serves both terms
   const float inv_tau = float(1.0 / temperature);
@@ -105,7 +109,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> kd_catalog_local_grad(
   auto opts = at::TensorOptions().dtype(at::kFloat);
   at::Tensor d_item = at::zeros({R, d}, opts);
   at::Tensor d_bias = at::zeros({R}, opts);
-  TileBuckets sparse(sp_id, B, slots, R);
+  TileBuckets sparse(sparse_idx.data_ptr<int64_t>(), B, slots, R, id_offset);  // only this shard's ids
   at::Tensor d_user = linear_dense_grad(in, coef_lse1.data_ptr<float>(), coef_c.data(), lse1.data_ptr<float>(),
                                         lse_tau.data_ptr<float>(), inv_tau, same_tau, d_item, d_bias, sparse,
                                         sparse_grad.data_ptr<float>());

@@ -320,12 +320,18 @@ struct TileBuckets {
   std::vector<int64_t> row, flat, col;  // per entry: row b, flat index b * slots + s, item - tile start
 
   TileBuckets() = default;
-  // ids must lie in [-1, C) (the callers check it with their own messages).
-  TileBuckets(const int64_t* ids, int64_t B, int64_t slots, int64_t C) {
+  // The entries whose id - offset lies in [0, C) (items offset .. offset + C - 1 are this table's rows 0 .. C-1);
+  // every other id (-1 = empty, another shard's item) is skipped. The callers validate ids with their own
+  // messages.
+  TileBuckets(const int64_t* ids, int64_t B, int64_t slots, int64_t C, int64_t offset = 0) {
     const int64_t n_tiles = (C + kTileItems - 1) / kTileItems;
     start.assign(n_tiles + 1, 0);
+    auto local = [&](int64_t i) {
+      const int64_t l = ids[i] - offset;
+      return (l >= 0 && l < C) ? l : int64_t(-1);
+    };
     for (int64_t i = 0; i < B * slots; ++i)
-      if (ids[i] >= 0) ++start[ids[i] / kTileItems + 1];
+      if (const int64_t l = local(i); l >= 0) ++start[l / kTileItems + 1];
     for (int64_t t = 0; t < n_tiles; ++t) start[t + 1] += start[t];
     const int64_t n = start[n_tiles];
     row.resize(n);
@@ -333,11 +339,12 @@ struct TileBuckets {
     col.resize(n);
     cursor.assign(start.begin(), start.end() - 1);
     for (int64_t i = 0; i < B * slots; ++i) {  // i ascending = rows ascending: each bucket comes out row-sorted
-      if (ids[i] < 0) continue;
-      const int64_t t = ids[i] / kTileItems, k = cursor[t]++;
+      const int64_t l = local(i);
+      if (l < 0) continue;
+      const int64_t t = l / kTileItems, k = cursor[t]++;
       row[k] = i / slots;
       flat[k] = i;
-      col[k] = ids[i] - t * kTileItems;
+      col[k] = l - t * kTileItems;
     }
     cursor.assign(start.begin(), start.end() - 1);
   }

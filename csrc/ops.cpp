@@ -36,16 +36,18 @@ TORCH_LIBRARY(prmkd, m) {
       "kd_rows_bwd(Tensor grad_rows, Tensor sel, Tensor target, Tensor teacher_ids, Tensor teacher_scores, "
       "Tensor teacher_weights, Tensor? rank_weights, float temperature, float lambda_ce, float lambda_kd, "
       "float lambda_rank) -> (Tensor, Tensor, Tensor)");
-  // catalog-parallel local part over a row shard [R, d] (R may be 0):
+  // catalog-parallel local part over a row shard [R, d] (R may be 0) holding global items [id_offset,
+  // id_offset + R):
   // -> (local max [B], sum exp(s - max) [B], sum exp((s - max) / tau) [B]), all float64, and the logits at the
-  // local rows sel_idx [B, M] (-1: none, logit 0) as float32 [B, M] ([B, 0] without sel_idx)
+  // GLOBAL ids sel_idx [B, M] that fall on this shard as float32 [B, M] (0 elsewhere: other shards' ids and
+  // -1 = none; [B, 0] without sel_idx)
   m.def("kd_catalog_local_stats(Tensor user_emb, Tensor item_emb, Tensor? item_bias, float temperature, "
-        "Tensor? sel_idx=None) -> (Tensor, Tensor, Tensor, Tensor)");
+        "Tensor? sel_idx=None, int id_offset=0) -> (Tensor, Tensor, Tensor, Tensor)");
   // -> (local d user_emb [B, d], d item_emb [R, d], d item_bias [R] or [0] without bias), all float32
   m.def(
       "kd_catalog_local_grad(Tensor user_emb, Tensor item_emb, Tensor? item_bias, Tensor coef_lse1, "
       "Tensor coef_lse_tau, Tensor lse1, Tensor lse_tau, Tensor sparse_idx, Tensor sparse_grad, "
-      "float temperature) -> (Tensor, Tensor, Tensor)");
+      "float temperature, int id_offset=0) -> (Tensor, Tensor, Tensor)");  // sparse_idx: global, as above
 }
 
 namespace prmkd {

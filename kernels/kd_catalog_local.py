@@ -17,6 +17,7 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
+from prmkd_dist.distill.reference import shard_local_ids
 from prmkd_dist.kernels._common import GATHER_BLOCK_D, GATHER_BLOCK_M
 from prmkd_dist.kernels.kd_loss_linear import (
     check_embeddings, combine_splits, gathered_logits, linear_grads, split_lse_stats,
@@ -49,11 +50,12 @@ def _operands(op: str, user_emb: Tensor, item_emb: Tensor,
 
 
 def catalog_local_stats(user_emb: Tensor, item_emb: Tensor, item_bias: Tensor | None, temperature: float,
-                        chunk_rows: int | None = None, sel_idx: Tensor | None = None
+                        chunk_rows: int | None = None, sel_idx: Tensor | None = None, id_offset: int = 0
                         ) -> tuple[Tensor, Tensor, Tensor, Tensor | None]:
     """Per-row statistics of the shard's logits s = user_emb @ item_emb.T (+ item_bias): float64 (m [B] =
     max_j s_j, sum_j exp(s_j - m), sum_j exp((s_j - m) / tau)), m = -inf and sums 0 when R = 0; and the
-    float32 logits at the local rows ``sel_idx`` [B, M] (-1: 0), or None without ``sel_idx``.
+    float32 logits at the GLOBAL ids ``sel_idx`` [B, M] on this shard (items [id_offset, id_offset + R); 0 at
+    the others), or None without ``sel_idx``.
     float32 / bfloat16 embeddings (fp32 accumulation); ``chunk_rows`` is unused (the kernels tile by themselves)."""
     user, item, bias = _operands("catalog_local_stats", user_emb, item_emb, item_bias)
     tau = float(temperature)
@@ -64,7 +66,7 @@ def catalog_local_stats(user_emb: Tensor, item_emb: Tensor, item_bias: Tensor | 
     sel = torch.zeros((batch, slots), dtype=torch.float32, device=user.device)
     if batch > 0 and slots > 0 and item.shape[0] > 0:  # an empty shard owns no row: all entries are -1
         _sel_logits_kernel[(batch, triton.cdiv(slots, GATHER_BLOCK_M))](
-            user, item, user if bias is None else bias, sel_idx.to(torch.int64).contiguous(), sel,
+            user, item, user if bias is None else bias, shard_local_ids(sel_idx, id_offset, item.shape[0]), sel,
             slots, user.shape[1], user.stride(0), item.stride(0),
             HAS_BIAS=bias is not None, BLOCK_M=GATHER_BLOCK_M, BLOCK_D=GATHER_BLOCK_D,
         )
@@ -73,9 +75,11 @@ def catalog_local_stats(user_emb: Tensor, item_emb: Tensor, item_bias: Tensor | 
 
 def catalog_local_grad(user_emb: Tensor, item_emb: Tensor, item_bias: Tensor | None, coef_lse1: Tensor,
                        coef_lse_tau: Tensor, lse1: Tensor, lse_tau: Tensor, sparse_idx: Tensor, sparse_grad: Tensor,
-                       temperature: float, chunk_rows: int | None = None) -> tuple[Tensor, Tensor, Tensor | None]:
+                       temperature: float, chunk_rows: int | None = None, id_offset: int = 0
+                       ) -> tuple[Tensor, Tensor, Tensor | None]:
     """With the GLOBAL ``lse1`` / ``lse_tau`` [B] and upstream ``coef_lse1`` / ``coef_lse_tau`` [B] and
-    ``sparse_grad`` [B, M] at local rows ``sparse_idx`` [B, M] (-1: none; duplicates add), the gradient of the
+    ``sparse_grad`` [B, M] at the GLOBAL ids ``sparse_idx`` [B, M] (those on this shard, items [id_offset,
+    id_offset + R), count; -1: none; duplicates add), the gradient of the
     local logits dS = coef_lse1 softmax_1 + coef_lse_tau / tau softmax_tau + sparse entries, returned as
     (dS @ item_emb [B, d], dS^T @ user_emb [R, d], column sums of dS [R] or None without a bias), float32,
     tile by tile. ``chunk_rows`` is unused."""
@@ -87,7 +91,7 @@ def catalog_local_grad(user_emb: Tensor, item_emb: Tensor, item_bias: Tensor | N
         # the one-exp path has one softmax, of lse1: gt exp(s - lt) = gt exp(lse1 - lt) exp(s - lse1) is exact
         # for any lse_tau (the catalog loss passes lse_tau == lse1, a factor of exactly 1)
         g1, gt = g1 + gt * torch.exp(l1 - lt), torch.zeros_like(gt)
-    idx = sparse_idx.to(torch.int64)
+    idx = shard_local_ids(sparse_idx, id_offset, item.shape[0])
     values = torch.where(idx >= 0, sparse_grad.to(torch.float32), 0.0)  # the value at a -1 entry may be anything
     if idx.shape[1] == 0:  # one empty column, so the kernels get real [B, N] buffers
         idx = torch.full((idx.shape[0], 1), -1, dtype=torch.int64, device=idx.device)

@@ -144,29 +144,33 @@ def kd_rows_from_sel(lse1: Tensor, lse_tau: Tensor | None, sel: Tensor, target: 
 
 
 def catalog_local_stats(user_emb: Tensor, item_emb: Tensor, item_bias: Tensor | None, temperature: float,
-                        chunk_rows: int | None = None, sel_idx: Tensor | None = None
+                        chunk_rows: int | None = None, sel_idx: Tensor | None = None, id_offset: int = 0
                         ) -> tuple[Tensor, Tensor, Tensor, Tensor | None]:
     """The catalog-parallel local statistics (see ``reference.catalog_local_stats``) by the fused C++ op:
     float64 (max, sum-exp at 1, sum-exp at tau) [B], without holding [B, R], and the float32 logits at
-    ``sel_idx`` (picked out of the logits tiles as the pass forms them). ``chunk_rows`` is unused (the op tiles
-    by itself); float32 / bfloat16 embeddings."""
+    GLOBAL ids ``sel_idx`` on this shard (items [id_offset, id_offset + R), picked out of the logits tiles as the
+    pass forms them; the op skips the others, so the caller never maps ids). ``chunk_rows`` is unused (the op
+    tiles by itself); float32 / bfloat16 embeddings."""
     bias = None if item_bias is None else item_bias.detach().contiguous()
     idx = None if sel_idx is None else sel_idx.to(torch.int64).contiguous()
     m, z1, zt, sel = torch.ops.prmkd.kd_catalog_local_stats(
-        user_emb.detach().contiguous(), item_emb.detach().contiguous(), bias, float(temperature), idx)
+        user_emb.detach().contiguous(), item_emb.detach().contiguous(), bias, float(temperature), idx, int(id_offset))
     return m, z1, zt, (sel if sel_idx is not None else None)
 
 
 def catalog_local_grad(user_emb: Tensor, item_emb: Tensor, item_bias: Tensor | None, coef_lse1: Tensor,
                        coef_lse_tau: Tensor, lse1: Tensor, lse_tau: Tensor, sparse_idx: Tensor, sparse_grad: Tensor,
-                       temperature: float, chunk_rows: int | None = None) -> tuple[Tensor, Tensor, Tensor | None]:
-    """The catalog-parallel local gradients (see ``reference.catalog_local_grad``) by the fused C++ op, tile
-    by tile: (local d user_emb [B, d], d item_emb [R, d], d item_bias [R] or None), float32."""
+                       temperature: float, chunk_rows: int | None = None, id_offset: int = 0
+                       ) -> tuple[Tensor, Tensor, Tensor | None]:
+    """The catalog-parallel local gradients (see ``reference.catalog_local_grad``; ``sparse_idx`` global ids, the
+    op keeps this shard's) by the fused C++ op, tile by tile: (local d user_emb [B, d], d item_emb [R, d],
+    d item_bias [R] or None), float32."""
     f32 = lambda t: t.detach().to(torch.float32).contiguous()  # noqa: E731
     bias = None if item_bias is None else item_bias.detach().contiguous()
     d_user, d_item, d_bias = torch.ops.prmkd.kd_catalog_local_grad(
         user_emb.detach().contiguous(), item_emb.detach().contiguous(), bias, f32(coef_lse1), f32(coef_lse_tau),
-        f32(lse1), f32(lse_tau), sparse_idx.to(torch.int64).contiguous(), f32(sparse_grad), float(temperature))
+        f32(lse1), f32(lse_tau), sparse_idx.to(torch.int64).contiguous(), f32(sparse_grad), float(temperature),
+        int(id_offset))
     return d_user, d_item, (d_bias if item_bias is not None else None)
 
 
@@ -203,7 +207,7 @@ if not _IMPORT_ERROR:
         return torch.empty_like(grad_rows), torch.empty_like(grad_rows), torch.empty_like(sel)
 
     @torch.library.register_fake("prmkd::kd_catalog_local_stats")
-    def _kd_catalog_local_stats_fake(user_emb, item_emb, item_bias, temperature, sel_idx=None):
+    def _kd_catalog_local_stats_fake(user_emb, item_emb, item_bias, temperature, sel_idx=None, id_offset=0):
         m = user_emb.new_empty((user_emb.shape[0],), dtype=torch.float64)
         slots = sel_idx.shape[1] if sel_idx is not None else 0
         return m, torch.empty_like(m), torch.empty_like(m), user_emb.new_empty((user_emb.shape[0], slots),

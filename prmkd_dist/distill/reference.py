@@ -202,13 +202,21 @@ def selected_logits(user_emb: Tensor, item_emb: Tensor, item_bias: Tensor | None
     return torch.where(valid, out, torch.zeros_like(out))
 
 
+def shard_local_ids(ids: Tensor, id_offset: int, rows: int) -> Tensor:
+    """Global item ids -> rows of the shard holding items [id_offset, id_offset + rows); -1 for every id that
+    is not on it (-1 = none, or another shard's item). A new int64 tensor."""
+    local = ids.to(torch.int64) - int(id_offset)
+    return local.masked_fill_((local < 0) | (local >= rows), -1)
+
+
 def catalog_local_stats(user_emb: Tensor, item_emb: Tensor, item_bias: Tensor | None, temperature: float,
-                        chunk_rows: int, sel_idx: Tensor | None = None
+                        chunk_rows: int, sel_idx: Tensor | None = None, id_offset: int = 0
                         ) -> tuple[Tensor, Tensor, Tensor, Tensor | None]:
     """Per-row statistics of the local logits s = user_emb @ item_emb.T (+ item_bias) over the R shard rows:
     (m [B] = max_j s_j, sum_j exp(s_j - m), sum_j exp((s_j - m) / tau)), in the compute dtype. With R = 0:
     m = -inf and both sums 0. Both sums share one max, so a single max all-reduce merges them across ranks.
-    Fourth: the logits at the local rows ``sel_idx`` [B, M] (-1 = none: 0), or None without ``sel_idx``."""
+    Fourth: the logits at the GLOBAL ids ``sel_idx`` [B, M] that are on this shard (it holds items
+    [id_offset, id_offset + R)), 0 at every other entry (-1 = none, other shards' items); None without ``sel_idx``."""
     cdt = compute_dtype(user_emb.dtype)
     u = user_emb.detach().to(cdt)
     batch, rows = u.shape[0], item_emb.shape[0]
@@ -226,16 +234,18 @@ def catalog_local_stats(user_emb: Tensor, item_emb: Tensor, item_bias: Tensor | 
             z1 = torch.where(finite, z1 * d.exp(), z1) + (s - new_m[:, None]).exp().sum(dim=1)
             zt = torch.where(finite, zt * (d / tau).exp(), zt) + ((s - new_m[:, None]) / tau).exp().sum(dim=1)
             m = new_m
-    sel = None if sel_idx is None else selected_logits(user_emb, item_emb, item_bias, sel_idx)
+    sel = None if sel_idx is None else selected_logits(user_emb, item_emb, item_bias,
+                                                       shard_local_ids(sel_idx, id_offset, rows))
     return m, z1, zt, sel
 
 
 def catalog_local_grad(user_emb: Tensor, item_emb: Tensor, item_bias: Tensor | None, coef_lse1: Tensor,
                        coef_lse_tau: Tensor, lse1: Tensor, lse_tau: Tensor, sparse_idx: Tensor, sparse_grad: Tensor,
-                       temperature: float, chunk_rows: int) -> tuple[Tensor, Tensor, Tensor | None]:
+                       temperature: float, chunk_rows: int, id_offset: int = 0) -> tuple[Tensor, Tensor, Tensor | None]:
     """The local chain rule of the catalog-parallel loss: with the GLOBAL ``lse1`` / ``lse_tau`` [B] and the
     upstream gradients ``coef_lse1`` = dL/dLSE_1, ``coef_lse_tau`` = dL/dLSE_tau [B] and ``sparse_grad`` [B, M]
-    = dL/ds at local rows ``sparse_idx`` [B, M] (-1 = not on this shard), the gradient of the local logits is
+    = dL/ds at the GLOBAL ids ``sparse_idx`` [B, M] (only those on this shard, items [id_offset, id_offset + R),
+    count; -1 = none), the gradient of the local logits is
       dS_bj = coef_lse1_b softmax_1(s_b)_j + coef_lse_tau_b / tau softmax_tau(s_b)_j + sparse entries;
     returns (dS @ item_emb [B, d] (this shard's part of d user_emb), dS^T @ user_emb [R, d], column sums of
     dS [R] or None without a bias), in the compute dtype."""
@@ -257,6 +267,7 @@ def catalog_local_grad(user_emb: Tensor, item_emb: Tensor, item_bias: Tensor | N
         grad_u += gs @ item[lo:hi].to(cdt)
         if grad_b is not None:
             grad_b[lo:hi] = gs.sum(dim=0)
+    sparse_idx = shard_local_ids(sparse_idx, id_offset, rows)
     owned = sparse_idx >= 0
     if rows > 0 and bool(owned.any()):
         idx = torch.where(owned, sparse_idx, torch.zeros_like(sparse_idx))

@@ -91,12 +91,10 @@ class _CatalogStats(torch.autograd.Function):
             if sizes is not None:  # each rank brought its own rows: score everybody's against this shard
                 u = all_gather_dim0(u, sizes, group)
                 sel_ids = all_gather_dim0(sel_ids, sizes, group)
-            # logits at the selected ids: the owner computes them (in the same pass as its statistics),
-            # everyone else adds 0; the same local ids (-1 = another rank's) route the sparse gradient back
-            # (an empty slot, -1, lands below 0 too: item_offset >= 0)
-            local_ids = sel_ids - item_offset
-            local_sel = local_ids.masked_fill_((local_ids < 0) | (local_ids >= rows), -1)
-            m, z1, zt, sel = local.catalog_local_stats(u, w, b, tau, chunk_rows, local_sel)
+            # logits at the selected (global) ids: the owner computes them (in the same pass as its statistics),
+            # everyone else adds 0; the same ids route the sparse gradient back (the local part keeps the ids in
+            # [item_offset, item_offset + rows) and skips the rest, -1 = empty included)
+            m, z1, zt, sel = local.catalog_local_stats(u, w, b, tau, chunk_rows, sel_ids, item_offset)
             lse1, lse_tau = _global_lse(m, z1, zt, tau, group)
             lse1, lse_tau = lse1.to(cdt), lse_tau.to(cdt)
             if tau == 1.0:
@@ -107,10 +105,10 @@ class _CatalogStats(torch.autograd.Function):
             else:  # only the rank's own rows go on to the row formula
                 sel = reduce_scatter_dim0(sel, sizes, group)
 
-        ctx.save_for_backward(u, w, b if b is not None else torch.empty(0), lse1, lse_tau, local_sel)
+        ctx.save_for_backward(u, w, b if b is not None else torch.empty(0), lse1, lse_tau, sel_ids)
         ctx.has_bias = b is not None
         ctx.tau, ctx.need_tau, ctx.chunk_rows, ctx.group, ctx.local = tau, need_tau, chunk_rows, group, local
-        ctx.sizes = sizes
+        ctx.sizes, ctx.item_offset = sizes, item_offset
         if sizes is not None:
             lo = sum(sizes[:dist.get_rank(group)])
             lse1, lse_tau = lse1[lo:lo + sel.shape[0]].clone(), lse_tau[lo:lo + sel.shape[0]].clone()
@@ -118,7 +116,7 @@ class _CatalogStats(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, g_lse1, g_lse_tau, g_sel):
-        u, w, b, lse1, lse_tau, local_sel = ctx.saved_tensors
+        u, w, b, lse1, lse_tau, sel_ids = ctx.saved_tensors
         b = b if ctx.has_bias else None
         sizes = ctx.sizes
         n_own = lse1.shape[0] if sizes is None else sizes[dist.get_rank(ctx.group)]
@@ -126,15 +124,16 @@ class _CatalogStats(torch.autograd.Function):
         g1 = g_lse1 if g_lse1 is not None else zeros
         gt = g_lse_tau if (g_lse_tau is not None and ctx.need_tau) else zeros
         if g_sel is None:
-            g_sel = lse1.new_zeros((n_own, local_sel.shape[1]))
-        if sizes is not None:  # every rank's upstream gradients, for its shard's part of every row (one gather)
+            g_sel = lse1.new_zeros((n_own, sel_ids.shape[1]))
+        if sizes is not None and len(sizes) > 1:  # every rank's upstream gradients: its shard needs every row's
             g_all = all_gather_dim0(torch.cat([g1[:, None], gt[:, None], g_sel], dim=1).to(lse1.dtype), sizes,
                                     ctx.group)
             g1, gt, g_sel = g_all[:, 0], g_all[:, 1], g_all[:, 2:]
-        # only the owner's rows are touched: every backend skips the entries whose local id is -1 (another
-        # rank's item or an empty slot), so g_sel goes in as it is
-        grad_u, grad_w, grad_b = ctx.local.catalog_local_grad(u, w, b, g1, gt, lse1, lse_tau, local_sel,
-                                                              g_sel.contiguous(), ctx.tau, ctx.chunk_rows)
+        # only the owner's rows are touched: every backend skips the entries that are not on its shard
+        # (another rank's item or an empty slot), so g_sel goes in as it is
+        grad_u, grad_w, grad_b = ctx.local.catalog_local_grad(u, w, b, g1, gt, lse1, lse_tau, sel_ids,
+                                                              g_sel.contiguous(), ctx.tau, ctx.chunk_rows,
+                                                              ctx.item_offset)
         # u's gradient is the sum of every rank's contribution (summed before any downcast): all of it when u is
         # replicated, each rank's own rows when it brought its own
         grad_u = grad_u.to(compute_dtype(u.dtype)).contiguous()

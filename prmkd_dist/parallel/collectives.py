@@ -26,7 +26,9 @@ def gather_sizes(n: int, device, group) -> list[int]:
 
 
 def all_gather_dim0(x: Tensor, sizes: list[int], group) -> Tensor:
-    """Concatenate every rank's ``x`` [sizes[rank], ...] along dim 0, in rank order."""
+    """Concatenate every rank's ``x`` [sizes[rank], ...] along dim 0, in rank order (``x`` itself on one rank)."""
+    if len(sizes) == 1:
+        return x
     top = max(sizes)
     if x.shape[0] == top and all(s == top for s in sizes):
         out = x.new_empty((top * len(sizes), *x.shape[1:]))
@@ -40,7 +42,10 @@ def all_gather_dim0(x: Tensor, sizes: list[int], group) -> Tensor:
 
 
 def reduce_scatter_dim0(x: Tensor, sizes: list[int], group) -> Tensor:
-    """``x`` [sum(sizes), ...] summed over ranks; rank r keeps rows [sum(sizes[:r]), sum(sizes[:r+1]))."""
+    """``x`` [sum(sizes), ...] summed over ranks; rank r keeps rows [sum(sizes[:r]), sum(sizes[:r+1]))
+    (``x`` itself on one rank)."""
+    if len(sizes) == 1:
+        return x
     rank, top = dist.get_rank(group), max(sizes)
     if all(s == top for s in sizes):
         out = x.new_empty((top, *x.shape[1:]))

@@ -126,6 +126,38 @@ def test_fused_pair_matches_chunked_reference(tau):
         assert rel_err(g, w) <= 1e-4
 
 
+@pytest.mark.parametrize("offset", [0, 700, 2900])
+def test_global_ids_keep_only_the_shards_own(offset):
+    # ids are global: the shard holds items [offset, offset + R); the others (and -1) are skipped by both
+    # implementations, which agree entry by entry, and an id that is on the shard is picked / routed
+    B, R, d, M = 30, 1100, 8, 9
+    user, item, bias, g1, gt, lse1, _, gsel = make(11, B, R, d, M, torch.float32, True)
+    gen = torch.Generator().manual_seed(5)
+    idx = torch.randint(-1, 4000, (B, M), generator=gen)
+    idx[0, 0] = offset           # first row of the shard
+    idx[0, 1] = offset + R - 1   # last row of the shard
+    idx[0, 2] = offset + R       # the next shard's first item
+    mine = (idx >= offset) & (idx < offset + R)
+    cpp_sel = cpp_backend.catalog_local_stats(user, item, bias, 1.3, sel_idx=idx, id_offset=offset)[3]
+    ref_sel = reference.catalog_local_stats(user.double(), item.double(), bias.double(), 1.3, 97, sel_idx=idx,
+                                            id_offset=offset)[3]
+    assert (cpp_sel[~mine] == 0).all() and (ref_sel[~mine] == 0).all()
+    s = user.double() @ item.double().T + bias.double()
+    local = (idx - offset).clamp(0, R - 1)
+    assert rel_err(cpp_sel[mine], s.gather(1, local)[mine]) <= 1e-5
+    assert rel_err(cpp_sel, ref_sel) <= 1e-5
+    args = (g1, gt, lse1, lse1, idx, gsel, 1.3)
+    got = cpp_backend.catalog_local_grad(user, item, bias, *args, id_offset=offset)
+    ref = reference.catalog_local_grad(user.double(), item.double(), bias.double(), *args, chunk_rows=97,
+                                       id_offset=offset)
+    # the same sparse entries with shard-local ids and offset 0: the result does not depend on the id convention
+    local_ids = torch.where(mine, idx - offset, torch.full_like(idx, -1))
+    as_local = cpp_backend.catalog_local_grad(user, item, bias, g1, gt, lse1, lse1, local_ids, gsel, 1.3)
+    for g, w, l in zip(got, ref, as_local):
+        assert rel_err(g, w) <= 1e-4
+        torch.testing.assert_close(g, l, rtol=0, atol=0)
+
+
 def test_same_result_on_one_and_two_threads():
     # per-thread states / accumulators are merged at the end; 1 thread has nothing to merge
     user, item, bias, g1, gt, lse1, idx, gsel = make(3, 64, 5000, 16, 4, torch.float32, True)
@@ -150,18 +182,20 @@ def test_ops_reject_malformed_inputs():
     ones = torch.ones(4)
     idx, g = torch.zeros(4, 2, dtype=torch.long), torch.zeros(4, 2)
     grad = torch.ops.prmkd.kd_catalog_local_grad
-    with pytest.raises(RuntimeError, match="not a local row"):
-        grad(user, item, None, ones, ones, ones, ones, torch.full((4, 2), 10), g, 1.0)
-    with pytest.raises(RuntimeError, match="not a local row"):
+    with pytest.raises(RuntimeError, match=r"sparse_idx\[0, 0\] = -2: item ids must be >= -1"):
         grad(user, item, None, ones, ones, ones, ones, torch.full((4, 2), -2), g, 1.0)
+    with pytest.raises(RuntimeError, match="id_offset must be >= 0"):
+        grad(user, item, None, ones, ones, ones, ones, idx, g, 1.0, -1)
     with pytest.raises(RuntimeError, match="sparse_grad"):
         grad(user, item, None, ones, ones, ones, ones, idx, torch.zeros(4, 3), 1.0)
     with pytest.raises(RuntimeError, match="coef_lse1"):
         grad(user, item, None, torch.ones(5), ones, ones, ones, idx, g, 1.0)
     with pytest.raises(RuntimeError, match="temperature"):
         torch.ops.prmkd.kd_catalog_local_stats(user, item, None, 0.0)
-    with pytest.raises(RuntimeError, match="not a local row"):
-        torch.ops.prmkd.kd_catalog_local_stats(user, item, None, 1.0, torch.full((4, 2), 10))
+    bad = torch.zeros(4, 2, dtype=torch.long)
+    bad[2, 1] = -5
+    with pytest.raises(RuntimeError, match=r"sel_idx\[2, 1\] = -5: item ids must be >= -1"):
+        torch.ops.prmkd.kd_catalog_local_stats(user, item, None, 1.0, bad)
     with pytest.raises(RuntimeError, match="sel_idx"):
         torch.ops.prmkd.kd_catalog_local_stats(user, item, None, 1.0, torch.zeros(5, 2, dtype=torch.long))
     with pytest.raises(RuntimeError, match="share d"):

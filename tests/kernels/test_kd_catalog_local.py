@@ -72,6 +72,23 @@ def test_matches_reference(rows, with_bias, tau, dtype, device, relative_error):
             assert not g.any(), name
 
 
+def test_global_ids_with_an_offset(device, relative_error):
+    """Global ids on a shard holding items [30, 30 + 75): the others (and -1) are skipped, as in the reference."""
+    user, item, bias, idx, coef1, coef_tau, lse1, lse_tau, sparse_grad = make(9, 75, torch.float32, True, 0.8, device)
+    gen = torch.Generator().manual_seed(9)
+    gidx = torch.randint(-1, 200, idx.shape, generator=gen).to(device)
+    sparse_grad = torch.randn(sparse_grad.shape, generator=gen).to(device)
+    got = catalog_local_stats(user, item, bias, 0.8, sel_idx=gidx, id_offset=30)
+    want = reference.catalog_local_stats(user, item, bias, 0.8, 16, gidx, id_offset=30)
+    assert relative_error(got[3], want[3]) <= 1e-4
+    assert not got[3][(gidx < 30) | (gidx >= 105)].any()
+    got = catalog_local_grad(user, item, bias, coef1, coef_tau, lse1, lse_tau, gidx, sparse_grad, 0.8, id_offset=30)
+    want = reference.catalog_local_grad(user, item, bias, coef1, coef_tau, lse1, lse_tau, gidx, sparse_grad, 0.8, 16,
+                                        id_offset=30)
+    for g, w in zip(got, want):
+        assert relative_error(g, w) <= 1e-4
+
+
 def test_no_selected_and_no_sparse_columns(device, relative_error):
     """M = 0: no selected logits to gather and no sparse entries, only the dense softmax part."""
     user, item, bias, idx, coef1, coef_tau, lse1, lse_tau, _ = make(5, 40, torch.float32, True, 1.4, device)
