@@ -51,6 +51,19 @@ class CausalSelfAttentionBlock(nn.Module):
         x = x + self.resid_drop(self.proj(a.transpose(1, 2).reshape(b, l, d)))
         return x + self.resid_drop(self.ffn(self.ln_ffn(x)))
 
+    def forward_last(self, x: torch.Tensor, key_mask: torch.Tensor) -> torch.Tensor:
+        """``forward(x, mask)[:, -1]`` without the other positions' outputs: keys and values over all of x,
+        the query, projection and FFN for the last position only. key_mask bool [B, 1, 1, L] (the mask's last
+        row). x [B, L, d] -> [B, d]."""
+        b, l, d = x.shape
+        h = self.ln_attn(x)
+        w, bias = self.qkv.weight, self.qkv.bias  # output features: [q | k | v], each d = heads x head_dim
+        q = F.linear(h[:, -1:], w[:d], bias[:d]).view(b, 1, self.num_heads, d // self.num_heads).transpose(1, 2)
+        k, v = F.linear(h, w[d:], bias[d:]).view(b, l, 2, self.num_heads, d // self.num_heads).permute(2, 0, 3, 1, 4)
+        a = F.scaled_dot_product_attention(q, k, v, attn_mask=key_mask, dropout_p=self.dropout if self.training else 0.0)
+        x = x[:, -1] + self.resid_drop(self.proj(a.reshape(b, d)))
+        return x + self.resid_drop(self.ffn(self.ln_ffn(x)))
+
 
 class SASRec(SequentialStudent):
     """Self-attentive sequential recommender.
@@ -94,6 +107,22 @@ class SASRec(SequentialStudent):
 
     def encode(self, history: torch.Tensor) -> torch.Tensor:
         """[B, L] left-padded ids -> [B, L, d]; position l depends on items <= l only; zeros at padding."""
+        x, valid, attn_mask = self._embed(history)
+        for block in self.blocks:
+            x = block(x, attn_mask)
+        return self.final_ln(x) * valid.unsqueeze(-1)
+
+    def user_embedding(self, history: torch.Tensor) -> torch.Tensor:
+        """``encode(history)[:, -1]`` (the state that scores the next item) with the last block computed for the
+        last position only: what serving and evaluation need, about 40 % fewer FLOPs at 2 layers."""
+        x, valid, attn_mask = self._embed(history)
+        for block in self.blocks[:-1]:
+            x = block(x, attn_mask)
+        x = self.blocks[-1].forward_last(x, attn_mask[:, :, -1:])
+        return self.final_ln(x) * valid[:, -1:].to(x.dtype)
+
+    def _embed(self, history: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """(input states [B, L, d], valid [B, L], attention mask [B, 1, L, L]) of a left-padded history."""
         if history.dim() != 2:
             raise ValueError(f"SASRec.encode: history must be [B, L], got shape {tuple(history.shape)}")
         l = history.shape[1]
@@ -107,6 +136,4 @@ class SASRec(SequentialStudent):
         causal = torch.ones(l, l, dtype=torch.bool, device=history.device).tril()
         eye = torch.eye(l, dtype=torch.bool, device=history.device)
         attn_mask = ((causal & valid[:, None, :]) | eye).unsqueeze(1)  # [B, 1, L, L]
-        for block in self.blocks:
-            x = block(x, attn_mask)
-        return self.final_ln(x) * valid.unsqueeze(-1)
+        return x, valid, attn_mask

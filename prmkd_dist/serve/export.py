@@ -93,7 +93,7 @@ class DenseUserEncoder(nn.Module):
         self.body.embed_items = lambda h: dense_item_lookup(h, item_table)
         if self.registry_name == "gru4rec":
             return self._gru4rec_user(history, item_table)
-        return self.body.encode(history)[:, -1]
+        return self.body.user_embedding(history)  # the model's own last-position path (SASRec: last block trimmed)
 
     def _gru4rec_user(self, history: torch.Tensor, item_table: torch.Tensor) -> torch.Tensor:
         """GRU4Rec packs its sequences (data-dependent shapes, not exportable). Same result without

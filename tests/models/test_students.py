@@ -122,6 +122,17 @@ def test_caser_position_equals_its_window():
             torch.testing.assert_close(out[:, l], m.encode(window)[:, -1], rtol=1e-5, atol=1e-6)
 
 
+@pytest.mark.parametrize("name", sorted(SMALL))
+def test_user_embedding_is_the_last_position_of_encode(name):
+    # SASRec computes it with the last block trimmed to the last position: the same numbers up to float32
+    # rounding (the TorchRec table stays float32, so the model does not run in float64)
+    model = make(name).eval()
+    h = histories(b=6, l=12)
+    h[2] = PAD_ID  # an empty history
+    with torch.no_grad():
+        torch.testing.assert_close(model.user_embedding(h), model.encode(h)[:, -1], rtol=1e-5, atol=1e-6)
+
+
 def test_sasrec_refuses_history_longer_than_max_len():
     m = make("sasrec")
     with pytest.raises(ValueError, match="exceeds max_len=24"):
