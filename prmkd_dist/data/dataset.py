@@ -301,10 +301,16 @@ def pad_ragged(offsets: np.ndarray, values: np.ndarray, width: int, fill, dtype,
     return np.where(valid, values[idx], np.asarray(fill, dtype=dtype)).astype(dtype, copy=False)
 
 
-def left_pad(seqs: list[np.ndarray], max_len: int) -> np.ndarray:
+def left_pad(seqs: list[np.ndarray], max_len: int, trim: bool = False) -> np.ndarray:
     """Stack sequences into [B, max_len] int64, keeping the most recent ``max_len`` items at the right
-    end and filling the left with PAD_ID (the layout every sequential model here expects)."""
+    end and filling the left with PAD_ID (the layout every sequential model here expects).
+
+    ``trim``: only as wide as the longest sequence (at most ``max_len``, at least 1): the columns it drops
+    would be PAD in every row, and the models encode a left-padded history the same whatever padding precedes
+    it (right-aligned positions; tests/models ``test_padding_invariance``), so this only saves their work."""
     lengths = np.fromiter((len(s) for s in seqs), dtype=np.int64, count=len(seqs))
+    if trim:
+        max_len = max(1, min(max_len, int(lengths.max()) if len(seqs) else 1))
     offsets = np.zeros(len(seqs) + 1, dtype=np.int64)
     np.cumsum(lengths, out=offsets[1:])
     values = np.concatenate([np.asarray(s, dtype=np.int64) for s in seqs]) if len(seqs) else np.zeros(0, np.int64)

@@ -120,11 +120,13 @@ def training_examples(split: LeaveOneOutSplit, max_len: int, windows: str = "las
 
 
 def training_batch(split: LeaveOneOutSplit, users: np.ndarray, max_len: int,
-                   ends: np.ndarray | None = None, stride: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+                   ends: np.ndarray | None = None, stride: int | None = None,
+                   trim: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
     """[B, max_len] inputs and next-item targets (PAD_ID where there is no target) for ``users``; with
     ``ends``, the example of row i is the first ``ends[i]`` training items of ``users[i]`` (see
     :func:`training_examples`), otherwise the whole training prefix. With ``stride`` S < max_len (overlapping
-    ``all`` windows) the first max_len - S target columns are PAD: context only, owned by an older window."""
+    ``all`` windows) the first max_len - S target columns are PAD: context only, owned by an older window.
+    ``trim``: drop the leading columns that are PAD in every row (``left_pad(trim=True)``; same loss, less work)."""
     seqs = [split.train_sequence(u) for u in users]
     if ends is not None:
         seqs = [s[:e] for s, e in zip(seqs, ends)]
@@ -133,7 +135,10 @@ def training_batch(split: LeaveOneOutSplit, users: np.ndarray, max_len: int,
     context = max_len - window_stride(max_len, stride)
     if context:
         targets[:, :context] = PAD_ID
-    return torch.from_numpy(inputs), torch.from_numpy(targets)
+    if trim:  # after the context mask, which is laid out on the full width
+        width = max(1, min(max_len, max((len(s) - 1 for s in seqs), default=1)))
+        inputs, targets = inputs[:, max_len - width:], targets[:, max_len - width:]
+    return torch.from_numpy(np.ascontiguousarray(inputs)), torch.from_numpy(np.ascontiguousarray(targets))
 
 
 # ---- loss -------------------------------------------------------------------------------------------
@@ -158,9 +163,10 @@ class NextItemObjective:
     that a checkpoint stores (a method that extends the student bakes its extension in)."""
 
     def __init__(self, split: LeaveOneOutSplit, max_len: int, batch_size: int, seed: int, device: torch.device,
-                 windows: str = "last", stride: int | None = None):
+                 windows: str = "last", stride: int | None = None, bucket_batches: int = 0):
         self.split, self.max_len, self.batch_size, self.device = split, max_len, batch_size, device
         self.stride = stride if windows == "all" else None
+        self.bucket_batches = bucket_batches
         self.examples = training_examples(split, max_len, windows, self.stride)
         if len(self.examples) == 0:
             raise ValueError(f"{split.data.name}: no user has >= 2 training items; nothing to train on")
@@ -171,9 +177,19 @@ class NextItemObjective:
 
     def batches(self, epoch: int):
         order = self.examples[self.rng.permutation(len(self.examples))]
-        for s in range(0, len(order), self.batch_size):
+        starts = np.arange(0, len(order), self.batch_size)
+        if self.bucket_batches > 0:
+            # length bucketing: within each group of bucket_batches batches (random examples), sort by input length
+            # so a batch holds similar lengths and is trimmed to them; then shuffle the batch order
+            group = self.bucket_batches * self.batch_size
+            lengths = np.minimum(order[:, 1] - 1, self.max_len)  # the window's input length
+            for g in range(0, len(order), group):
+                part = order[g:g + group]
+                order[g:g + group] = part[np.argsort(lengths[g:g + group], kind="stable")]
+            starts = starts[self.rng.permutation(len(starts))]
+        for s in starts:
             rows = order[s:s + self.batch_size]
-            yield training_batch(self.split, rows[:, 0], self.max_len, rows[:, 1], self.stride)
+            yield training_batch(self.split, rows[:, 0], self.max_len, rows[:, 1], self.stride, trim=True)
 
     def loss(self, engine: Engine, batch) -> torch.Tensor:
         inputs, targets = batch
@@ -298,7 +314,7 @@ def train(cfg: TrainConfig, split: LeaveOneOutSplit | None = None,
         objective = student_objective(cfg, split, model)
     if objective is None:
         objective = NextItemObjective(split, cfg.data.max_len, cfg.optim.batch_size, cfg.run.seed, device,
-                                      cfg.data.windows, configured_stride(cfg))
+                                      cfg.data.windows, configured_stride(cfg), cfg.data.bucket_batches)
     writer = _tb_writer(cfg)
     eval_kw = _eval_kwargs(cfg)
 

@@ -51,7 +51,8 @@ def test_without_exclusion_every_item_competes(tiny_split):
 def test_scorer_sees_left_padded_stage_histories(tiny_split):
     s = ByIdScorer(6)
     evaluate(s, tiny_split, "test", max_len=4, progress=False)
-    assert s.seen[0].tolist() == [[PAD_ID, 5, 4, 2], [PAD_ID, PAD_ID, 4, 1]]
+    # users in order of history length (user 1: 2 items, user 0: 3), the batch only as wide as its longest
+    assert s.seen[0].tolist() == [[PAD_ID, 4, 1], [5, 4, 2]]
     offsets, items = stage_histories(tiny_split, "valid", np.array([0, 1]))
     assert offsets.tolist() == [0, 2, 3] and items.tolist() == [5, 4, 4]
 
@@ -98,14 +99,33 @@ def test_sampled_protocol_oracle_scores_one(ml_split):
     targets = torch.from_numpy(ml_split.test_target)
 
     class Oracle:
-        calls = 0
+        needs_users = True  # evaluate() passes the batch's user ids (batches are in history-length order)
 
-        def score(self, history):
+        def score(self, history, users):
             s = torch.zeros(history.shape[0], ml_split.data.num_items)
-            users = ml_split.eval_users("test")[self.calls:self.calls + history.shape[0]]
             s[torch.arange(len(users)), targets[users]] = 1.0
-            self.calls += history.shape[0]
             return s
 
     m = evaluate_sampled(Oracle(), ml_split, "test", num_negatives=100, seed=0, batch_size=128, progress=False)
     assert m["HR@10"] == 1.0 and m["NDCG@10"] == 1.0
+
+
+def test_batches_trimmed_to_their_longest_history_give_the_same_metrics(ml_split):
+    """evaluate() orders users by history length and trims each batch's padding; a real student scored on
+    histories padded back to the full width gets the same metrics."""
+    from prmkd_dist.models import build_student
+
+    torch.manual_seed(0)
+    model = build_student("sasrec", ml_split.data.num_items, dim=16, max_len=50, num_layers=2, num_heads=2).eval()
+    widths = []
+
+    class FullWidth(torch.nn.Module):
+        def score(self, history):
+            widths.append(history.shape[1])
+            pad = torch.full((history.shape[0], 50 - history.shape[1]), PAD_ID, dtype=history.dtype)
+            return model.score(torch.cat([pad, history], dim=1))
+
+    got = evaluate(model, ml_split, "valid", batch_size=64, max_len=50, progress=False)
+    want = evaluate(FullWidth(), ml_split, "valid", batch_size=64, max_len=50, progress=False)
+    assert got == pytest.approx(want, rel=1e-6)
+    assert min(widths) < 50 and max(widths) == 50  # short-history batches were trimmed, the longest kept
