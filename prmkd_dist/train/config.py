@@ -35,15 +35,9 @@ class DataConfig:
     # items (0 = max_len: consecutive windows); a smaller stride overlaps them, the first max_len - window_stride
     # positions of a window being context without a target
     window_stride: int = 0
-    # length bucketing of the training batches (NextItemObjective): within groups of this many batches of random
-    # examples, sort by input length, so a batch is trimmed to similar lengths (much less work on short-history
-    # data such as Games); 0 = off (every batch a uniform random draw, trimmed to its longest history)
-    bucket_batches: int = 0
 
     def problems(self) -> dict[str, str]:
         out = {"max_len": "expected a value >= 1"} if self.max_len < 1 else {}
-        if self.bucket_batches < 0:
-            out["bucket_batches"] = f"expected 0 (off) or a number of batches >= 1, got {self.bucket_batches}"
         if self.windows not in ("last", "all"):
             out["windows"] = f"expected 'last' or 'all', got {self.windows!r}"
         if not 0 <= self.window_stride <= max(self.max_len, 0):

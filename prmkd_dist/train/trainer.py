@@ -163,10 +163,9 @@ class NextItemObjective:
     that a checkpoint stores (a method that extends the student bakes its extension in)."""
 
     def __init__(self, split: LeaveOneOutSplit, max_len: int, batch_size: int, seed: int, device: torch.device,
-                 windows: str = "last", stride: int | None = None, bucket_batches: int = 0):
+                 windows: str = "last", stride: int | None = None):
         self.split, self.max_len, self.batch_size, self.device = split, max_len, batch_size, device
         self.stride = stride if windows == "all" else None
-        self.bucket_batches = bucket_batches
         self.examples = training_examples(split, max_len, windows, self.stride)
         if len(self.examples) == 0:
             raise ValueError(f"{split.data.name}: no user has >= 2 training items; nothing to train on")
@@ -176,18 +175,10 @@ class NextItemObjective:
         return -(-len(self.examples) // self.batch_size)
 
     def batches(self, epoch: int):
+        # uniform random batches, each trimmed to its longest history (exact). Batching by length would make
+        # short-history data several times cheaper, but measured on Games it learns worse (RESULTS, issue 2).
         order = self.examples[self.rng.permutation(len(self.examples))]
-        starts = np.arange(0, len(order), self.batch_size)
-        if self.bucket_batches > 0:
-            # length bucketing: within each group of bucket_batches batches (random examples), sort by input length
-            # so a batch holds similar lengths and is trimmed to them; then shuffle the batch order
-            group = self.bucket_batches * self.batch_size
-            lengths = np.minimum(order[:, 1] - 1, self.max_len)  # the window's input length
-            for g in range(0, len(order), group):
-                part = order[g:g + group]
-                order[g:g + group] = part[np.argsort(lengths[g:g + group], kind="stable")]
-            starts = starts[self.rng.permutation(len(starts))]
-        for s in starts:
+        for s in range(0, len(order), self.batch_size):
             rows = order[s:s + self.batch_size]
             yield training_batch(self.split, rows[:, 0], self.max_len, rows[:, 1], self.stride, trim=True)
 
@@ -314,7 +305,7 @@ def train(cfg: TrainConfig, split: LeaveOneOutSplit | None = None,
         objective = student_objective(cfg, split, model)
     if objective is None:
         objective = NextItemObjective(split, cfg.data.max_len, cfg.optim.batch_size, cfg.run.seed, device,
-                                      cfg.data.windows, configured_stride(cfg), cfg.data.bucket_batches)
+                                      cfg.data.windows, configured_stride(cfg))
     writer = _tb_writer(cfg)
     eval_kw = _eval_kwargs(cfg)
 

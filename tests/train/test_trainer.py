@@ -9,8 +9,8 @@ from prmkd_dist.data.dataset import LeaveOneOutSplit
 from prmkd_dist.train.config import TrainConfig, config_from_dict
 from prmkd_dist.train.evaluate import evaluate
 from prmkd_dist.train.engine import LocalEngine
-from prmkd_dist.train.trainer import (CheckpointError, NextItemObjective, build_model, load_checkpoint,
-                                      next_item_loss, train, training_batch, training_examples)
+from prmkd_dist.train.trainer import (CheckpointError, build_model, load_checkpoint, next_item_loss, train,
+                                      training_batch, training_examples)
 from prmkd_dist.train.utils import seed_everything
 
 from .conftest import MeanPoolStudent, tiny_data
@@ -164,25 +164,6 @@ def test_trimmed_batches_drop_only_all_padding_columns():
     fx, fy = training_batch(split, short[:, 0], 4, short[:, 1], stride=2)
     assert x.shape == (2, 2) and x.tolist() == fx[:, 2:].tolist() and y.tolist() == fy[:, 2:].tolist()
     assert (fx[:, :2] == -1).all() and (fy[:, :2] == -1).all()
-
-
-def test_length_bucketing_keeps_every_example_once_and_groups_lengths(ml_split):
-    plain = NextItemObjective(ml_split, 50, 32, seed=0, device=torch.device("cpu"))
-    bucketed = NextItemObjective(ml_split, 50, 32, seed=0, device=torch.device("cpu"), bucket_batches=8)
-    def rows(obj):
-        out, widths = [], []
-        for x, y in obj.batches(1):
-            widths.append(x.shape[1])
-            out += [tuple(r) for r in torch.cat([x, y], dim=1).tolist()]
-        return out, widths
-    (a, wa), (b, wb) = rows(plain), rows(bucketed)
-    # the same examples, each once (rows compared on their last 50 columns: trimming only drops padding)
-    pad = lambda r: tuple([-1] * (50 - len(r) // 2)) + r[:len(r) // 2] + tuple([-1] * (50 - len(r) // 2)) + r[len(r) // 2:]
-    assert sorted(map(pad, a)) == sorted(map(pad, b))
-    assert len(wa) == len(wb) and sum(wb) < sum(wa)  # similar lengths together: narrower batches
-    with pytest.raises(Exception, match="bucket_batches"):
-        config_from_dict({"data": {"dataset": "ml-latest-small", "bucket_batches": -1},
-                          "model": {"name": "sasrec"}})
 
 
 def test_time_budget_stops_after_the_epoch_and_keeps_the_best(ml_split, tmp_path):
