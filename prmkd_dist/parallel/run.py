@@ -37,13 +37,13 @@ import torch.distributed as dist
 import yaml
 
 from prmkd_dist.constants import PAD_ID
-from prmkd_dist.data.dataset import LeaveOneOutSplit, left_pad
+from prmkd_dist.data.dataset import LeaveOneOutSplit
 from prmkd_dist.parallel import checkpoint as ckpt
 from prmkd_dist.parallel.engine import DistributedEngine, ParallelConfig, exit_after_process_group, init_process_group
 from prmkd_dist.parallel.sharding import describe_plan
 from prmkd_dist.train import config as config_mod
 from prmkd_dist.train.config import TrainConfig
-from prmkd_dist.train.evaluate import stage_histories
+from prmkd_dist.train.evaluate import history_batches, stage_histories
 from prmkd_dist.train.metrics import MetricAccumulator
 from prmkd_dist.train.trainer import (SELECT_METRIC, build_model, configured_stride, load_split_for, next_item_loss,
                                       training_batch, training_examples)
@@ -135,10 +135,8 @@ def evaluate_sharded(engine: DistributedEngine, split: LeaveOneOutSplit, stage: 
     was_training = engine.model.training
     engine.eval()
     try:
-        for start in range(0, len(users), batch_size):
-            idx = np.arange(start, min(start + batch_size, len(users)))
-            seqs = [items[offsets[i]:offsets[i + 1]] for i in idx]
-            hist = torch.from_numpy(left_pad(seqs, max_len)).to(engine.device)
+        for idx, seqs, hist in history_batches(users, offsets, items, batch_size, max_len):
+            hist = hist.to(engine.device)
             u = torch.from_numpy(users[idx]).to(engine.device) if engine.needs_users else None
             s = engine.local_scores(hist, u).float()  # [B, R]
             tgt = torch.from_numpy(targets_all[idx]).to(s.device)

@@ -84,7 +84,7 @@ class _ScoringContext:
             self.module.train(self.was_training)
 
 
-def _batches(users: np.ndarray, offsets: np.ndarray, items: np.ndarray, batch_size: int, max_len: int):
+def history_batches(users: np.ndarray, offsets: np.ndarray, items: np.ndarray, batch_size: int, max_len: int):
     """(positions into ``users``, histories, [b, w] left-padded input) per batch. Users go in order of history
     length so that each batch is only as wide as its longest history (``left_pad(trim=True)``): on Games
     (median 3 items) that is a fraction of ``max_len``. The metrics are sums over users: order-free."""
@@ -121,7 +121,7 @@ def evaluate(scorer: Scorer, split: LeaveOneOutSplit, stage: str = "valid", ks: 
     acc = MetricAccumulator(ks)
     bar = tqdm(total=len(users), desc=f"eval {stage}", unit="user", disable=not progress, leave=False)
     with _ScoringContext(scorer):
-        for idx, seqs, hist in _batches(users, offsets, items, batch_size, max_len):
+        for idx, seqs, hist in history_batches(users, offsets, items, batch_size, max_len):
             scores = score_batch(scorer, hist.to(device), users[idx]).float()
             _check_scores(scores, len(idx), num_items)
             targets = torch.from_numpy(targets_all[idx]).to(scores.device)
@@ -180,7 +180,7 @@ def evaluate_sampled(scorer: Scorer, split: LeaveOneOutSplit, stage: str = "test
     acc = MetricAccumulator(ks)
     bar = tqdm(total=len(users), desc=f"sampled eval {stage}", unit="user", disable=not progress, leave=False)
     with _ScoringContext(scorer):
-        for idx, seqs, hist in _batches(users, offsets, items, batch_size, max_len):
+        for idx, seqs, hist in history_batches(users, offsets, items, batch_size, max_len):
             scores = score_batch(scorer, hist.to(device), users[idx]).float()
             _check_scores(scores, len(idx), split.data.num_items)
             cand = torch.from_numpy(np.concatenate([targets_all[idx, None], negatives[idx]], axis=1)).to(scores.device)
