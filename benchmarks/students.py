@@ -77,7 +77,8 @@ def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--datasets", nargs="+", choices=list(DATASETS), default=list(DATASETS))
     p.add_argument("--models", nargs="+", choices=[*STUDENTS, *BASELINES], default=[*STUDENTS, *BASELINES])
-    p.add_argument("--seeds", type=int, default=3, help="number of seeds (0, 1, ...)")
+    p.add_argument("--seeds", type=int, default=3, help="number of seeds (first-seed, first-seed + 1, ...)")
+    p.add_argument("--first-seed", type=int, default=0, help="first seed (to add seeds to an earlier run's JSON)")
     p.add_argument("--epochs", type=int, default=0, help="override optim.epochs (0 = the config's)")
     p.add_argument("--num-negatives", type=int, default=100)
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override every student config")
@@ -91,7 +92,7 @@ def main(argv: list[str] | None = None) -> int:
         _, split = load_split(DATASETS[ds])
         for model in args.models:
             per_seed = []
-            for seed in range(args.seeds):
+            for seed in range(args.first_seed, args.first_seed + args.seeds):
                 t0 = time.perf_counter()
                 if model in STUDENTS:
                     r = run_student(model, ds, split, seed, args)
