@@ -315,36 +315,43 @@ inline at::Tensor logits_block(const LinearInputs& in, int64_t r0, int64_t m, in
 // forward picks selected logits out of the block, the backward adds their gradients into it before the GEMMs
 // (no per-entry d-wide dot products or axpys over scattered rows).
 struct TileBuckets {
+  // One entry per selected (row, item) pair of this table, 16 bytes: the construction is a serial counting sort
+  // over all B x slots ids (hundreds of thousands per step), so it avoids a division per entry and keeps the
+  // scattered writes to one cache line in four.
+  struct Entry {
+    int64_t flat;  // b * slots + s: where the entry's value lives in the caller's [B, slots] tensors
+    int32_t row;   // b
+    int32_t col;   // item - tile start, < kTileItems
+  };
   std::vector<int64_t> start;   // [n_tiles + 1]: bucket t is entries start[t] .. start[t + 1]
   std::vector<int64_t> cursor;  // [n_tiles]: next entry of bucket t (advanced by the tile's owner thread only)
-  std::vector<int64_t> row, flat, col;  // per entry: row b, flat index b * slots + s, item - tile start
+  std::vector<Entry> entries;
 
   TileBuckets() = default;
   // The entries whose id - offset lies in [0, C) (items offset .. offset + C - 1 are this table's rows 0 .. C-1);
   // every other id (-1 = empty, another shard's item) is skipped. The callers validate ids with their own
   // messages.
   TileBuckets(const int64_t* ids, int64_t B, int64_t slots, int64_t C, int64_t offset = 0) {
+    TORCH_CHECK(B < (int64_t(1) << 31), "prmkd: batch of ", B, " rows exceeds the 2^31 rows a TileBuckets indexes");
     const int64_t n_tiles = (C + kTileItems - 1) / kTileItems;
+    const uint64_t span = uint64_t(C);
     start.assign(n_tiles + 1, 0);
-    auto local = [&](int64_t i) {
-      const int64_t l = ids[i] - offset;
-      return (l >= 0 && l < C) ? l : int64_t(-1);
-    };
-    for (int64_t i = 0; i < B * slots; ++i)
-      if (const int64_t l = local(i); l >= 0) ++start[l / kTileItems + 1];
+    const int64_t n_ids = B * slots;
+    // unsigned compare: ids below the offset (and -1) wrap to huge values, one test for both ends
+    for (int64_t i = 0; i < n_ids; ++i) {
+      const uint64_t l = uint64_t(ids[i] - offset);
+      if (l < span) ++start[int64_t(l) / kTileItems + 1];
+    }
     for (int64_t t = 0; t < n_tiles; ++t) start[t + 1] += start[t];
-    const int64_t n = start[n_tiles];
-    row.resize(n);
-    flat.resize(n);
-    col.resize(n);
+    entries.resize(start[n_tiles]);
     cursor.assign(start.begin(), start.end() - 1);
-    for (int64_t i = 0; i < B * slots; ++i) {  // i ascending = rows ascending: each bucket comes out row-sorted
-      const int64_t l = local(i);
-      if (l < 0) continue;
-      const int64_t t = l / kTileItems, k = cursor[t]++;
-      row[k] = i / slots;
-      flat[k] = i;
-      col[k] = l - t * kTileItems;
+    for (int64_t b = 0, i = 0; b < B; ++b) {  // rows ascending: each bucket comes out row-sorted
+      for (int64_t s = 0; s < slots; ++s, ++i) {
+        const uint64_t l = uint64_t(ids[i] - offset);
+        if (l >= span) continue;
+        const int64_t t = int64_t(l) / kTileItems;
+        entries[cursor[t]++] = Entry{i, int32_t(b), int32_t(int64_t(l) - t * kTileItems)};
+      }
     }
     cursor.assign(start.begin(), start.end() - 1);
   }
@@ -354,7 +361,7 @@ struct TileBuckets {
   void visit_row(int64_t tile, int64_t b, F&& f) {
     int64_t k = cursor[tile];
     const int64_t end = start[tile + 1];
-    for (; k < end && row[k] == b; ++k) f(flat[k], col[k]);
+    for (; k < end && entries[k].row == b; ++k) f(entries[k].flat, int64_t(entries[k].col));
     cursor[tile] = k;
   }
 };
