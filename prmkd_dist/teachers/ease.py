@@ -46,8 +46,13 @@ def ease_weights(gram: torch.Tensor, l2: float) -> torch.Tensor:
     g = gram.clone()
     g.diagonal().add_(l2)
     # G + l2 I is symmetric positive definite: Cholesky is the cheapest stable inverse
-    p = torch.cholesky_inverse(torch.linalg.cholesky(g))
+    # LAPACK hands P back column-major (strides (1, C)); scoring gathers ROWS of B, and on such a layout each
+    # row is C scattered floats (Games: scoring 10-100x slower). P is symmetric, so its transpose is the same
+    # matrix in row-major order: a free view, no C x C copy.
+    p = torch.cholesky_inverse(torch.linalg.cholesky(g)).mT
     del g
+    if not p.is_contiguous():  # a future LAPACK path that returns row-major already: keep it row-major
+        p = p.contiguous()
     diag = p.diagonal().clone()  # a copy: the in-place division below rewrites the diagonal it reads
     b = p.div_(-diag.unsqueeze(0))  # B_ij = -P_ij / P_jj
     b.diagonal().zero_()

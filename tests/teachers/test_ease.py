@@ -49,6 +49,8 @@ def test_weights_equal_closed_form(l2):
     teacher = EASE.fit(split, l2=l2)
     np.testing.assert_allclose(teacher.B.numpy(), numpy_ease(l2), rtol=1e-4, atol=1e-5)
     assert np.all(np.diag(teacher.B.numpy()) == 0.0)
+    # scoring gathers rows of B: they must be contiguous (LAPACK's column-major P made Games scoring crawl)
+    assert teacher.B.is_contiguous() and teacher.B.stride() == (6, 1)
 
 
 def test_scores_are_binary_history_times_b():
