@@ -55,6 +55,21 @@ PRMKD_INLINE float fast_exp(float x) {
   return p * scale;
 }
 
+// log1p(u) for u in [0, 1], ~2 ulp: log(1 + u) = 2 atanh(f) with f = u / (2 + u) in [0, 1/3] (no cancellation
+// for small u), atanh by its odd series to f^13 (truncation < 2e-8 relative at f = 1/3).
+PRMKD_INLINE float fast_log1p_unit(float u) {
+  const float f = u / (2.0f + u);
+  const float f2 = f * f;
+  float q = 1.0f / 13.0f;
+  q = q * f2 + 1.0f / 11.0f;
+  q = q * f2 + 1.0f / 9.0f;
+  q = q * f2 + 1.0f / 7.0f;
+  q = q * f2 + 1.0f / 5.0f;
+  q = q * f2 + 1.0f / 3.0f;
+  q = q * f2 + 1.0f;
+  return 2.0f * f * q;
+}
+
 }  // namespace
 
 PRMKD_MULTIVERSION float vec_max(const float* x, int64_t n) {
@@ -96,6 +111,54 @@ PRMKD_MULTIVERSION void vec_softmax_mix(const float* x, int64_t n, float a, floa
   } else {
 #pragma omp simd
     for (int64_t j = 0; j < n; ++j) out[j] = a * fast_exp(x[j] - lse1) + c * fast_exp(x[j] * inv_tau - lse_tau);
+  }
+}
+
+PRMKD_MULTIVERSION bool vec_teacher_softmax(const int64_t* ids, const float* scores, int64_t K, float inv_tau,
+                                            float* p, double* lse) {
+  const float neg_inf = -std::numeric_limits<float>::infinity();
+  float m = neg_inf;
+#pragma omp simd reduction(max : m)
+  for (int64_t k = 0; k < K; ++k) {
+    const float x = ids[k] >= 0 ? scores[k] * inv_tau : neg_inf;
+    m = x > m ? x : m;
+  }
+  if (m == neg_inf) return false;
+  // a select, not a multiply, masks the empty slots: their scores are not read as numbers
+  float z = 0.0f;
+#pragma omp simd reduction(+ : z)
+  for (int64_t k = 0; k < K; ++k) {
+    const float e = ids[k] >= 0 ? fast_exp(scores[k] * inv_tau - m) : 0.0f;
+    p[k] = e;
+    z += e;
+  }
+  const float inv_z = 1.0f / z;  // z >= 1: the max slot contributes exp(0)
+#pragma omp simd
+  for (int64_t k = 0; k < K; ++k) p[k] *= inv_z;
+  *lse = double(m) + std::log(double(z));
+  return true;
+}
+
+PRMKD_MULTIVERSION double vec_rank_logsig(const int64_t* ids, const float* rank, const float* s, int64_t K) {
+  float acc = 0.0f;
+#pragma omp simd reduction(+ : acc)
+  for (int64_t k = 0; k < K; ++k) {
+    const float x = s[k];
+    const float ax = x < 0.0f ? -x : x;
+    // log sigmoid(x) = min(x, 0) - log1p(exp(-|x|)), exp(-|x|) in (0, 1]
+    const float ls = (x < 0.0f ? x : 0.0f) - fast_log1p_unit(fast_exp(-ax));
+    acc += ids[k] >= 0 ? rank[k] * ls : 0.0f;
+  }
+  return double(acc);
+}
+
+PRMKD_MULTIVERSION void vec_sigmoid_neg(const float* s, int64_t K, float* out) {
+#pragma omp simd
+  for (int64_t k = 0; k < K; ++k) {
+    // sigmoid(-x) = e / (1 + e) with e = exp(-|x|) for x > 0, 1 / (1 + e) for x <= 0: no overflow either side
+    const float x = s[k];
+    const float e = fast_exp(x < 0.0f ? x : -x);
+    out[k] = (x > 0.0f ? e : 1.0f) / (1.0f + e);
   }
 }
 

@@ -127,6 +127,33 @@ def test_rows_from_selected_logits_match_reference(T, K):
     assert rel_err(got, full) <= 1e-5
 
 
+def test_rows_ranking_term_elementwise_over_a_wide_logit_range():
+    """The ranking term's log sigmoid / sigmoid run in float32 with a polynomial exp and log1p: every row value
+    and every slot's gradient must match the float64 reference to ~1e-5 relative ELEMENTWISE (a max-scaled
+    error would hide a bad tail), for logits from -60 to 60, around 0 and at the float32 tails."""
+    gen = torch.Generator().manual_seed(77)
+    B, T, K = 8, 2, 33
+    target, ids, scores, weights, rank = make_teachers(gen, B, 500, T, K, with_rank=True)
+    rank[3, 0, :] = torch.rand(K, generator=gen)  # make_teachers zeroes this row; keep every list ranked here
+    sel = torch.linspace(-60.0, 60.0, B * (1 + T * K)).reshape(B, 1 + T * K)
+    sel = sel[:, torch.randperm(1 + T * K, generator=gen)]
+    sel[0, 1:8] = torch.tensor([0.0, 1e-6, -1e-6, 1e-3, -1e-3, 88.5, -88.5])
+    lse1 = torch.logsumexp(sel, 1) + 3.0
+    upstream = torch.rand(B, generator=gen) + 0.5
+    results = []
+    for fn in (reference.kd_rows_from_sel, cpp_backend.kd_rows_from_sel):
+        leaf = sel.clone().double().requires_grad_() if fn is reference.kd_rows_from_sel else sel.clone().requires_grad_()
+        l1 = lse1.to(leaf.dtype)
+        rows = fn(l1, l1, leaf, target, ids, scores.to(leaf.dtype), weights.to(leaf.dtype),
+                  rank.to(leaf.dtype), 1.0, 0.0, 0.0, 1.0)
+        (rows * upstream.to(leaf.dtype)).sum().backward()
+        results.append((rows.detach().double(), leaf.grad.double()))
+    (want, want_g), (got, got_g) = results
+    assert torch.isfinite(got).all() and torch.isfinite(got_g).all()
+    torch.testing.assert_close(got, want, rtol=2e-6, atol=1e-12)
+    torch.testing.assert_close(got_g, want_g, rtol=2e-6, atol=1e-30)
+
+
 def check_linear(dtype, B, C, d, T, K, tau, with_rank, with_bias, seed):
     gen = torch.Generator().manual_seed(seed)
     user = torch.randn(B, d, generator=gen).to(dtype)
