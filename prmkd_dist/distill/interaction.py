@@ -135,6 +135,7 @@ class GraphObjective(_PositionObjective):
 
             self.distill = DistillLoss(cfg, split, model)
             self.distill.k = self.table.k
+            self.distill.selected = self.selected  # teacher_scale's names
 
     def loss(self, engine: Engine, batch: dict) -> Tensor:
         model = engine.model
@@ -188,11 +189,12 @@ class CandidateObjective(_PositionObjective):
             w = scores.new_zeros(target.shape[0], 0)
             lam_ce, lam_kd, tau = 1.0, 0.0, 1.0
         else:
-            if d.score_norm == "std":
-                from prmkd_dist.distill.trainer import standardise_scores
+            from prmkd_dist.distill.trainer import scaled_teacher_weights, standardise_scores
 
+            if d.score_norm == "std":
                 scores = standardise_scores(ids, scores)
             w = teacher_weights(ids, scores, target, strategy=d.strategy, alpha=d.alpha, gamma=d.gamma)
+            w = scaled_teacher_weights(w, self.selected, d.teacher_scale)
             lam_ce, lam_kd, tau = d.lambda_ce, d.lambda_kd, d.temperature
         self.last = {"teacher_weights": w, "candidates": cand, "teacher_columns": tcols, "logits": logits.detach()}
         loss = kd_loss(logits, torch.zeros_like(target), tcols, scores, w, None, temperature=tau,

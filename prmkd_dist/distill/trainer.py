@@ -32,7 +32,7 @@ from prmkd_dist.data.loader import ShardLoader, TeacherShardDataset
 from prmkd_dist.distill.curriculum import Curriculum, disagreement, length_popularity
 from prmkd_dist.distill.embedding import ItemTableExtension, bake, extend_items, is_tied, load_teacher_item_embeddings
 from prmkd_dist.distill.mkd import ConsistentPreference, blended_soft_label, teacher_neighbours
-from prmkd_dist.distill.weights import importance_weights, teacher_weights
+from prmkd_dist.distill.weights import importance_weights, scale_teacher_weights, teacher_weights
 from prmkd_dist.models.base import SequentialStudent
 from prmkd_dist.train.config import ConfigError, TrainConfig
 from prmkd_dist.train.engine import Engine
@@ -107,6 +107,15 @@ def chunked_importance_weights(engine: Engine, user: Tensor, teacher_ids: Tensor
     return torch.cat(out) if out else teacher_scores.new_zeros(teacher_ids.shape)
 
 
+def scaled_teacher_weights(w: Tensor, selected: tuple[str, ...], scale: dict[str, float]) -> Tensor:
+    """``distill.teacher_scale`` applied to the strategy's weights; a name that is not a distilled teacher is a
+    config error."""
+    try:
+        return scale_teacher_weights(w, tuple(selected), scale)
+    except ValueError as e:
+        raise ConfigError(str(e)) from None
+
+
 class DistillLoss:
     """What every distillation objective shares: the configured loss over student rows (``rows_loss``), the
     curriculum, the MKD extras, per-epoch statistics and the baked checkpoint. Subclasses supply the
@@ -130,6 +139,7 @@ class DistillLoss:
         self.epoch = 1
         self.rows_read = 0
         self.k = 0  # the shards' K (set by the subclass): the default consistency cut-off of the importances
+        self.selected: tuple[str, ...] = ()  # the distilled teachers' names, column order (set by the subclass)
         self.last: dict = {}  # what the last batch used (weights, kept rows): for tests and debugging
         self._sums = {"loss_cpd": 0.0, "loss_sld": 0.0, "batches": 0}
 
@@ -162,7 +172,8 @@ class DistillLoss:
         d = self.d
         if d.score_norm == "std":
             scores = standardise_scores(ids, scores)
-        return scores, teacher_weights(ids, scores, target, strategy=d.strategy, alpha=d.alpha, gamma=d.gamma)
+        w = teacher_weights(ids, scores, target, strategy=d.strategy, alpha=d.alpha, gamma=d.gamma)
+        return scores, scaled_teacher_weights(w, self.selected, d.teacher_scale)
 
     def rows_loss(self, engine: Engine, user: Tensor, target: Tensor, ids: Tensor, scores: Tensor,
                   history: Tensor, lengths: Tensor | None = None, weights: Tensor | None = None) -> Tensor:

@@ -9,6 +9,7 @@ Every problem is a ``ConfigError`` naming the file, the dotted key and what was 
 from __future__ import annotations
 
 import dataclasses
+import math
 import types
 import typing
 from dataclasses import dataclass, field
@@ -178,6 +179,10 @@ class DistillConfig:
     # "std": divide each teacher list's scores by their spread (teachers on different scales share one
     # temperature; distill.trainer.standardise_scores); "none": use the shards' scores as logits
     score_norm: str = "none"
+    # {teacher name: factor >= 0}: multiplies that teacher's weight w_bt on every row after the strategy (absent
+    # = 1). For a teacher known to be weaker than the student: the strategies normalise over the teachers, so a
+    # lone teacher always gets weight 1 (on Games, distilling EASE alone at full weight cost 9 % NDCG@10)
+    teacher_scale: dict[str, float] = field(default_factory=dict)
     gamma_position: float = 0.3
     gamma_confidence: float = 0.5
     gamma_consistency: float = 0.1
@@ -211,6 +216,9 @@ class DistillConfig:
                   "gamma_consistency", "student_topk"):
             if getattr(self, k) < 0:
                 out[k] = "expected a value >= 0"
+        for name, f in self.teacher_scale.items():
+            if isinstance(f, bool) or not isinstance(f, (int, float)) or not math.isfinite(f) or f < 0:
+                out["teacher_scale"] = f"teacher {name!r}: expected a finite number >= 0, got {f!r}"
         if self.score_norm not in ("none", "std"):
             out["score_norm"] = f"expected 'none' or 'std', got {self.score_norm!r}"
         if self.packing not in ("example", "window"):

@@ -161,6 +161,30 @@ def test_weights_used_are_teacher_weights(small_split, shards, tmp_path, strateg
     assert rho.shape == b["teacher_ids"].shape and (rho > 0).all()  # every slot valid, every term >= position
 
 
+def test_teacher_scale_multiplies_one_teachers_weights(small_split, shards, tmp_path):
+    """distill.teacher_scale scales the named teacher's column of the strategy's weights (the other stays), and
+    a name that is not a distilled teacher is refused with the known names."""
+    cfg = distill_cfg(tmp_path, shards, distill={"teacher_scale": {"pop": 0.25}})
+    model = build_model(cfg, small_split.data.num_items)
+    obj = DistillObjective(cfg, small_split, model)
+    raw = first_batch(obj)
+    obj.loss(LocalEngine(model, lr=1e-3), raw)
+    b = obj.prepare(raw)
+    plain = teacher_weights(b["teacher_ids"], b["teacher_scores"], b["target"], strategy="confidence_consistency")
+    col = list(obj.selected).index("pop")
+    want = plain.clone()
+    want[:, col] *= 0.25
+    assert (plain[:, col] > 0).any() and torch.equal(obj.last["teacher_weights"], want)
+
+    bad = distill_cfg(tmp_path, shards, distill={"teacher_scale": {"popularity": 0.5}})
+    obj = DistillObjective(bad, small_split, build_model(bad, small_split.data.num_items))
+    with pytest.raises(ConfigError, match=r"teacher_scale.*'popularity'.*\['itemknn', 'pop'\]"):
+        obj.loss(LocalEngine(model, lr=1e-3), first_batch(obj))
+    for value in (-1.0, float("nan"), "half"):
+        with pytest.raises(ConfigError, match=r"distill.teacher_scale=.*teacher 'pop': expected a finite number >= 0"):
+            distill_cfg(tmp_path, shards, distill={"teacher_scale": {"pop": value}})
+
+
 def test_chunked_rank_weights_equal_unchunked(small_split, shards, tmp_path, monkeypatch):
     import prmkd_dist.distill.trainer as dt
     from prmkd_dist.distill.weights import importance_weights

@@ -204,6 +204,20 @@ def test_candidate_objective_uses_teacher_lists_and_weights(small_split, shards,
     assert w.shape == (cand.shape[0], 2) and torch.allclose(w.sum(1), torch.ones(cand.shape[0]))
 
 
+@pytest.mark.parametrize("name", ["deepfm", "lightgcn"])
+def test_teacher_scale_reaches_the_interaction_and_graph_objectives(name, small_split, shards, tmp_path):
+    weights = []
+    for scale in ({}, {"itemknn": 0.5}):
+        cfg = cfg_for(name, tmp_path, shards, distill={"strategy": "confidence", "teacher_scale": scale})
+        model = build_model(cfg, small_split.data.num_items, small_split)
+        obj = student_objective(cfg, small_split, model)
+        obj.loss(LocalEngine(model, lr=1e-3), next(obj.batches(1)))
+        weights.append(obj.last["teacher_weights"])
+    plain, scaled = weights
+    assert (plain[:, 0] > 0).any()
+    assert torch.allclose(scaled[:, 0], 0.5 * plain[:, 0]) and torch.equal(scaled[:, 1], plain[:, 1])
+
+
 def test_unsupported_options_and_unbound_models_fail_clearly(small_split, shards, tmp_path):
     with pytest.raises(ConfigError, match="distill.lambda_rank: not supported for the 'deepfm'"):
         student_objective(cfg_for("deepfm", tmp_path, shards, distill={"lambda_rank": 1.0}), small_split,
