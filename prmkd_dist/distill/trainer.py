@@ -32,7 +32,7 @@ from prmkd_dist.data.loader import ShardLoader, TeacherShardDataset
 from prmkd_dist.distill.curriculum import Curriculum, disagreement, length_popularity
 from prmkd_dist.distill.embedding import ItemTableExtension, bake, extend_items, is_tied, load_teacher_item_embeddings
 from prmkd_dist.distill.mkd import ConsistentPreference, blended_soft_label, teacher_neighbours
-from prmkd_dist.distill.weights import importance_weights, scale_teacher_weights, teacher_weights
+from prmkd_dist.distill.weights import importance_weights, teacher_weights
 from prmkd_dist.models.base import SequentialStudent
 from prmkd_dist.train.config import ConfigError, TrainConfig
 from prmkd_dist.train.engine import Engine
@@ -108,12 +108,17 @@ def chunked_importance_weights(engine: Engine, user: Tensor, teacher_ids: Tensor
 
 
 def scaled_teacher_weights(w: Tensor, selected: tuple[str, ...], scale: dict[str, float]) -> Tensor:
-    """``distill.teacher_scale`` applied to the strategy's weights; a name that is not a distilled teacher is a
-    config error."""
-    try:
-        return scale_teacher_weights(w, tuple(selected), scale)
-    except ValueError as e:
-        raise ConfigError(str(e)) from None
+    """``w`` [B, T] (the strategy's teacher weights) with column t multiplied by ``distill.teacher_scale``'s factor
+    for teacher ``selected[t]`` (absent = 1). A name that is not a distilled teacher is a config error: a typo
+    would otherwise leave the teacher at full weight without a word."""
+    if not scale:
+        return w
+    unknown = sorted(set(scale) - set(selected))
+    if unknown:
+        raise ConfigError(f"distill.teacher_scale: no teacher {unknown[0]!r} among the distilled teachers "
+                          f"{list(selected)} (expected their names as in the shards)")
+    assert w.shape[-1] == len(selected), (tuple(w.shape), selected)
+    return w * torch.tensor([float(scale.get(t, 1.0)) for t in selected], dtype=w.dtype, device=w.device)
 
 
 class DistillLoss:

@@ -193,18 +193,3 @@ def importance_weights(
         rho += gamma_consistency * ((s_ids >= threshold[:, None, None]) & valid).to(torch.float32)
     return rho
 
-
-def scale_teacher_weights(weights: Tensor, teachers: tuple[str, ...], scale: dict[str, float]) -> Tensor:
-    """``weights`` [B, T] with column t multiplied by ``scale[teachers[t]]`` (absent = 1): the config's
-    ``distill.teacher_scale``, applied after ``teacher_weights``. A name that is not one of ``teachers`` is an
-    error (a typo would otherwise leave the teacher at full weight without a word)."""
-    if not scale:
-        return weights
-    unknown = sorted(set(scale) - set(teachers))
-    if unknown:
-        raise ValueError(f"distill.teacher_scale: no teacher {unknown[0]!r} among the distilled teachers "
-                         f"{list(teachers)} (expected their names as in the shards)")
-    if weights.shape[-1] != len(teachers):
-        raise ValueError(f"weights have {weights.shape[-1]} teacher columns, expected {len(teachers)} ({list(teachers)})")
-    factors = torch.tensor([float(scale.get(t, 1.0)) for t in teachers], dtype=weights.dtype, device=weights.device)
-    return weights * factors
