@@ -7,6 +7,8 @@ weights). Model selection on validation NDCG@10 (early stopping); the test split
 Prints a markdown table (mean ± std over seeds) and writes JSON.
 
     python benchmarks/interaction_students.py --shards artifacts/teachers/ml-latest-small/shards --seeds 3
+    python benchmarks/interaction_students.py --dataset amazon-games --students lightgcn \
+        --shards artifacts/teachers/amazon-games/exports/ease --set 'distill.teacher_scale={ease: 0.3}'
 """
 from __future__ import annotations
 
@@ -65,6 +67,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--out", default="benchmarks/results/interaction-students-ml.json")
     ap.add_argument("--progress", action="store_true")
+    ap.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                    help="config override for every run (repeatable), e.g. --set 'distill.teacher_scale={ease: 0.3}'")
     args = ap.parse_args(argv)
 
     _, split = load_split(args.dataset)
@@ -76,7 +80,7 @@ def main(argv: list[str] | None = None) -> int:
                 raw = base_config(args.dataset, student, args.shards, args)
                 raw["run"]["seed"] = seed
                 raw["run"]["out_dir"] = f"runs/bench-interaction/{student}/{variant.replace(' ', '_')}/{seed}"
-                cfg = config_from_dict(raw, "benchmarks/interaction_students.py", overrides)
+                cfg = config_from_dict(raw, "benchmarks/interaction_students.py", [*args.overrides, *overrides])
                 t = time.time()
                 res = train_distilled(cfg, split)
                 runs.setdefault(student, {}).setdefault(variant, []).append(

@@ -335,6 +335,16 @@ def run_cell(cell: Cell, device: torch.device, dtype: torch.dtype, warmup: int, 
             tflops = flops / (cell.ms * 1e-3) / 1e12
             cell.extra = {"achieved_tflops": tflops, "fraction_of_matmul": tflops / hardware["bf16_matmul_tflops"]}
             cell.note = f"{100 * cell.extra['fraction_of_matmul']:.0f}% of bf16 matmul"
+    if device.type == "cuda" and "graph_ms" not in (cell.extra or {}):
+        # every other backend's step replayed from a CUDA graph too: below ~1e8 logits the plain step of every
+        # backend is bound by the host (Python, dispatch, launches), and this compares what runs on the device
+        try:
+            both = graph_ms(prepare, step, device, reps)
+            cell.extra = {**(cell.extra or {}), "graph_ms": both}
+            cell.note = (cell.note + "; " if cell.note else "") + f"graph replay {both:.2f} ms"
+        except Exception as exc:  # noqa: BLE001 - a capture failure must not lose the plain timing
+            cell.note = (cell.note + "; " if cell.note else "") + \
+                f"graph capture failed: {type(exc).__name__}: {str(exc).splitlines()[0][:80]}"
 
 
 def backends_for(device: torch.device, requested: list[str] | None) -> tuple[list[str], dict[str, str]]:
