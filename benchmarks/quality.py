@@ -87,6 +87,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="config override (repeatable)")
     ap.add_argument("--out", default="benchmarks/results/quality.json")
     ap.add_argument("--run-dir", default="runs/quality", help="per-run checkpoints and logs (not results)")
+    ap.add_argument("--baseline-from", metavar="JSON",
+                    help="take the no-distillation runs of these seeds from an earlier report of this script (same "
+                         "dataset and config) instead of training them again")
     ap.add_argument("--progress", action="store_true")
     args = ap.parse_args(argv)
 
@@ -113,6 +116,10 @@ def main(argv: list[str] | None = None) -> int:
         plan = {k: v for k, v in plan.items() if k in args.only or k == BASELINE}
     out_root = Path(args.run_dir) / Path(args.out).stem
     results: dict[str, dict] = {}
+    if args.baseline_from:
+        results[BASELINE] = earlier_baseline(args.baseline_from, split.data.name, base,
+                                             list(range(args.first_seed, args.first_seed + args.seeds)))
+        plan.pop(BASELINE)
     for name, overrides in plan.items():
         runs = []
         for seed in range(args.first_seed, args.first_seed + args.seeds):
@@ -157,6 +164,24 @@ def main(argv: list[str] | None = None) -> int:
     _write(args, split, base, shards, teachers, embeddings, results, t_all, table=table)
     print(f"wrote {args.out} ({time.perf_counter() - t_all:.0f}s)")
     return 0
+
+
+def earlier_baseline(path: str, dataset: str, config: str, seeds: list[int]) -> dict:
+    """The no-distillation runs of ``seeds`` from an earlier report; ValueError naming the file and what does
+    not match (another dataset or base config, or a seed it lacks)."""
+    report = json.loads(Path(path).read_text())
+    for key, want in (("dataset", dataset), ("config", config)):
+        if report.get(key) != want:
+            raise ValueError(f"{path}: its {key} is {report.get(key)!r}, this run's is {want!r}")
+    earlier = report.get("results", {}).get(BASELINE)
+    if earlier is None:
+        raise ValueError(f"{path}: no {BASELINE!r} results in it")
+    by_seed = {r["seed"]: r for r in earlier["runs"]}
+    missing = [s for s in seeds if s not in by_seed]
+    if missing:
+        raise ValueError(f"{path}: no {BASELINE!r} run for seed(s) {missing} (it has {sorted(by_seed)})")
+    runs = [by_seed[s] for s in seeds]
+    return {"overrides": earlier["overrides"], "runs": runs, "summary": summarise(runs), "from": path}
 
 
 def _write(args, split, base, shards, teachers, embeddings, results, t_all, table) -> None:

@@ -1,0 +1,48 @@
+"""benchmarks/quality.py reuses an earlier report's no-distillation runs only where they match this run."""
+from __future__ import annotations
+
+import importlib.util
+import json
+from pathlib import Path
+
+import pytest
+
+PROJECT_ROOT = Path(__file__).resolve().parents[2]
+
+
+def _quality():
+    spec = importlib.util.spec_from_file_location("quality_bench", PROJECT_ROOT / "benchmarks" / "quality.py")
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+def _report(path: Path, dataset="amazon-games", config="distill-sasrec-games", seeds=(0, 1, 2)):
+    metrics = {m: 0.01 * (i + 1) for i, m in enumerate(["HR@10", "NDCG@10", "HR@20", "NDCG@20", "MRR"])}
+    runs = [{"seed": s, "valid": {k: v + s for k, v in metrics.items()}, "test": {k: v + 2 * s for k, v in metrics.items()},
+             "best_epoch": 3 + s, "epochs_run": 6, "train_seconds": 10.0 * (s + 1)} for s in seeds]
+    path.write_text(json.dumps({"dataset": dataset, "config": config,
+                                "results": {"no distillation": {"overrides": ["distill.lambda_kd=0"], "runs": runs}}}))
+    return path
+
+
+def test_earlier_baseline_takes_the_requested_seeds(tmp_path):
+    q = _quality()
+    got = q.earlier_baseline(str(_report(tmp_path / "r.json")), "amazon-games", "distill-sasrec-games", [1, 2])
+    assert [r["seed"] for r in got["runs"]] == [1, 2]
+    assert got["summary"]["best_epoch"] == [4, 5]
+    assert got["summary"]["test NDCG@10"]["mean"] == pytest.approx(0.02 + 3.0)  # seeds 1 and 2: +2, +4
+    assert got["from"] == str(tmp_path / "r.json")
+
+
+@pytest.mark.parametrize("dataset, config, seeds, message", [
+    ("ml-latest-small", "distill-sasrec-games", [0], "dataset is 'amazon-games'"),
+    ("amazon-games", "distill-sasrec-ml", [0], "config is 'distill-sasrec-games'"),
+    ("amazon-games", "distill-sasrec-games", [2, 5], r"seed\(s\) \[5\]"),
+])
+def test_earlier_baseline_refuses_a_mismatch(tmp_path, dataset, config, seeds, message):
+    q = _quality()
+    path = _report(tmp_path / "r.json")
+    with pytest.raises(ValueError, match=message) as err:
+        q.earlier_baseline(str(path), dataset, config, seeds)
+    assert str(path) in str(err.value)
