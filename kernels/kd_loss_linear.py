@@ -7,14 +7,18 @@ notation (lse1, lset, wsum, sparse coefficients) is in ``prmkd_dist.kernels._com
 Forward:
 1. ``_lin_lse_kernel``, one program per BLOCK_B rows and catalog split: streams over its share of C in
    BLOCK_C item tiles, each logits tile a ``tl.dot`` in registers (fp32 accumulation), keeping both running
-   LSEs per row; each split stores its partial (max, sum-exp, sum-exp at tau), combined on the host
-   (``split_lse_stats`` / ``combine_splits``).
-2. ``_lin_terms_kernel``, one program per row: recomputes the logits at the target and the T*K teacher ids
-   as gathered dot products (``gathered_logits``) and evaluates CE, KL and ranking terms (shared ``teacher_terms``).
+   LSEs per row; each split stores its partial (max, sum-exp, sum-exp at tau).
+2. ``_lin_terms_kernel``, one program per row: merges the row's split states into LSE_1 and LSE_tau (kept for
+   backward), recomputes the logits at the target and the T*K teacher ids as gathered dot products
+   (``gathered_logits``) and evaluates CE, KL and ranking terms (shared ``teacher_terms``). (The catalog-parallel
+   local part merges the same states on the host instead, ``combine_splits``: they are all-reduced first.)
+Between and after the kernels the host issues almost nothing: a step at small B x C is bound by the host's
+per-op cost (an H200's host: ~23 us per aten op), so the small per-row algebra lives in the kernels.
 
 Backward (dS = dense softmax part + sparse part at the ids, as in ``kd_loss.py``), by ``linear_grads`` from
 per-row dense factors (of softmax_1 and softmax_tau) and sparse (row, item, value) entries, the form the
-catalog-parallel local part (``kd_catalog_local.py``) needs too:
+catalog-parallel local part (``kd_catalog_local.py``) needs too; ``_lin_entries_kernel`` builds both from the
+upstream gradient and the saved coefficients, one program per row:
 3. ``_lin_grad_user_kernel``, per row block and catalog split: recomputes logits tiles,
    dU += dS_dense @ E_tile into an fp32 partial per split (split 0 also adds the sparse part
    ``sum_entries value * E[item]`` row by row); the partials are summed.
@@ -40,7 +44,7 @@ import triton.language as tl
 from torch import Tensor
 
 from prmkd_dist.kernels._common import (
-    ENTRY_CHUNK, GATHER_BLOCK_D, INTERPRET, LOG2E, MAX_LINEAR_DIM, NEG_BIG, SPARSE_GRANULE, TeacherInputs, dot,
+    ENTRY_CHUNK, GATHER_BLOCK_D, INTERPRET, LN2, LOG2E, MAX_LINEAR_DIM, NEG_BIG, SPARSE_GRANULE, TeacherInputs, dot,
     dot_precision,
     linear_configs, online_lse_update, teacher_terms,
 )
@@ -136,14 +140,39 @@ def gathered_logits(u_ptr, e_ptr, bias_ptr, row, ids, D, stride_u, stride_e,
 
 
 @triton.jit
+def _merged_lse(m2_ptr, sum1_ptr, sumt_ptr, row, B, SPLITS, tau, UNIT_TAU: tl.constexpr, BLOCK_S: tl.constexpr):
+    """(LSE_1, LSE_tau) of one row from its catalog splits' states (``_lin_lse_kernel``): what
+    ``combine_splits`` does on the host, here in the kernel that needs it (no host ops between the two
+    kernels). An empty split holds NEG_BIG and zero sums and weighs exp2(NEG_BIG - top) = 0."""
+    sp = tl.arange(0, BLOCK_S)
+    s_mask = sp < SPLITS
+    at = sp.to(tl.int64) * B + row
+    m2 = tl.load(m2_ptr + at, mask=s_mask, other=NEG_BIG)
+    top = tl.max(m2, axis=0)
+    z1 = tl.sum(tl.load(sum1_ptr + at, mask=s_mask, other=0.0) * tl.exp2(m2 - top), axis=0)
+    lse1 = top * LN2 + tl.log(z1)
+    if UNIT_TAU:  # the LSE kernel stored sumt = sum1: LSE_tau is LSE_1, bit for bit
+        lset = lse1
+    else:
+        zt = tl.sum(tl.load(sumt_ptr + at, mask=s_mask, other=0.0) * tl.exp2((m2 - top) / tau), axis=0)
+        lset = top * LN2 / tau + tl.log(zt)
+    return lse1, lset
+
+
+@triton.jit
 def _lin_terms_kernel(
-    u_ptr, e_ptr, bias_ptr, target_ptr, ids_ptr, scores_ptr, tw_ptr, rw_ptr, lse1_ptr, lset_ptr,
-    loss_ptr, wsum_ptr, coef_ptr,
-    D, T, K, stride_u, stride_e, tau, lambda_ce, lambda_kd, lambda_rank,
-    HAS_BIAS: tl.constexpr, HAS_RANK: tl.constexpr,
+    u_ptr, e_ptr, bias_ptr, target_ptr, ids_ptr, scores_ptr, tw_ptr, rw_ptr,
+    m2_ptr, sum1_ptr, sumt_ptr, lse1_ptr, lset_ptr, loss_ptr, wsum_ptr, coef_ptr,
+    B, SPLITS, D, T, K, stride_u, stride_e, tau, lambda_ce, lambda_kd, lambda_rank,
+    HAS_BIAS: tl.constexpr, HAS_RANK: tl.constexpr, UNIT_TAU: tl.constexpr, BLOCK_S: tl.constexpr,
     BLOCK_T: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_D: tl.constexpr,
 ):
+    """One row: merges its LSE states over the catalog splits (stored for backward as lse1 / lset), then the
+    logits at the target and the teacher ids, and the CE, KL and ranking terms."""
     row = tl.program_id(0).to(tl.int64)
+    lse1, lset = _merged_lse(m2_ptr, sum1_ptr, sumt_ptr, row, B, SPLITS, tau, UNIT_TAU, BLOCK_S)
+    tl.store(lse1_ptr + row, lse1)
+    tl.store(lset_ptr + row, lset)
     t_idx = tl.arange(0, BLOCK_T)[:, None]
     k_idx = tl.arange(0, BLOCK_K)[None, :]
     in_tile = (t_idx < T) & (k_idx < K)
@@ -159,8 +188,6 @@ def _lin_terms_kernel(
                           HAS_BIAS, BLOCK_D)
     s_y = tl.sum(tl.sum(s_y, axis=1), axis=0)
 
-    lse1 = tl.load(lse1_ptr + row)
-    lset = tl.load(lset_ptr + row)
     ce = tl.where(has_y, lse1 - s_y, 0.0)
     scores = tl.load(scores_ptr + slot, mask=valid, other=0.0)
     if HAS_RANK:
@@ -172,6 +199,30 @@ def _lin_terms_kernel(
     tl.store(loss_ptr + row, lambda_ce * ce + lambda_kd * tau * tau * kd + lambda_rank * rank)
     tl.store(wsum_ptr + row, wsum)
     tl.store(coef_ptr + slot, coef, mask=in_tile)
+
+
+@triton.jit
+def _lin_entries_kernel(
+    g_ptr, stride_g, target_ptr, ids_ptr, coef_ptr, wsum_ptr, g1_ptr, gt_ptr, eid_ptr, eval_ptr,
+    N, tau, lambda_ce, lambda_kd, BLOCK_N: tl.constexpr,
+):
+    """One row of backward's inputs to ``linear_grads``: the dense factors g1 = lambda_ce g [y >= 0] and
+    gt = lambda_kd tau wsum g, and the N + 1 sparse entries (every teacher slot with value g * coef, then the
+    target with -g1); ``g`` may be a stride-0 view (a mean's gradient)."""
+    row = tl.program_id(0).to(tl.int64)
+    g = tl.load(g_ptr + row * stride_g).to(tl.float32)
+    y = tl.load(target_ptr + row)
+    g1 = tl.where(y >= 0, lambda_ce * g, 0.0)
+    tl.store(g1_ptr + row, g1)
+    tl.store(gt_ptr + row, lambda_kd * tau * tl.load(wsum_ptr + row) * g)
+    out = row * (N + 1)
+    for n0 in range(0, N, BLOCK_N):
+        n = n0 + tl.arange(0, BLOCK_N)
+        n_mask = n < N
+        tl.store(eid_ptr + out + n, tl.load(ids_ptr + row * N + n, mask=n_mask, other=-1), mask=n_mask)
+        tl.store(eval_ptr + out + n, g * tl.load(coef_ptr + row * N + n, mask=n_mask, other=0.0), mask=n_mask)
+    tl.store(eid_ptr + out + N, y)
+    tl.store(eval_ptr + out + N, -g1)
 
 
 @triton.autotune(configs=linear_configs(), key=["C", "D", "SPLITS", "UNIT_TAU"])
@@ -323,13 +374,14 @@ def split_lse_stats(user: Tensor, item: Tensor, bias: Tensor | None, tau: float)
     Nothing to stream (B = 0 or C = 0): zeros, i.e. empty sums."""
     batch, n_items = user.shape[0], item.shape[0]
     splits = catalog_splits(batch, n_items, user.device)
-    parts = torch.zeros((3, splits, batch), dtype=torch.float32, device=user.device)
-    if batch > 0 and n_items > 0:
-        _lin_lse_kernel[lambda meta: (triton.cdiv(batch, meta["BLOCK_B"]), splits)](
-            user, item, user if bias is None else bias, parts[0], parts[1], parts[2],
-            batch, n_items, user.shape[1], splits, user.stride(0), item.stride(0), tau,
-            **_tile_args(user, tau, bias),
-        )
+    if batch == 0 or n_items == 0:
+        return tuple(torch.zeros((3, splits, batch), dtype=torch.float32, device=user.device))
+    parts = torch.empty((3, splits, batch), dtype=torch.float32, device=user.device)  # the kernel writes all
+    _lin_lse_kernel[lambda meta: (triton.cdiv(batch, meta["BLOCK_B"]), splits)](
+        user, item, user if bias is None else bias, parts[0], parts[1], parts[2],
+        batch, n_items, user.shape[1], splits, user.stride(0), item.stride(0), tau,
+        **_tile_args(user, tau, bias),
+    )
     return parts[0], parts[1], parts[2]
 
 
@@ -405,18 +457,19 @@ class _KDLossLinearRows(torch.autograd.Function):
         teachers = TeacherInputs(teacher_ids, teacher_scores, teacher_weights, rank_weights, lambda_rank)
         target = target.detach().to(torch.int64).contiguous()
         bias = item_bias.contiguous() if item_bias is not None else None
-        f32 = dict(dtype=torch.float32, device=user_emb.device)
-        loss, wsum = (torch.empty(batch, **f32) for _ in range(2))
-        coef = torch.empty((batch, teachers.n_teachers, teachers.k_slots), **f32)
-        m, z1, zt = combine_splits(*split_lse_stats(user_emb, item_emb, bias, tau), tau, torch.float32)
-        lse1, lset = m + z1.log(), m / tau + zt.log()
+        loss = torch.empty(batch, dtype=torch.float32, device=user_emb.device)
+        wsum, lse1, lset = torch.empty((3, batch), dtype=torch.float32, device=user_emb.device).unbind(0)
+        coef = torch.empty((batch, teachers.n_teachers, teachers.k_slots), dtype=torch.float32,
+                           device=user_emb.device)
+        m2, sum1, sumt = split_lse_stats(user_emb, item_emb, bias, tau)
         if batch > 0:
             _lin_terms_kernel[(batch,)](
                 user_emb, item_emb, user_emb if bias is None else bias, target, teachers.ids, teachers.scores,
-                teachers.weights, teachers.rank, lse1, lset, loss, wsum, coef,
-                dim, teachers.n_teachers, teachers.k_slots, user_emb.stride(0), item_emb.stride(0),
-                tau, float(lambda_ce), float(lambda_kd), float(lambda_rank),
-                HAS_BIAS=bias is not None, HAS_RANK=teachers.has_rank,
+                teachers.weights, teachers.rank, m2, sum1, sumt, lse1, lset, loss, wsum, coef,
+                batch, m2.shape[0], dim, teachers.n_teachers, teachers.k_slots, user_emb.stride(0),
+                item_emb.stride(0), tau, float(lambda_ce), float(lambda_kd), float(lambda_rank),
+                HAS_BIAS=bias is not None, HAS_RANK=teachers.has_rank, UNIT_TAU=tau == 1.0,
+                BLOCK_S=max(2, triton.next_power_of_2(m2.shape[0])),
                 BLOCK_T=teachers.block_t, BLOCK_K=teachers.block_k, BLOCK_D=GATHER_BLOCK_D,
             )
         ctx.save_for_backward(user_emb, item_emb, bias, target, teachers.ids, coef, lse1, lset, wsum)
@@ -429,14 +482,19 @@ class _KDLossLinearRows(torch.autograd.Function):
         tau, lambda_ce, lambda_kd = ctx.params
         batch = user_emb.shape[0]
         n_slots = ids.shape[1] * ids.shape[2]
-        g = grad_loss.detach().to(torch.float32).contiguous()  # a mean's grad arrives as a stride-0 view
-        has_y = target >= 0
-        g_dense1 = torch.where(has_y, lambda_ce * g, torch.zeros_like(g))
-        g_denset = (lambda_kd * tau) * wsum * g
-        # sparse entries per row: every teacher slot (g * coef), then the target (-lambda_ce * g)
-        entry_ids = torch.cat([ids.reshape(batch, n_slots), target[:, None]], dim=1).contiguous()
-        entry_values = torch.cat([coef.reshape(batch, n_slots) * g[:, None], -g_dense1[:, None]], dim=1).contiguous()
-        d_user, d_item, d_bias = linear_grads(user_emb, item_emb, bias, g_dense1, g_denset.contiguous(), lse1,
+        g = grad_loss.detach()
+        if g.dtype != torch.float32:
+            g = g.to(torch.float32)
+        f32 = dict(dtype=torch.float32, device=user_emb.device)
+        g_dense = torch.empty((2, batch), **f32)
+        entry_ids = torch.empty((batch, n_slots + 1), dtype=torch.int64, device=user_emb.device)
+        entry_values = torch.empty((batch, n_slots + 1), **f32)
+        if batch > 0:
+            _lin_entries_kernel[(batch,)](
+                g, g.stride(0), target, ids, coef, wsum, g_dense[0], g_dense[1], entry_ids, entry_values,
+                n_slots, tau, lambda_ce, lambda_kd, BLOCK_N=min(128, triton.next_power_of_2(max(n_slots, 1))),
+            )
+        d_user, d_item, d_bias = linear_grads(user_emb, item_emb, bias, g_dense[0], g_dense[1], lse1,
                                               lset, tau, entry_ids, entry_values, item_emb.dtype)
         return (d_user.to(user_emb.dtype), d_item, d_bias) + (None,) * 9
 
