@@ -145,7 +145,7 @@ class _KDLossRows(torch.autograd.Function):
         target = target.detach().to(torch.int64).contiguous()
         f32 = dict(dtype=torch.float32, device=logits.device)
         loss = torch.empty(batch, **f32)
-        lse1, lset, wsum = (torch.empty(batch, **f32) for _ in range(3))
+        lse1, lset, wsum = torch.empty((3, batch), **f32).unbind(0)  # one allocation: the host's per-op cost counts
         coef = torch.empty((batch, teachers.n_teachers, teachers.k_slots), **f32)
         if batch > 0:
             _kd_fwd_kernel[(batch,)](
