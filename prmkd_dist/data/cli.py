@@ -1,4 +1,5 @@
-"""`prmkd-dist data prepare|stats`: prepare a dataset into its canonical form and print its statistics."""
+"""`prmkd-dist data prepare|combine|stats`: prepare a dataset into its canonical form, combine prepared datasets
+into one multi-domain dataset, print statistics."""
 from __future__ import annotations
 
 import argparse
@@ -7,6 +8,7 @@ import time
 from pathlib import Path
 
 from prmkd_dist.data.dataset import InteractionData
+from prmkd_dist.data.domains import combine_domains
 from prmkd_dist.data.prepare import (
     builtin_datasets,
     dataset_statistics,
@@ -33,6 +35,13 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     prep.add_argument("--force", action="store_true", help="rebuild even if prepared from identical inputs")
     prep.set_defaults(func=_prepare)
 
+    comb = sub.add_parser("combine", help="several prepared datasets as the domains of one (prmkd_dist.data.domains)")
+    comb.add_argument("datasets", nargs="+", metavar="DATASET", help="prepared datasets (names or directories), in domain order")
+    comb.add_argument("--name", help="the combined dataset's name (default: the names joined by '+')")
+    comb.add_argument("--out", metavar="DIR", help="output directory (default: <artifacts>/data/<name>)")
+    comb.add_argument("--force", action="store_true", help="replace an existing dataset in --out")
+    comb.set_defaults(func=_combine)
+
     stats = sub.add_parser("stats", help="statistics of a prepared dataset")
     stats.add_argument("dir", metavar="DIR", help="prepared dataset directory (or the name of a prepared dataset)")
     stats.set_defaults(func=_stats)
@@ -56,6 +65,29 @@ def _prepare(args: argparse.Namespace) -> int:
     rebuilt = _file_identity(out / "meta.json") != before
     status = f"prepared in {time.time() - started:.1f}s" if rebuilt else "already prepared from identical inputs (--force rebuilds)"
     print(format_statistics(data, out, status))
+    return 0
+
+
+def _combine(args: argparse.Namespace) -> int:
+    started = time.time()
+    try:
+        data = combine_domains([load_dataset(d) for d in args.datasets], args.name)
+        out = Path(args.out) if args.out else default_out_dir(data.name)
+        if (out / "meta.json").is_file() and not args.force:
+            previous = InteractionData.load(str(out))
+            if previous.source == data.source and previous.fingerprint == data.fingerprint:
+                print(format_statistics(previous, out, "already combined from identical inputs (--force rebuilds)"))
+                return 0
+            raise ValueError(f"{out}: holds another dataset ({previous.name}, {previous.source}); pass --force to replace it")
+        if out.exists() and not (out / "meta.json").is_file() and any(out.iterdir()):
+            raise ValueError(f"{out}: exists, is not empty and is not a prepared dataset; refusing to overwrite it")
+        data.save(str(out))
+    except ValueError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 1
+    print(format_statistics(data, out, f"combined in {time.time() - started:.1f}s"))
+    for d in data.domains:
+        print(f"domain {d.name}: items [{d.items[0]}, {d.items[1]}), users [{d.users[0]}, {d.users[1]})")
     return 0
 
 

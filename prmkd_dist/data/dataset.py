@@ -28,6 +28,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from prmkd_dist.constants import PAD_ID
+from prmkd_dist.data.domains import Domain, check_domains
 
 FORMAT = "prmkd-dist/dataset"
 VERSION = 1
@@ -82,6 +83,8 @@ class InteractionData:
     kcore: int = 0
     source: str = ""
     fingerprint: str = field(default="")
+    # multi-domain datasets (prmkd_dist.data.domains): each domain's block of item and user ids; None = one domain
+    domains: list | None = None
 
     def __post_init__(self):
         if not self.fingerprint:
@@ -119,6 +122,10 @@ class InteractionData:
             )
         if len(self.item_raw_ids) != self.num_items or len(self.user_raw_ids) != self.num_users:
             raise DatasetFormatError(f"{self.name}: raw-id tables do not match num_items/num_users")
+        if self.domains is not None:
+            why = check_domains(self.domains, self.num_users, self.num_items, off, it, self.name)
+            if why:
+                raise DatasetFormatError(why)
 
     # ---- access -------------------------------------------------------------------------------
     @property
@@ -182,6 +189,8 @@ class InteractionData:
             "kcore": self.kcore,
             "source": self.source,
         }
+        if self.domains is not None:
+            meta["domains"] = [d.to_dict() for d in self.domains]
         with open(os.path.join(directory, "meta.json"), "w") as f:
             json.dump(meta, f, indent=2)
 
@@ -210,12 +219,23 @@ class InteractionData:
             item_text=text if any(t is not None for t in text) else None,
             kcore=int(meta.get("kcore", 0)),
             source=meta.get("source", ""),
+            domains=_domains_from_meta(meta, meta_path),
         )
         if data.fingerprint != meta["item_fingerprint"]:
             raise DatasetFormatError(f"{meta_path}: item_fingerprint does not match items.parquet (file edited?)")
         if data.num_interactions != meta["num_interactions"]:
             raise DatasetFormatError(f"{meta_path}: num_interactions {meta['num_interactions']} != {data.num_interactions} in users.parquet")
         return data
+
+
+def _domains_from_meta(meta: dict, meta_path: str) -> list | None:
+    if "domains" not in meta:
+        return None
+    try:
+        return [Domain.from_dict(d) for d in meta["domains"]]
+    except (KeyError, TypeError, ValueError, IndexError) as e:
+        raise DatasetFormatError(f"{meta_path}: 'domains' must be a list of {{name, items: [lo, hi], users: [lo, hi]}}, "
+                                 f"got {meta['domains']!r} ({e})") from None
 
 
 @dataclass

@@ -125,7 +125,8 @@ def register(subparsers) -> None:
     e.add_argument("--k", type=int, default=50)
     e.add_argument("--max-history", type=int, default=200)
     e.add_argument("--batch-size", type=int, default=512)
-    e.add_argument("--domain-id", type=int, default=0)
+    e.add_argument("--domain-id", type=int, default=None,
+                   help="domain_id of every row (default 0; a multi-domain dataset takes each user's domain)")
     e.add_argument("--overwrite", action="store_true", help="discard a previous export in --out instead of resuming")
     e.add_argument("--no-progress", action="store_true")
     e.set_defaults(func=cmd_export)

@@ -10,7 +10,8 @@ Each row's teacher list is the top-K of the catalog with the items of the user's
 excluded, except the target (the evaluation's rule: a re-consumed target stays rankable), sorted by
 descending score, distinct, never padding. The teacher reads the most recent ``teacher.max_len`` items
 (the whole prefix when it declares ``max_len = None``, e.g. EASE; ``max_history`` for scorers without the
-attribute, e.g. the baselines).
+attribute, e.g. the baselines). On a multi-domain dataset (``prmkd_dist.data.domains``) the list holds the
+user's own domain's items only, as its evaluation ranks them, and each row's ``domain_id`` is its user's domain.
 
 Resumable: examples are cut into fixed chunks of ``rows_per_file`` rows in key order, one chunk = one
 Parquet part. A finished part is recorded in ``_export_progress.json``; a restart with the same settings
@@ -31,6 +32,7 @@ from tqdm.auto import tqdm
 
 from prmkd_dist.constants import PAD_ID
 from prmkd_dist.data.dataset import LeaveOneOutSplit, pad_ragged
+from prmkd_dist.data.domains import restrict_to_domains, user_domain_ids
 from prmkd_dist.data.shards import (
     MANIFEST,
     ShardMeta,
@@ -202,6 +204,9 @@ def score_topk(teacher, keys: np.ndarray, starts: np.ndarray, split: LeaveOneOut
     if bad:
         raise ExportError(f"score() returned NaN/inf for example_key {int(keys[bad[0]])} ({len(bad)} row(s) in the batch)")
     scores = scores.clone()  # a scorer may hand back a shared/expanded tensor: never write into it
+    if split.data.domains:  # a user's list holds its own domain's items only, as its evaluation ranks them
+        users = np.searchsorted(split.train_offsets, keys, side="right") - 1
+        scores = restrict_to_domains(scores, split.data, users)
     eoff, evals = _gather_ranges(split.train_items, starts, keys)  # the whole prefix
     rows = torch.from_numpy(np.repeat(np.arange(n), np.diff(eoff)))
     arange = torch.arange(n)
@@ -254,7 +259,7 @@ def export_teacher_shards(
     k: int = 50,
     max_history: int = 200,
     batch_size: int = 512,
-    domain_id: int = 0,
+    domain_id: int | None = None,
     score_semantics: str | None = None,
     resume: bool = True,
     progress: bool = True,
@@ -279,6 +284,9 @@ def export_teacher_shards(
         raise ExportError("max_history, batch_size and rows_per_file must be >= 1")
     semantics = score_semantics or getattr(teacher, "score_semantics", "logit")
     data = split.data
+    if data.domains and domain_id is not None:
+        raise ExportError(f"{data.name} is a multi-domain dataset: each example's domain_id comes from its user's "
+                          f"domain ({', '.join(d.name for d in data.domains)}); do not pass domain_id={domain_id}")
     info = TeacherInfo(name, int(k), semantics, producer=f"{type(teacher).__qualname__}")
     meta = ShardMeta(data.num_items, data.fingerprint, (info,), producer=PRODUCER)
     keys, users, starts, targets = example_index(split)
@@ -287,7 +295,7 @@ def export_teacher_shards(
     settings = {
         "teacher": name, "teacher_class": f"{type(teacher).__module__}.{type(teacher).__qualname__}",
         "teacher_digest": teacher_digest(teacher), "k": int(k), "max_history": int(max_history),
-        "domain_id": int(domain_id), "score_semantics": semantics, "teacher_input_len": input_len,
+        "domain_id": "per user" if data.domains else int(domain_id or 0), "score_semantics": semantics, "teacher_input_len": input_len,
         "rows_per_file": int(rows_per_file), "rows_per_row_group": int(rows_per_row_group),
         "dataset": data.name, "num_items": data.num_items, "item_fingerprint": data.fingerprint,
         "num_examples": int(len(keys)),
@@ -377,7 +385,8 @@ def _export_part(teacher, split, out_dir, part, meta, keys, users, starts, targe
             ids, scores = score_topk(teacher, keys[sl], starts[sl], split, k, input_len, device, first)
             empty += int((ids == PAD_ID).sum())
             hist = _gather_ranges(split.train_items, np.maximum(starts[sl], keys[sl] - max_history), keys[sl])
-            w.write_batch(example_key=keys[sl], user_id=users[sl], domain_id=domain_id, history=hist,
+            domains = user_domain_ids(split.data, users[sl]) if split.data.domains else int(domain_id or 0)
+            w.write_batch(example_key=keys[sl], user_id=users[sl], domain_id=domains, history=hist,
                           target=targets[sl], teachers={meta.teachers[0].name: (ids, scores)})
             bar.update(len(ids))
     except BaseException:

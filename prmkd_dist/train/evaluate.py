@@ -12,6 +12,10 @@ among ``num_negatives`` distinct items drawn uniformly from the items the user n
 ranking and are reported only for comparison with the literature.
 
 Ties count against the target in both (see ``metrics``).
+
+Multi-domain datasets (``prmkd_dist.data.domains``): a user is ranked against its own domain's items only
+(both protocols), and the results add each domain's metrics as ``"<domain>/<metric>"`` next to the overall ones
+(the mean over all users).
 """
 from __future__ import annotations
 
@@ -23,6 +27,7 @@ from tqdm.auto import tqdm
 
 from prmkd_dist.constants import PAD_ID
 from prmkd_dist.data.dataset import LeaveOneOutSplit, left_pad
+from prmkd_dist.data.domains import restrict_to_domains, user_domain_ids
 from prmkd_dist.train.metrics import MetricAccumulator, target_rank
 
 STAGES = ("valid", "test")
@@ -118,12 +123,13 @@ def evaluate(scorer: Scorer, split: LeaveOneOutSplit, stage: str = "valid", ks: 
     offsets, items = stage_histories(split, stage, users)
     num_items = split.data.num_items
     device = _device_of(scorer)
-    acc = MetricAccumulator(ks)
+    acc = _DomainAccumulators(split, users, ks)
     bar = tqdm(total=len(users), desc=f"eval {stage}", unit="user", disable=not progress, leave=False)
     with _ScoringContext(scorer):
         for idx, seqs, hist in history_batches(users, offsets, items, batch_size, max_len):
             scores = score_batch(scorer, hist.to(device), users[idx]).float()
             _check_scores(scores, len(idx), num_items)
+            scores = restrict_to_domains(scores, split.data, users[idx])
             targets = torch.from_numpy(targets_all[idx]).to(scores.device)
             if exclude_history:
                 rows = torch.from_numpy(np.repeat(np.arange(len(idx)), [len(s) for s in seqs])).to(scores.device)
@@ -133,15 +139,41 @@ def evaluate(scorer: Scorer, split: LeaveOneOutSplit, stage: str = "valid", ks: 
                 scores = scores.clone()  # a scorer may return a shared/expanded tensor: never write into it
                 scores[rows, cols] = -torch.inf
                 scores[arange, targets] = target_scores  # a repeated target stays rankable
-            acc.add_ranks(target_rank(scores, targets).cpu())
+            acc.add_ranks(idx, target_rank(scores, targets).cpu())
             bar.update(len(idx))
     bar.close()
     return acc.result()
 
 
+class _DomainAccumulators:
+    """Metrics over all ``users`` and, for a multi-domain dataset, over each domain's users."""
+
+    def __init__(self, split: LeaveOneOutSplit, users: np.ndarray, ks: tuple[int, ...]):
+        self.all = MetricAccumulator(ks)
+        self.domains = split.data.domains or []
+        self.per = [MetricAccumulator(ks) for _ in self.domains]
+        self.dom = torch.from_numpy(user_domain_ids(split.data, users).astype(np.int64))
+
+    def add_ranks(self, idx: np.ndarray, ranks: torch.Tensor) -> None:
+        self.all.add_ranks(ranks)
+        if self.per:
+            dom = self.dom[torch.from_numpy(np.asarray(idx, dtype=np.int64))]
+            for d, acc in enumerate(self.per):
+                sel = dom == d
+                if bool(sel.any()):
+                    acc.add_ranks(ranks[sel])
+
+    def result(self) -> dict[str, float]:
+        out = self.all.result()
+        for domain, acc in zip(self.domains, self.per):
+            out.update({f"{domain.name}/{k}": v for k, v in acc.result().items()})
+        return out
+
+
 def sample_negatives(split: LeaveOneOutSplit, users: np.ndarray, num_negatives: int, seed: int) -> np.ndarray:
     """[n, num_negatives] distinct item ids per user, uniform over the items the user never
-    interacted with (whole sequence), deterministic by ``seed`` (and independent of batching)."""
+    interacted with (whole sequence; of the user's domain on a multi-domain dataset), deterministic by ``seed``
+    (and independent of batching)."""
     data = split.data
     C = data.num_items
     lens = data.lengths()[users]
@@ -155,6 +187,7 @@ def sample_negatives(split: LeaveOneOutSplit, users: np.ndarray, num_negatives: 
         rows = np.repeat(np.arange(len(us)), lens[start:start + chunk])
         cols = np.concatenate([data.sequence(u) for u in us]) if len(us) else np.empty(0, np.int64)
         keys[torch.from_numpy(rows), torch.from_numpy(cols)] = 2.0  # above any uniform key: never drawn
+        keys = restrict_to_domains(keys, data, us, fill=2.0)  # nor another domain's items
         available = (keys < 2.0).sum(dim=1)
         short = torch.nonzero(available < num_negatives)
         if len(short):
@@ -177,7 +210,7 @@ def evaluate_sampled(scorer: Scorer, split: LeaveOneOutSplit, stage: str = "test
     negatives = sample_negatives(split, users, num_negatives, seed)
     offsets, items = stage_histories(split, stage, users)
     device = _device_of(scorer)
-    acc = MetricAccumulator(ks)
+    acc = _DomainAccumulators(split, users, ks)
     bar = tqdm(total=len(users), desc=f"sampled eval {stage}", unit="user", disable=not progress, leave=False)
     with _ScoringContext(scorer):
         for idx, seqs, hist in history_batches(users, offsets, items, batch_size, max_len):
@@ -185,7 +218,7 @@ def evaluate_sampled(scorer: Scorer, split: LeaveOneOutSplit, stage: str = "test
             _check_scores(scores, len(idx), split.data.num_items)
             cand = torch.from_numpy(np.concatenate([targets_all[idx, None], negatives[idx]], axis=1)).to(scores.device)
             cand_scores = scores.gather(1, cand)  # column 0 = the target
-            acc.add_ranks(target_rank(cand_scores, torch.zeros(len(idx), dtype=torch.long, device=scores.device)).cpu())
+            acc.add_ranks(idx, target_rank(cand_scores, torch.zeros(len(idx), dtype=torch.long, device=scores.device)).cpu())
             bar.update(len(idx))
     bar.close()
     return acc.result()
