@@ -146,8 +146,9 @@ def read_provenance(directory: str | os.PathLike) -> dict | None:
 
 
 def load_dataset(name_or_dir: str | os.PathLike) -> InteractionData:
-    """A prepared directory, a reader YAML / builtin name (prepared on first use, then reused), or the
-    name of a dataset already prepared under ``artifacts_root()/data``."""
+    """A prepared directory, a reader YAML / builtin name (prepared on first use, then reused), the
+    name of a dataset already prepared under ``artifacts_root()/data``, or "a+b" for the multi-domain dataset of
+    datasets a and b (combined on first use, :func:`combine_prepared`)."""
     path = Path(name_or_dir)
     if (path / "meta.json").is_file():
         return InteractionData.load(str(path))
@@ -156,10 +157,33 @@ def load_dataset(name_or_dir: str | os.PathLike) -> InteractionData:
         return prepare_dataset(text)
     if (default_out_dir(text) / "meta.json").is_file():
         return InteractionData.load(str(default_out_dir(text)))
+    if "+" in text and all(part for part in text.split("+")):
+        return combine_prepared(text.split("+"))
     raise DatasetFormatError(
         f"{text!r} is not a prepared dataset directory, a reader config, a builtin dataset "
         f"({', '.join(builtin_datasets())}) or a dataset prepared under {default_out_dir('')}"
     )
+
+
+def combine_prepared(parts: list[str]) -> InteractionData:
+    """The multi-domain dataset named "a+b+..." (``prmkd_dist.data.domains``) of the datasets ``parts`` (each
+    loaded as by :func:`load_dataset`), combined on first use and kept under ``default_out_dir`` like a prepared
+    dataset (``prmkd-dist data combine`` does the same explicitly)."""
+    from prmkd_dist.data.domains import combine_domains
+
+    name = "+".join(parts)
+    out = default_out_dir(name)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    with open(out.parent / f".{out.name}.lock", "w") as lock:  # ranks of one job: one combines, the others reuse
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        if (out / "meta.json").is_file():
+            return InteractionData.load(str(out))
+        data = combine_domains([load_dataset(p) for p in parts], name)
+        tmp = out.parent / f".{out.name}.tmp-{os.getpid()}"
+        shutil.rmtree(tmp, ignore_errors=True)
+        data.save(str(tmp))
+        os.replace(tmp, out)
+        return data
 
 
 def load_split(name_or_dir: str | os.PathLike) -> tuple[InteractionData, LeaveOneOutSplit]:

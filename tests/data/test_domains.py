@@ -156,3 +156,18 @@ def test_data_combine_cli(ml_small, tmp_path, capsys):
     assert "already combined" in capsys.readouterr().out
     assert cli_main(["data", "combine", str(tmp_path / "b"), str(tmp_path / "a"), "--out", str(out)]) == 1
     assert "--force" in capsys.readouterr().err
+
+
+def test_a_plus_b_names_combine_on_first_use(ml_small, tmp_path, monkeypatch):
+    from prmkd_dist.data.prepare import load_dataset
+
+    monkeypatch.setenv("PRMKD_ARTIFACTS", str(tmp_path))
+    real_slice(ml_small, range(0, 3), "ml-a").save(str(tmp_path / "data" / "ml-a"))
+    real_slice(ml_small, range(3, 5), "ml-b").save(str(tmp_path / "data" / "ml-b"))
+    first = load_dataset("ml-a+ml-b")
+    assert [d.name for d in first.domains] == ["ml-a", "ml-b"]
+    assert (tmp_path / "data" / "ml-a+ml-b" / "meta.json").is_file()
+    again = load_dataset("ml-a+ml-b")  # now read back from disk
+    assert again.fingerprint == first.fingerprint and again.domains == first.domains
+    with pytest.raises(DatasetFormatError, match="ml-c"):
+        load_dataset("ml-a+ml-c")
