@@ -39,7 +39,7 @@ echo "tests rc=$?"; tail -3 "$OUT/tests.log"; cd "$REPO"
 # GRID=full: the whole grid (measured 2026-11-27: does not fit one 10-minute call with the tests);
 # GRID=small (default): the cells still open after it, where the step is bound by the host: B x C <= 1e8, every
 # backend also replayed from a CUDA graph (the benchmark's "graph replay"), and the fused-linear step after its
-# host ops were cut (72 -> 46 aten ops; predicted ~0.7 ms faster per step, RESULTS.md)
+# host ops were cut (72 -> 46 aten ops, benchmarks/host_ops.py; predicted ~0.7 ms faster per step, RESULTS.md)
 if [ "${GRID:-small}" = full ]; then
   LB="4096 1024 256"; LC="1e6 1e5 1e4"; NB="1024 4096 256"; NC="1e6 1e5 1e4"; NX="1e7"
 else
