@@ -8,9 +8,9 @@ import time
 from pathlib import Path
 
 from prmkd_dist.data.dataset import InteractionData
-from prmkd_dist.data.domains import combine_domains
 from prmkd_dist.data.prepare import (
     builtin_datasets,
+    combine_prepared,
     dataset_statistics,
     default_out_dir,
     load_dataset,
@@ -71,21 +71,13 @@ def _prepare(args: argparse.Namespace) -> int:
 def _combine(args: argparse.Namespace) -> int:
     started = time.time()
     try:
-        data = combine_domains([load_dataset(d) for d in args.datasets], args.name)
-        out = Path(args.out) if args.out else default_out_dir(data.name)
-        if (out / "meta.json").is_file() and not args.force:
-            previous = InteractionData.load(str(out))
-            if previous.source == data.source and previous.fingerprint == data.fingerprint:
-                print(format_statistics(previous, out, "already combined from identical inputs (--force rebuilds)"))
-                return 0
-            raise ValueError(f"{out}: holds another dataset ({previous.name}, {previous.source}); pass --force to replace it")
-        if out.exists() and not (out / "meta.json").is_file() and any(out.iterdir()):
-            raise ValueError(f"{out}: exists, is not empty and is not a prepared dataset; refusing to overwrite it")
-        data.save(str(out))
+        data, written = combine_prepared(args.datasets, args.name, args.out, args.force)
     except ValueError as e:
         print(f"error: {e}", file=sys.stderr)
         return 1
-    print(format_statistics(data, out, f"combined in {time.time() - started:.1f}s"))
+    out = Path(args.out) if args.out else default_out_dir(data.name)
+    status = f"combined in {time.time() - started:.1f}s" if written else "already combined from identical inputs (--force rebuilds)"
+    print(format_statistics(data, out, status))
     for d in data.domains:
         print(f"domain {d.name}: items [{d.items[0]}, {d.items[1]}), users [{d.users[0]}, {d.users[1]})")
     return 0

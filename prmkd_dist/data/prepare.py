@@ -18,6 +18,7 @@ from pathlib import Path
 import numpy as np
 
 from prmkd_dist.data.dataset import DatasetFormatError, InteractionData, LeaveOneOutSplit
+from prmkd_dist.data.domains import combine_domains
 from prmkd_dist.data.paths import artifacts_root
 from prmkd_dist.data.readers import ReaderConfig, ReaderConfigError, load_reader_config, read_dataset
 
@@ -122,18 +123,25 @@ def _prepare_locked(config: ReaderConfig, out: Path, force: bool) -> Interaction
         raise OutputDirError(f"{out}: exists, is not empty and is not a prepared dataset; refusing to overwrite it")
 
     data, report = read_dataset(config, source=digest)
+    provenance = {"source": digest, "config": config.to_dict(), "inputs": inputs, "report": report.as_dict()}
+    _save_swapped(data, out, provenance)
+    return data
+
+
+def _save_swapped(data: InteractionData, out: Path, provenance: dict | None = None) -> None:
+    """Save ``data`` (and its ``prepare.json``) next to ``out`` and swap it in: a crash never leaves a
+    half-written dataset in ``out``."""
     tmp = out.parent / f".{out.name}.tmp-{os.getpid()}"
     shutil.rmtree(tmp, ignore_errors=True)
     data.save(str(tmp))
-    provenance = {"source": digest, "config": config.to_dict(), "inputs": inputs, "report": report.as_dict()}
-    with open(tmp / PROVENANCE_FILE, "w") as f:
-        json.dump(provenance, f, indent=2)
+    if provenance is not None:
+        with open(tmp / PROVENANCE_FILE, "w") as f:
+            json.dump(provenance, f, indent=2)
     old = out.parent / f".{out.name}.old-{os.getpid()}"
     if out.exists():
         os.replace(out, old)
     os.replace(tmp, out)
     shutil.rmtree(old, ignore_errors=True)
-    return data
 
 
 def read_provenance(directory: str | os.PathLike) -> dict | None:
@@ -158,32 +166,36 @@ def load_dataset(name_or_dir: str | os.PathLike) -> InteractionData:
     if (default_out_dir(text) / "meta.json").is_file():
         return InteractionData.load(str(default_out_dir(text)))
     if "+" in text and all(part for part in text.split("+")):
-        return combine_prepared(text.split("+"))
+        return combine_prepared(text.split("+"))[0]
     raise DatasetFormatError(
         f"{text!r} is not a prepared dataset directory, a reader config, a builtin dataset "
         f"({', '.join(builtin_datasets())}) or a dataset prepared under {default_out_dir('')}"
     )
 
 
-def combine_prepared(parts: list[str]) -> InteractionData:
-    """The multi-domain dataset named "a+b+..." (``prmkd_dist.data.domains``) of the datasets ``parts`` (each
-    loaded as by :func:`load_dataset`), combined on first use and kept under ``default_out_dir`` like a prepared
-    dataset (``prmkd-dist data combine`` does the same explicitly)."""
-    from prmkd_dist.data.domains import combine_domains
-
-    name = "+".join(parts)
-    out = default_out_dir(name)
+def combine_prepared(parts: list[str], name: str | None = None, out_dir: str | os.PathLike | None = None,
+                     force: bool = False) -> tuple[InteractionData, bool]:
+    """The multi-domain dataset (``prmkd_dist.data.domains``) of the datasets ``parts`` (each loaded as by
+    :func:`load_dataset`), named ``name`` (default "a+b+..."), kept in ``out_dir`` (default ``default_out_dir``)
+    like a prepared dataset; returns (dataset, whether it was written now). Reused when the directory holds it
+    from identical inputs; rebuilt when it holds the same name from other inputs (a part was re-prepared) or with
+    ``force``; any other content of ``out_dir`` is refused."""
+    data = combine_domains([load_dataset(p) for p in parts], name)  # cheap next to what uses it: seconds
+    out = Path(out_dir) if out_dir is not None else default_out_dir(data.name)
     out.parent.mkdir(parents=True, exist_ok=True)
     with open(out.parent / f".{out.name}.lock", "w") as lock:  # ranks of one job: one combines, the others reuse
         fcntl.flock(lock, fcntl.LOCK_EX)
-        if (out / "meta.json").is_file():
-            return InteractionData.load(str(out))
-        data = combine_domains([load_dataset(p) for p in parts], name)
-        tmp = out.parent / f".{out.name}.tmp-{os.getpid()}"
-        shutil.rmtree(tmp, ignore_errors=True)
-        data.save(str(tmp))
-        os.replace(tmp, out)
-        return data
+        if (out / "meta.json").is_file() and not force:
+            previous = InteractionData.load(str(out))
+            if previous.source == data.source and previous.fingerprint == data.fingerprint:
+                return previous, False
+            if previous.name != data.name:
+                raise OutputDirError(f"{out}: holds another dataset ({previous.name}); pass force=True / --force to "
+                                     f"replace it with {data.name}")
+        elif out.exists() and not (out / "meta.json").is_file() and any(out.iterdir()):
+            raise OutputDirError(f"{out}: exists, is not empty and is not a prepared dataset; refusing to overwrite it")
+        _save_swapped(data, out)
+        return data, True
 
 
 def load_split(name_or_dir: str | os.PathLike) -> tuple[InteractionData, LeaveOneOutSplit]:

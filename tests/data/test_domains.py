@@ -171,6 +171,10 @@ def test_a_plus_b_names_combine_on_first_use(ml_small, tmp_path, monkeypatch):
     assert again.fingerprint == first.fingerprint and again.domains == first.domains
     with pytest.raises(DatasetFormatError, match="ml-c"):
         load_dataset("ml-a+ml-c")
+    # a part prepared again from other data: the combination is rebuilt, not served stale
+    real_slice(ml_small, range(3, 8), "ml-b").save(str(tmp_path / "data" / "ml-b"))
+    rebuilt = load_dataset("ml-a+ml-b")
+    assert rebuilt.domains[1].users == (3, 8) and rebuilt.fingerprint != first.fingerprint
 
 
 def test_one_student_distils_on_two_domains(domains, tmp_path):
