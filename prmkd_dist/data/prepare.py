@@ -163,10 +163,10 @@ def load_dataset(name_or_dir: str | os.PathLike) -> InteractionData:
     text = str(name_or_dir)
     if path.suffix in (".yaml", ".yml") or path.is_file() or (BUILTIN_CONFIG_DIR / f"{text}.yaml").is_file():
         return prepare_dataset(text)
+    if "+" in text and all(part for part in text.split("+")):  # before the stored copy: its parts may have changed
+        return combine_prepared(text.split("+"))[0]
     if (default_out_dir(text) / "meta.json").is_file():
         return InteractionData.load(str(default_out_dir(text)))
-    if "+" in text and all(part for part in text.split("+")):
-        return combine_prepared(text.split("+"))[0]
     raise DatasetFormatError(
         f"{text!r} is not a prepared dataset directory, a reader config, a builtin dataset "
         f"({', '.join(builtin_datasets())}) or a dataset prepared under {default_out_dir('')}"
