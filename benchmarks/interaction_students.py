@@ -9,6 +9,7 @@ Prints a markdown table (mean ± std over seeds) and writes JSON.
     python benchmarks/interaction_students.py --shards artifacts/teachers/ml-latest-small/shards --seeds 3
     python benchmarks/interaction_students.py --dataset amazon-games --students lightgcn \
         --shards artifacts/teachers/amazon-games/exports/ease --set 'distill.teacher_scale={ease: 0.3}'
+    python benchmarks/interaction_students.py --pool seeds0.json seeds12.json --out pooled.json   # one table
 """
 from __future__ import annotations
 
@@ -34,6 +35,62 @@ STUDENTS = {
 VARIANTS = {"no distillation": ["distill.lambda_kd=0"], "distilled": []}
 
 
+def summarise(runs: dict[str, dict[str, list[dict]]]) -> tuple[str, dict]:
+    """Markdown table and summary (mean, std over seeds) of ``runs[student][variant]``."""
+    lines = ["| student | variant | seeds | " + " | ".join(f"valid {m}" for m in METRICS[:1])
+             + " | " + " | ".join(f"test {m}" for m in METRICS) + " |",
+             "|---|---|---:|" + "---:|" * (1 + len(METRICS))]
+    summary = {}
+    for student, vs in runs.items():
+        for variant, rs in vs.items():
+            cell = {}
+            for stage in ("valid", "test"):
+                for m in METRICS:
+                    x = np.array([r[stage][m] for r in rs])
+                    cell[f"{stage} {m}"] = (float(x.mean()), float(x.std()))
+            summary[f"{student} / {variant}"] = cell
+            fmt = lambda k: f"{cell[k][0]:.4f} ± {cell[k][1]:.4f}"  # noqa: E731
+            lines.append(f"| {student} | {variant} | {len(rs)} | {fmt('valid NDCG@10')} | "
+                         + " | ".join(fmt(f"test {m}") for m in METRICS) + " |")
+    return "\n".join(lines), summary
+
+
+# what may differ between reports that are pooled: which seeds ran, where the report went, how it printed
+POOL_FREE_ARGS = ("seeds", "first_seed", "out", "progress", "threads", "students", "pool")
+
+
+def pool_reports(paths: list[str]) -> dict:
+    """One report from several runs of this script that differ only in their seeds (and students): the runs of
+    every (student, variant) concatenated. A setting that differs (dataset, shards, epochs, lr, overrides, ...)
+    or a seed present twice is an error that names both files, so rows of different experiments never mix."""
+    reports = [(p, json.loads(Path(p).read_text())) for p in paths]
+    ref_path, ref = reports[0]
+    same = {k: v for k, v in ref["args"].items() if k not in POOL_FREE_ARGS}
+    runs: dict[str, dict[str, list[dict]]] = {}
+    hparams: dict = {}
+    for path, rep in reports:
+        for k, v in same.items():
+            if rep["args"].get(k) != v:
+                raise ValueError(f"--pool: {path} has {k}={rep['args'].get(k)!r} but {ref_path} has {v!r}: "
+                                 "only reports of the same experiment (different seeds) can be pooled")
+        for student, hp in rep["hparams"].items():
+            if hparams.setdefault(student, hp) != hp:
+                raise ValueError(f"--pool: {path} trains {student} with {hp}, another report with {hparams[student]}")
+        for student, vs in rep["runs"].items():
+            for variant, rs in vs.items():
+                into = runs.setdefault(student, {}).setdefault(variant, [])
+                seen = {r["seed"] for r in into}
+                for r in rs:
+                    if r["seed"] in seen:
+                        raise ValueError(f"--pool: {student} / {variant} seed {r['seed']} is in {path} and in an "
+                                         "earlier report")
+                    into.append(r)
+                into.sort(key=lambda r: r["seed"])
+    table, summary = summarise(runs)
+    return {"pooled_from": list(paths), "commands": [rep["command"] for _, rep in reports], "args": same,
+            "hparams": hparams, "summary": summary, "runs": runs, "table": table}
+
+
 def base_config(dataset: str, student: str, shards: str, args) -> dict:
     return {
         "data": {"dataset": dataset, "max_len": args.max_len, "windows": args.windows},
@@ -51,7 +108,7 @@ def base_config(dataset: str, student: str, shards: str, args) -> dict:
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--dataset", default="ml-latest-small")
-    ap.add_argument("--shards", required=True, help="merged teacher shards of --dataset")
+    ap.add_argument("--shards", help="merged teacher shards of --dataset (required unless --pool)")
     ap.add_argument("--students", nargs="*", default=list(STUDENTS), choices=list(STUDENTS))
     ap.add_argument("--seeds", type=int, default=3)
     ap.add_argument("--first-seed", type=int, default=0, help="seeds first-seed .. first-seed + seeds - 1")
@@ -69,7 +126,17 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--progress", action="store_true")
     ap.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                     help="config override for every run (repeatable), e.g. --set 'distill.teacher_scale={ease: 0.3}'")
+    ap.add_argument("--pool", nargs="+", metavar="REPORT",
+                    help="train nothing: pool the runs of these reports (the same experiment, other seeds) into --out")
     args = ap.parse_args(argv)
+    if args.pool:
+        pooled = pool_reports(args.pool)
+        print(pooled["table"])
+        Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+        Path(args.out).write_text(json.dumps(pooled, indent=2))
+        return 0
+    if not args.shards:
+        ap.error("--shards is required (or --pool REPORT ...)")
 
     _, split = load_split(args.dataset)
     runs: dict[str, dict[str, list[dict]]] = {}
@@ -89,22 +156,7 @@ def main(argv: list[str] | None = None) -> int:
                 print(f"{student} | {variant} | seed {seed}: valid NDCG@10 {res.valid['NDCG@10']:.4f} test NDCG@10 "
                       f"{res.test['NDCG@10']:.4f} (best epoch {res.best_epoch}, {time.time() - t:.0f} s)", flush=True)
 
-    lines = ["| student | variant | seeds | " + " | ".join(f"valid {m}" for m in METRICS[:1])
-             + " | " + " | ".join(f"test {m}" for m in METRICS) + " |",
-             "|---|---|---:|" + "---:|" * (1 + len(METRICS))]
-    summary = {}
-    for student, vs in runs.items():
-        for variant, rs in vs.items():
-            cell = {}
-            for stage in ("valid", "test"):
-                for m in METRICS:
-                    x = np.array([r[stage][m] for r in rs])
-                    cell[f"{stage} {m}"] = (float(x.mean()), float(x.std()))
-            summary[f"{student} / {variant}"] = cell
-            fmt = lambda k: f"{cell[k][0]:.4f} ± {cell[k][1]:.4f}"  # noqa: E731
-            lines.append(f"| {student} | {variant} | {len(rs)} | {fmt('valid NDCG@10')} | "
-                         + " | ".join(fmt(f"test {m}") for m in METRICS) + " |")
-    table = "\n".join(lines)
+    table, summary = summarise(runs)
     print(table)
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(json.dumps({

@@ -1,0 +1,67 @@
+"""benchmarks/interaction_students.py --pool: reports of one experiment (other seeds) become one table; reports of
+different experiments, or a seed counted twice, are refused with both files named."""
+from __future__ import annotations
+
+import importlib.util
+import json
+from pathlib import Path
+
+import pytest
+
+PROJECT_ROOT = Path(__file__).resolve().parents[2]
+
+
+def _bench():
+    spec = importlib.util.spec_from_file_location("interaction_bench",
+                                                  PROJECT_ROOT / "benchmarks" / "interaction_students.py")
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+def _report(path: Path, seeds, lr=5e-3, ndcg=(0.02, 0.03)):
+    def run(seed, base):
+        m = {"NDCG@10": base + 0.001 * seed, "HR@10": 2 * base, "NDCG@20": base + 0.01, "MRR": base / 2}
+        return {"seed": seed, "best_epoch": 1, "epochs_run": 3, "seconds": 1.0, "valid": dict(m), "test": dict(m)}
+
+    args = {"dataset": "amazon-games", "shards": "s", "students": ["lightgcn"], "seeds": len(seeds),
+            "first_seed": seeds[0], "epochs": 8, "lr": lr, "overrides": ["distill.teacher_scale={ease: 0.3}"],
+            "out": str(path), "threads": 2, "progress": False}
+    runs = {"lightgcn": {"no distillation": [run(s, ndcg[0]) for s in seeds],
+                         "distilled": [run(s, ndcg[1]) for s in seeds]}}
+    path.write_text(json.dumps({"command": f"python x --first-seed {seeds[0]}", "args": args,
+                                "hparams": {"lightgcn": {"dim": 64, "num_layers": 2}}, "runs": runs}))
+    return str(path)
+
+
+def test_pool_concatenates_seeds_and_recomputes_the_summary(tmp_path):
+    b = _bench()
+    pooled = b.pool_reports([_report(tmp_path / "a.json", [1, 2]), _report(tmp_path / "b.json", [0])])
+    runs = pooled["runs"]["lightgcn"]["distilled"]
+    assert [r["seed"] for r in runs] == [0, 1, 2]
+    mean, std = pooled["summary"]["lightgcn / distilled"]["test NDCG@10"]
+    assert mean == pytest.approx(0.031)  # 0.030, 0.031, 0.032
+    assert std == pytest.approx(0.0008165, rel=1e-3)
+    assert "| lightgcn | no distillation | 3 | 0.0210 ± 0.0008 |" in pooled["table"]
+    assert len(pooled["pooled_from"]) == 2 and len(pooled["commands"]) == 2
+
+
+def test_pool_refuses_another_experiment_or_a_repeated_seed(tmp_path):
+    b = _bench()
+    first = _report(tmp_path / "a.json", [0])
+    other_lr = _report(tmp_path / "b.json", [1], lr=1e-3)
+    with pytest.raises(ValueError, match="lr=0.001") as err:
+        b.pool_reports([first, other_lr])
+    assert "b.json" in str(err.value) and "a.json" in str(err.value)
+    again = _report(tmp_path / "c.json", [0])
+    with pytest.raises(ValueError, match="seed 0 is in .*c.json"):
+        b.pool_reports([first, again])
+
+
+def test_pool_cli_writes_the_pooled_report(tmp_path, capsys):
+    b = _bench()
+    out = tmp_path / "pooled.json"
+    assert b.main(["--pool", _report(tmp_path / "a.json", [0]), _report(tmp_path / "b.json", [1]),
+                   "--out", str(out)]) == 0
+    assert "| lightgcn | distilled | 2 |" in capsys.readouterr().out
+    assert len(json.loads(out.read_text())["runs"]["lightgcn"]["distilled"]) == 2
