@@ -64,6 +64,9 @@ def pool_reports(paths: list[str]) -> dict:
     every (student, variant) concatenated. A setting that differs (dataset, shards, epochs, lr, overrides, ...)
     or a seed present twice is an error that names both files, so rows of different experiments never mix."""
     reports = [(p, json.loads(Path(p).read_text())) for p in paths]
+    for _, rep in reports:  # reports written before --set existed ran without overrides; a shard dir is a path
+        rep["args"].setdefault("overrides", [])
+        rep["args"]["shards"] = os.path.normpath(rep["args"]["shards"])
     ref_path, ref = reports[0]
     same = {k: v for k, v in ref["args"].items() if k not in POOL_FREE_ARGS}
     runs: dict[str, dict[str, list[dict]]] = {}

@@ -46,6 +46,19 @@ def test_pool_concatenates_seeds_and_recomputes_the_summary(tmp_path):
     assert len(pooled["pooled_from"]) == 2 and len(pooled["commands"]) == 2
 
 
+def test_pool_accepts_reports_from_before_set_and_a_trailing_slash(tmp_path):
+    b = _bench()
+    old = json.loads(Path(_report(tmp_path / "a.json", [0])).read_text())
+    del old["args"]["overrides"]  # written before --set existed: no overrides
+    old["args"]["shards"] = "s/"
+    (tmp_path / "a.json").write_text(json.dumps(old))
+    new = _report(tmp_path / "b.json", [1])
+    newer = json.loads(Path(new).read_text())
+    newer["args"]["overrides"] = []
+    (tmp_path / "b.json").write_text(json.dumps(newer))
+    assert [r["seed"] for r in b.pool_reports([str(tmp_path / "a.json"), new])["runs"]["lightgcn"]["distilled"]] == [0, 1]
+
+
 def test_pool_refuses_another_experiment_or_a_repeated_seed(tmp_path):
     b = _bench()
     first = _report(tmp_path / "a.json", [0])
