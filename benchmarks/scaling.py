@@ -4,7 +4,8 @@
                                            [--out FILE.json]
 
 For each world size the script starts itself under torchrun (gloo; CPU unless CUDA is present) and trains
-SASRec on ml-latest-small with the same GLOBAL batch, timing per step (median over steps after warm-up):
+SASRec on ``--dataset`` (default ml-latest-small) with the same GLOBAL batch, timing per step (median over steps
+after warm-up):
   lookup   forward of the sharded item table (input dist + lookup + output dist all-to-alls)
   dense    the rest of the student's forward
   loss     all-gather of the hidden rows + catalog-parallel loss forward
@@ -49,7 +50,7 @@ def worker(args) -> None:
 
     rank, world, _ = init_process_group()
     torch.manual_seed(0)
-    split = load_split_for("ml-latest-small")
+    split = load_split_for(args.dataset)
     model = build_student("sasrec", split.data.num_items, dim=args.dim, max_len=args.max_len, num_layers=2,
                           num_heads=2, dropout=0.0)
     optim = SimpleNamespace(lr=1e-3, weight_decay=0.0, grad_clip=1.0, batch_size=args.batch)
@@ -100,7 +101,7 @@ def worker(args) -> None:
         eng.ds.step()
         t4 = time.perf_counter()
         return {"lookup": timer["t"], "dense": t1 - t0 - timer["t"], "loss": t2 - t1, "backward": t3 - t2,
-                "step": t4 - t3, "total": t4 - t0}
+                "step": t4 - t3, "total": t4 - t0, "rows": int(h.shape[0])}
 
     for s in range(args.warmup + args.steps):
         data = batch(s)
@@ -119,10 +120,12 @@ def worker(args) -> None:
     out = []
     for t in variants:
         med = {k: float(np.median([r[k] for r in rows[t]])) for k in PHASES}
+        med["rows"] = float(np.mean([r["rows"] for r in rows[t]]))
         allmed = [None] * world
         dist.all_gather_object(allmed, med)
         worst = {k: max(m[k] for m in allmed) for k in PHASES}  # the slowest rank sets the pace
         worst["examples_per_s"] = args.batch / worst["total"]
+        worst["rows_per_step"] = sum(m["rows"] for m in allmed)  # scored positions of the global batch
         out.append({"world": world, "teachers": t, "k": args.k if t else 0, **worst})
     if rank == 0:
         Path(args.result).write_text(json.dumps(out))
@@ -161,6 +164,8 @@ def profile_steps(args, step, batches, world) -> None:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--dataset", default="ml-latest-small",
+                    help="prepared dataset whose catalog the loss scores (amazon-games: 2.4x ml's items)")
     ap.add_argument("--steps", type=int, default=20)
     ap.add_argument("--warmup", type=int, default=3)
     ap.add_argument("--batch", type=int, default=128, help="global batch (users)")
@@ -190,8 +195,8 @@ def main() -> None:
         with tempfile.TemporaryDirectory() as tmp:
             res = Path(tmp) / "r.json"
             cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", str(w),
-                   __file__, "--worker", "--result", str(res), "--steps", str(args.steps), "--warmup",
-                   str(args.warmup), "--batch", str(args.batch), "--max-len", str(args.max_len),
+                   __file__, "--worker", "--result", str(res), "--dataset", args.dataset, "--steps", str(args.steps),
+                   "--warmup", str(args.warmup), "--batch", str(args.batch), "--max-len", str(args.max_len),
                    "--dim", str(args.dim), "--zero", str(args.zero), "--loss-backend", args.loss_backend,
                    "--teachers", str(args.teachers), "--k", str(args.k), "--temperature", str(args.temperature),
                    "--weights", args.weights, "--profile-steps", str(args.profile_steps)]
@@ -203,11 +208,12 @@ def main() -> None:
             if args.profile:  # the profile table is printed by rank 0
                 print("\n".join(l for l in proc.stdout.splitlines() if l.startswith(("|", "world"))))
             results.extend(json.loads(res.read_text()))
-    print("| loss backend | ranks | teachers x K | " + " | ".join(f"{k} ms" for k in PHASES) + " | examples/s |")
-    print("|---" * (len(PHASES) + 4) + "|")
+    print(f"{args.dataset}: catalog of the loss = its items; rows = scored positions per global batch")
+    print("| loss backend | ranks | teachers x K | rows | " + " | ".join(f"{k} ms" for k in PHASES) + " | examples/s |")
+    print("|---" * (len(PHASES) + 5) + "|")
     for r in results:
         tk = f"{r['teachers']} x {r['k']}" if r["teachers"] else "none"
-        print(f"| {args.loss_backend} | {r['world']} | {tk} | " + " | ".join(f"{1000 * r[k]:.1f}" for k in PHASES)
+        print(f"| {args.loss_backend} | {r['world']} | {tk} | {r['rows_per_step']:.0f} | " + " | ".join(f"{1000 * r[k]:.1f}" for k in PHASES)
               + f" | {r['examples_per_s']:.0f} |")
     for w in args.worlds:
         pair = [r for r in results if r["world"] == w]
