@@ -45,3 +45,16 @@ def ml_small(shared_data: Path, tmp_path_factory: pytest.TempPathFactory) -> Int
 def ml_small_split(ml_small: InteractionData) -> LeaveOneOutSplit:
     """Leave-one-out split of ``ml_small``."""
     return LeaveOneOutSplit.of(ml_small)
+
+
+@pytest.fixture(scope="session")
+def load_benchmark():
+    """``load_benchmark("quality")``: the module of ``benchmarks/quality.py`` (benchmarks are scripts, not a package)."""
+    import importlib.util
+
+    def load(name: str):
+        spec = importlib.util.spec_from_file_location(f"{name}_bench", PROJECT_ROOT / "benchmarks" / f"{name}.py")
+        mod = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(mod)
+        return mod
+    return load

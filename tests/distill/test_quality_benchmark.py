@@ -1,20 +1,13 @@
 """benchmarks/quality.py reuses an earlier report's no-distillation runs only where they match this run."""
 from __future__ import annotations
 
-import importlib.util
 import json
 from pathlib import Path
 
 import pytest
 
-PROJECT_ROOT = Path(__file__).resolve().parents[2]
 
 
-def _quality():
-    spec = importlib.util.spec_from_file_location("quality_bench", PROJECT_ROOT / "benchmarks" / "quality.py")
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
 
 
 def _report(path: Path, dataset="amazon-games", config="distill-sasrec-games", seeds=(0, 1, 2)):
@@ -26,8 +19,8 @@ def _report(path: Path, dataset="amazon-games", config="distill-sasrec-games", s
     return path
 
 
-def test_earlier_baseline_takes_the_requested_seeds(tmp_path):
-    q = _quality()
+def test_earlier_baseline_takes_the_requested_seeds(tmp_path, load_benchmark):
+    q = load_benchmark("quality")
     got = q.earlier_baseline(str(_report(tmp_path / "r.json")), "amazon-games", "distill-sasrec-games", [1, 2])
     assert [r["seed"] for r in got["runs"]] == [1, 2]
     assert got["summary"]["best_epoch"] == [4, 5]
@@ -40,8 +33,8 @@ def test_earlier_baseline_takes_the_requested_seeds(tmp_path):
     ("amazon-games", "distill-sasrec-ml", [0], "config is 'distill-sasrec-games'"),
     ("amazon-games", "distill-sasrec-games", [2, 5], r"seed\(s\) \[5\]"),
 ])
-def test_earlier_baseline_refuses_a_mismatch(tmp_path, dataset, config, seeds, message):
-    q = _quality()
+def test_earlier_baseline_refuses_a_mismatch(tmp_path, dataset, config, seeds, message, load_benchmark):
+    q = load_benchmark("quality")
     path = _report(tmp_path / "r.json")
     with pytest.raises(ValueError, match=message) as err:
         q.earlier_baseline(str(path), dataset, config, seeds)

@@ -2,23 +2,15 @@
 GPU step is bound by them), and the kernels it stubs out are restored afterwards."""
 from __future__ import annotations
 
-import importlib.util
-from pathlib import Path
 
 import prmkd_dist.kernels.kd_loss_linear as linear_mod
 
-PROJECT_ROOT = Path(__file__).resolve().parents[2]
 
 
-def _host_ops():
-    spec = importlib.util.spec_from_file_location("host_ops_bench", PROJECT_ROOT / "benchmarks" / "host_ops.py")
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
 
 
-def test_triton_wrappers_issue_few_launching_ops():
-    h = _host_ops()
+def test_triton_wrappers_issue_few_launching_ops(load_benchmark):
+    h = load_benchmark("host_ops")
     kernel = linear_mod._lin_terms_kernel
     linear = h.count("linear", "triton", 1.0)
     logits = h.count("logits", "triton", 0.7)

@@ -2,21 +2,13 @@
 different experiments, or a seed counted twice, are refused with both files named."""
 from __future__ import annotations
 
-import importlib.util
 import json
 from pathlib import Path
 
 import pytest
 
-PROJECT_ROOT = Path(__file__).resolve().parents[2]
 
 
-def _bench():
-    spec = importlib.util.spec_from_file_location("interaction_bench",
-                                                  PROJECT_ROOT / "benchmarks" / "interaction_students.py")
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
 
 
 def _report(path: Path, seeds, lr=5e-3, ndcg=(0.02, 0.03)):
@@ -34,8 +26,8 @@ def _report(path: Path, seeds, lr=5e-3, ndcg=(0.02, 0.03)):
     return str(path)
 
 
-def test_pool_concatenates_seeds_and_recomputes_the_summary(tmp_path):
-    b = _bench()
+def test_pool_concatenates_seeds_and_recomputes_the_summary(tmp_path, load_benchmark):
+    b = load_benchmark("interaction_students")
     pooled = b.pool_reports([_report(tmp_path / "a.json", [1, 2]), _report(tmp_path / "b.json", [0])])
     runs = pooled["runs"]["lightgcn"]["distilled"]
     assert [r["seed"] for r in runs] == [0, 1, 2]
@@ -46,8 +38,8 @@ def test_pool_concatenates_seeds_and_recomputes_the_summary(tmp_path):
     assert len(pooled["pooled_from"]) == 2 and len(pooled["commands"]) == 2
 
 
-def test_pool_accepts_reports_from_before_set_and_a_trailing_slash(tmp_path):
-    b = _bench()
+def test_pool_accepts_reports_from_before_set_and_a_trailing_slash(tmp_path, load_benchmark):
+    b = load_benchmark("interaction_students")
     old = json.loads(Path(_report(tmp_path / "a.json", [0])).read_text())
     del old["args"]["overrides"]  # written before --set existed: no overrides
     old["args"]["shards"] = "s/"
@@ -59,8 +51,8 @@ def test_pool_accepts_reports_from_before_set_and_a_trailing_slash(tmp_path):
     assert [r["seed"] for r in b.pool_reports([str(tmp_path / "a.json"), new])["runs"]["lightgcn"]["distilled"]] == [0, 1]
 
 
-def test_pool_refuses_another_experiment_or_a_repeated_seed(tmp_path):
-    b = _bench()
+def test_pool_refuses_another_experiment_or_a_repeated_seed(tmp_path, load_benchmark):
+    b = load_benchmark("interaction_students")
     first = _report(tmp_path / "a.json", [0])
     other_lr = _report(tmp_path / "b.json", [1], lr=1e-3)
     with pytest.raises(ValueError, match="lr=0.001") as err:
@@ -71,8 +63,8 @@ def test_pool_refuses_another_experiment_or_a_repeated_seed(tmp_path):
         b.pool_reports([first, again])
 
 
-def test_pool_cli_writes_the_pooled_report(tmp_path, capsys):
-    b = _bench()
+def test_pool_cli_writes_the_pooled_report(tmp_path, capsys, load_benchmark):
+    b = load_benchmark("interaction_students")
     out = tmp_path / "pooled.json"
     assert b.main(["--pool", _report(tmp_path / "a.json", [0]), _report(tmp_path / "b.json", [1]),
                    "--out", str(out)]) == 0
