@@ -7,9 +7,6 @@ from pathlib import Path
 import pytest
 
 
-
-
-
 def _report(path: Path, dataset="amazon-games", config="distill-sasrec-games", seeds=(0, 1, 2)):
     metrics = {m: 0.01 * (i + 1) for i, m in enumerate(["HR@10", "NDCG@10", "HR@20", "NDCG@20", "MRR"])}
     runs = [{"seed": s, "valid": {k: v + s for k, v in metrics.items()}, "test": {k: v + 2 * s for k, v in metrics.items()},

@@ -2,11 +2,7 @@
 GPU step is bound by them), and the kernels it stubs out are restored afterwards."""
 from __future__ import annotations
 
-
 import prmkd_dist.kernels.kd_loss_linear as linear_mod
-
-
-
 
 
 def test_triton_wrappers_issue_few_launching_ops(load_benchmark):

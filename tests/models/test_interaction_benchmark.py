@@ -8,9 +8,6 @@ from pathlib import Path
 import pytest
 
 
-
-
-
 def _report(path: Path, seeds, lr=5e-3, ndcg=(0.02, 0.03)):
     def run(seed, base):
         m = {"NDCG@10": base + 0.001 * seed, "HR@10": 2 * base, "NDCG@20": base + 0.01, "MRR": base / 2}
