@@ -10,6 +10,9 @@
 //            dS_bj = g1_b softmax_1(s_b)_j + gt_b / tau softmax_tau(s_b)_j + sparse entries,
 //          and returns dS @ shard (this rank's contribution to d user_emb), dS^T @ user_emb (d of its own rows)
 //          and the column sums of dS (d of its own bias).
+// The selected pairs come dense, ids [B, M] (every rank sees every row's ids and keeps its own), or, with a row
+// pointer, as CSR: ids [E] and ptr [B + 1], row b's at ptr[b] .. ptr[b + 1] - 1 (the ids routed to their owner
+// by an all-to-all, so a rank scans only its own share; catalog_loss.py).
 // Arithmetic is float32 (bfloat16 embeddings are upcast once, O(R d)); the statistics come back in float64
 // because the all-reduce adds them across ranks.
 #include <torch/library.h>
@@ -20,16 +23,50 @@ namespace prmkd {
 namespace {
 
 // Global ids are >= -1 (-1 = empty slot); which ones are this shard's is the op's business, not an error.
-void check_global_ids(const int64_t* id, int64_t B, int64_t slots, const char* name) {
+// `slots` = 0: a 1-d list (the message names the entry, not a (row, slot)).
+void check_global_ids(const int64_t* id, int64_t n, int64_t slots, const char* name) {
   int64_t bad = -1;
-  for (int64_t i = 0; i < B * slots; ++i) bad = (id[i] < -1 && bad < 0) ? i : bad;
-  TORCH_CHECK(bad < 0, "prmkd: ", name, "[", bad / std::max<int64_t>(slots, 1), ", ", bad % std::max<int64_t>(slots, 1),
-              "] = ", bad < 0 ? 0 : id[bad], ": item ids must be >= -1 (-1 = empty slot)");
+  for (int64_t i = 0; i < n; ++i) bad = (id[i] < -1 && bad < 0) ? i : bad;
+  if (bad < 0) return;
+  if (slots == 0)
+    TORCH_CHECK(false, "prmkd: ", name, "[", bad, "] = ", id[bad], ": item ids must be >= -1 (-1 = empty slot)");
+  TORCH_CHECK(false, "prmkd: ", name, "[", bad / slots, ", ", bad % slots, "] = ", id[bad],
+              ": item ids must be >= -1 (-1 = empty slot)");
+}
+
+// The selected (row, id) pairs of either form, checked, as TileBuckets of this shard's entries; `out_shape`
+// gets the shape of the per-entry tensors ([B, M] dense, [E] in CSR form).
+TileBuckets selected_buckets(const at::Tensor& ids, const c10::optional<at::Tensor>& ptr, int64_t B, int64_t R,
+                             int64_t id_offset, const char* name, std::vector<int64_t>& out_shape) {
+  TORCH_CHECK(id_offset >= 0, "prmkd: id_offset must be >= 0, got ", id_offset);
+  TORCH_CHECK(ids.scalar_type() == at::kLong && ids.is_contiguous(), "prmkd: ", name,
+              " must be a contiguous int64 tensor, got ", ids.scalar_type());
+  const int64_t* id = ids.data_ptr<int64_t>();
+  if (!ptr.has_value()) {
+    TORCH_CHECK(ids.dim() == 2 && ids.size(0) == B, "prmkd: ", name, " must be [B=", B, ", M], got ", ids.sizes());
+    check_global_ids(id, ids.numel(), ids.size(1), name);
+    out_shape = {B, ids.size(1)};
+    return TileBuckets(id, B, ids.size(1), R, id_offset);
+  }
+  TORCH_CHECK(ids.dim() == 1, "prmkd: ", name, " with a row pointer must be 1-d [E], got ", ids.sizes());
+  TORCH_CHECK(ptr->dim() == 1 && ptr->size(0) == B + 1 && ptr->scalar_type() == at::kLong && ptr->is_contiguous(),
+              "prmkd: the row pointer of ", name, " must be a contiguous int64 [B + 1 = ", B + 1, "] tensor, got ",
+              ptr->sizes(), " ", ptr->scalar_type());
+  const int64_t* p = ptr->data_ptr<int64_t>();
+  TORCH_CHECK(p[0] == 0 && p[B] == ids.size(0), "prmkd: the row pointer of ", name, " must run from 0 to E = ",
+              ids.size(0), ", got ", p[0], " .. ", p[B]);
+  for (int64_t b = 0; b < B; ++b)
+    TORCH_CHECK(p[b] <= p[b + 1], "prmkd: the row pointer of ", name, " decreases at row ", b, " (", p[b], " > ",
+                p[b + 1], ")");
+  check_global_ids(id, ids.size(0), 0, name);
+  out_shape = {ids.size(0)};
+  return TileBuckets(id, p, B, R, id_offset);
 }
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> kd_catalog_local_stats(
     const at::Tensor& user_emb, const at::Tensor& item_emb, const c10::optional<at::Tensor>& item_bias,
-    double temperature, const c10::optional<at::Tensor>& sel_idx, int64_t id_offset) {
+    double temperature, const c10::optional<at::Tensor>& sel_idx, int64_t id_offset,
+    const c10::optional<at::Tensor>& sel_ptr) {
   const LinearInputs in = prepare_linear(user_emb, item_emb, item_bias, /*allow_empty=*/true);
   const int64_t B = in.B, R = in.C;
   TORCH_CHECK(temperature > 0.0 && std::isfinite(temperature), "prmkd: temperature must be > 0 and finite, got ",
@@ -38,20 +75,13 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> kd_catalog_local_stat
   const float inv_tau = float(1.0 / temperature);
 
   // logits at selected (row, local item) pairs, picked out of the logits blocks as the pass forms them (no
-  // [B, M, d] gather), through the entries bucketed by item tile
-  const int64_t slots = sel_idx.has_value() ? sel_idx->size(1) : 0;
-  at::Tensor sel = at::zeros({B, slots}, at::TensorOptions().dtype(at::kFloat));
+  // [B, M, d] gather), through the entries bucketed by item tile; ids are global: those outside
+  // [id_offset, id_offset + R) are other shards' (or -1, none) and skipped
+  TORCH_CHECK(sel_idx.has_value() || !sel_ptr.has_value(), "prmkd: sel_ptr given without sel_idx");
+  std::vector<int64_t> sel_shape{B, 0};
   TileBuckets buckets;
-  if (sel_idx.has_value()) {
-    TORCH_CHECK(sel_idx->dim() == 2 && sel_idx->size(0) == B && sel_idx->scalar_type() == at::kLong &&
-                    sel_idx->is_contiguous(),
-                "prmkd: sel_idx must be a contiguous int64 [B=", B, ", M] tensor, got ", sel_idx->sizes(), " ",
-                sel_idx->scalar_type());
-    TORCH_CHECK(id_offset >= 0, "prmkd: id_offset must be >= 0, got ", id_offset);
-    check_global_ids(sel_idx->data_ptr<int64_t>(), B, slots, "sel_idx");
-    // ids are global: those outside [id_offset, id_offset + R) are other shards' (or -1, none) and skipped
-    buckets = TileBuckets(sel_idx->data_ptr<int64_t>(), B, slots, R, id_offset);
-  }
+  if (sel_idx.has_value()) buckets = selected_buckets(*sel_idx, sel_ptr, B, R, id_offset, "sel_idx", sel_shape);
+  at::Tensor sel = at::zeros(sel_shape, at::TensorOptions().dtype(at::kFloat));
   float* sel_p = sel.data_ptr<float>();
   const bool pick = !buckets.empty();
   const std::vector<LseState> states = linear_row_states(
@@ -79,7 +109,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> kd_catalog_local_stat
 std::tuple<at::Tensor, at::Tensor, at::Tensor> kd_catalog_local_grad(
     const at::Tensor& user_emb, const at::Tensor& item_emb, const c10::optional<at::Tensor>& item_bias,
     const at::Tensor& coef_lse1, const at::Tensor& coef_lse_tau, const at::Tensor& lse1, const at::Tensor& lse_tau,
-    const at::Tensor& sparse_idx, const at::Tensor& sparse_grad, double temperature, int64_t id_offset) {
+    const at::Tensor& sparse_idx, const at::Tensor& sparse_grad, double temperature, int64_t id_offset,
+    const c10::optional<at::Tensor>& sparse_ptr) {
   const LinearInputs in = prepare_linear(user_emb, item_emb, item_bias, /*allow_empty=*/true);
   const int64_t B = in.B, R = in.C, d = in.d;
   TORCH_CHECK(temperature > 0.0 && std::isfinite(temperature), "prmkd: temperature must be > 0 and finite, got ",
@@ -88,17 +119,12 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> kd_catalog_local_grad(
     TORCH_CHECK(t->dim() == 1 && t->size(0) == B && t->scalar_type() == at::kFloat && t->is_contiguous(),
                 "prmkd: coef_lse1 / coef_lse_tau / lse1 / lse_tau must be contiguous float32 [B=", B, "], got ",
                 t->sizes(), " ", t->scalar_type());
-  TORCH_CHECK(sparse_idx.dim() == 2 && sparse_idx.size(0) == B && sparse_idx.scalar_type() == at::kLong &&
-                  sparse_idx.is_contiguous(),
-              "prmkd: sparse_idx must be a contiguous int64 [B=", B, ", M] tensor, got ", sparse_idx.sizes(), " ",
-              sparse_idx.scalar_type());
+  std::vector<int64_t> shape;
+  TileBuckets sparse = selected_buckets(sparse_idx, sparse_ptr, B, R, id_offset, "sparse_idx", shape);  // own ids
   TORCH_CHECK(sparse_grad.sizes() == sparse_idx.sizes() && sparse_grad.scalar_type() == at::kFloat &&
                   sparse_grad.is_contiguous(),
               "prmkd: sparse_grad must be a contiguous float32 tensor of sparse_idx's shape ", sparse_idx.sizes(),
               ", got ", sparse_grad.sizes(), " ", sparse_grad.scalar_type());
-  const int64_t slots = sparse_idx.size(1);
-  TORCH_CHECK(id_offset >= 0, "prmkd: id_offset must be >= 0, got ", id_offset);
-  check_global_ids(sparse_idx.data_ptr<int64_t>(), B, sparse_idx.size(1), "sparse_idx");
 
   const bool same_tau = temperature == 1.0;  // then lse_tau = lse1 and one exp serves both terms
   const float inv_tau = float(1.0 / temperature);
@@ -109,7 +135,6 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> kd_catalog_local_grad(
   auto opts = at::TensorOptions().dtype(at::kFloat);
   at::Tensor d_item = at::zeros({R, d}, opts);
   at::Tensor d_bias = at::zeros({R}, opts);
-  TileBuckets sparse(sparse_idx.data_ptr<int64_t>(), B, slots, R, id_offset);  // only this shard's ids
   at::Tensor d_user = linear_dense_grad(in, coef_lse1.data_ptr<float>(), coef_c.data(), lse1.data_ptr<float>(),
                                         lse_tau.data_ptr<float>(), inv_tau, same_tau, d_item, d_bias, sparse,
                                         sparse_grad.data_ptr<float>());

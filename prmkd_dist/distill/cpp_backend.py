@@ -143,34 +143,43 @@ def kd_rows_from_sel(lse1: Tensor, lse_tau: Tensor | None, sel: Tensor, target: 
                                 float(lambda_kd), float(lambda_rank))
 
 
+# the catalog-local ops also take the selected ids in CSR form (``sel_ptr`` / ``sparse_ptr``): the routed ids of
+# prmkd_dist.parallel.routing go in as they arrive (other backends get them as a padded dense matrix)
+CSR_SELECTED = True
+
+
 def catalog_local_stats(user_emb: Tensor, item_emb: Tensor, item_bias: Tensor | None, temperature: float,
-                        chunk_rows: int | None = None, sel_idx: Tensor | None = None, id_offset: int = 0
-                        ) -> tuple[Tensor, Tensor, Tensor, Tensor | None]:
+                        chunk_rows: int | None = None, sel_idx: Tensor | None = None, id_offset: int = 0,
+                        sel_ptr: Tensor | None = None) -> tuple[Tensor, Tensor, Tensor, Tensor | None]:
     """The catalog-parallel local statistics (see ``reference.catalog_local_stats``) by the fused C++ op:
     float64 (max, sum-exp at 1, sum-exp at tau) [B], without holding [B, R], and the float32 logits at
     GLOBAL ids ``sel_idx`` on this shard (items [id_offset, id_offset + R), picked out of the logits tiles as the
-    pass forms them; the op skips the others, so the caller never maps ids). ``chunk_rows`` is unused (the op
-    tiles by itself); float32 / bfloat16 embeddings."""
+    pass forms them; the op skips the others, so the caller never maps ids). ``sel_idx`` is [B, M], or [E] in CSR
+    form with ``sel_ptr`` [B + 1] (row b's ids at sel_ptr[b] .. sel_ptr[b + 1] - 1; the logits then [E]).
+    ``chunk_rows`` is unused (the op tiles by itself); float32 / bfloat16 embeddings."""
     bias = None if item_bias is None else item_bias.detach().contiguous()
     idx = None if sel_idx is None else sel_idx.to(torch.int64).contiguous()
+    ptr = None if sel_ptr is None else sel_ptr.to(torch.int64).contiguous()
     m, z1, zt, sel = torch.ops.prmkd.kd_catalog_local_stats(
-        user_emb.detach().contiguous(), item_emb.detach().contiguous(), bias, float(temperature), idx, int(id_offset))
+        user_emb.detach().contiguous(), item_emb.detach().contiguous(), bias, float(temperature), idx, int(id_offset),
+        ptr)
     return m, z1, zt, (sel if sel_idx is not None else None)
 
 
 def catalog_local_grad(user_emb: Tensor, item_emb: Tensor, item_bias: Tensor | None, coef_lse1: Tensor,
                        coef_lse_tau: Tensor, lse1: Tensor, lse_tau: Tensor, sparse_idx: Tensor, sparse_grad: Tensor,
-                       temperature: float, chunk_rows: int | None = None, id_offset: int = 0
-                       ) -> tuple[Tensor, Tensor, Tensor | None]:
+                       temperature: float, chunk_rows: int | None = None, id_offset: int = 0,
+                       sparse_ptr: Tensor | None = None) -> tuple[Tensor, Tensor, Tensor | None]:
     """The catalog-parallel local gradients (see ``reference.catalog_local_grad``; ``sparse_idx`` global ids, the
-    op keeps this shard's) by the fused C++ op, tile by tile: (local d user_emb [B, d], d item_emb [R, d],
-    d item_bias [R] or None), float32."""
+    op keeps this shard's; [B, M], or [E] in CSR form with ``sparse_ptr`` [B + 1], ``sparse_grad`` of its shape) by
+    the fused C++ op, tile by tile: (local d user_emb [B, d], d item_emb [R, d], d item_bias [R] or None), float32."""
     f32 = lambda t: t.detach().to(torch.float32).contiguous()  # noqa: E731
     bias = None if item_bias is None else item_bias.detach().contiguous()
+    ptr = None if sparse_ptr is None else sparse_ptr.to(torch.int64).contiguous()
     d_user, d_item, d_bias = torch.ops.prmkd.kd_catalog_local_grad(
         user_emb.detach().contiguous(), item_emb.detach().contiguous(), bias, f32(coef_lse1), f32(coef_lse_tau),
         f32(lse1), f32(lse_tau), sparse_idx.to(torch.int64).contiguous(), f32(sparse_grad), float(temperature),
-        int(id_offset))
+        int(id_offset), ptr)
     return d_user, d_item, (d_bias if item_bias is not None else None)
 
 
@@ -207,11 +216,14 @@ if not _IMPORT_ERROR:
         return torch.empty_like(grad_rows), torch.empty_like(grad_rows), torch.empty_like(sel)
 
     @torch.library.register_fake("prmkd::kd_catalog_local_stats")
-    def _kd_catalog_local_stats_fake(user_emb, item_emb, item_bias, temperature, sel_idx=None, id_offset=0):
+    def _kd_catalog_local_stats_fake(user_emb, item_emb, item_bias, temperature, sel_idx=None, id_offset=0,
+                                     sel_ptr=None):
         m = user_emb.new_empty((user_emb.shape[0],), dtype=torch.float64)
-        slots = sel_idx.shape[1] if sel_idx is not None else 0
-        return m, torch.empty_like(m), torch.empty_like(m), user_emb.new_empty((user_emb.shape[0], slots),
-                                                                               dtype=torch.float32)
+        if sel_ptr is not None:
+            shape = (sel_idx.shape[0],)
+        else:
+            shape = (user_emb.shape[0], sel_idx.shape[1] if sel_idx is not None else 0)
+        return m, torch.empty_like(m), torch.empty_like(m), user_emb.new_empty(shape, dtype=torch.float32)
 
     @torch.library.register_fake("prmkd::kd_catalog_local_grad")
     def _kd_catalog_local_grad_fake(user_emb, item_emb, item_bias, *_):

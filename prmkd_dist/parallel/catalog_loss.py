@@ -24,14 +24,15 @@ Contract
 
 Data-parallel batches (``local_batch=True``): each rank passes its OWN rows (``user_emb`` [b_r, d] and its
 targets and teacher tensors; b_r may differ between ranks) and the loss is the one of the concatenated global
-batch (ranks in order). The user rows and the [b_r, 1 + T*K] selected ids are all-gathered (the teacher
-scores and weights never travel), every rank scores all rows against its shard as above, but the gathered
-logits at the selected ids are reduce-scattered so that each rank evaluates the row formula for its own rows
-only (it was the part of the step that grew with the world size). The returned value is the global-batch
-loss on every rank ("mean" divides by the global batch); its gradient on rank r is that of rank r's rows'
-share, which is what data parallelism wants: backward all-gathers the rows' upstream gradients (each shard
-needs all of them for its rows' gradient, which comes out complete) and reduce-scatters the user-row
-gradients, so ``user_emb.grad`` is the full gradient of the global loss w.r.t. this rank's rows. The dense
+batch (ranks in order). The user rows are all-gathered and every rank scores all rows against its shard as
+above; each of the [b_r, 1 + T*K] selected ids is sent to the rank that owns it only, which returns its logit
+(two all-to-alls, prmkd_dist/parallel/routing.py; the teacher scores and weights never travel), so each rank
+picks the logits of its own share of the entries and evaluates the row formula for its own rows only (the
+parts of the step that grew with the world size when every rank saw every rank's ids). The returned value is
+the global-batch loss on every rank ("mean" divides by the global batch); its gradient on rank r is that of
+rank r's rows' share, which is what data parallelism wants: backward all-gathers the rows' LSE gradients (each
+shard needs all of them for its rows' gradient, which comes out complete), routes the selected logits'
+gradients to their owners as in forward, and reduce-scatters the user-row gradients, so ``user_emb.grad`` is the full gradient of the global loss w.r.t. this rank's rows. The dense
 gradients behind ``user_emb`` are then partial sums over ranks, to be SUMMED (not averaged) across ranks.
 ``reduction="none"`` returns the rank's own rows' losses [b_r].
 
@@ -61,7 +62,8 @@ from prmkd_dist.distill.loss import (
     resolve_backend,
 )
 from prmkd_dist.distill.reference import compute_dtype, kd_rows_from_sel
-from prmkd_dist.parallel.collectives import all_gather_dim0, gather_sizes, reduce_scatter_dim0
+from prmkd_dist.parallel.collectives import all_gather_dim0, reduce_scatter_dim0
+from prmkd_dist.parallel.routing import RoutedIds, csr_to_dense, route_ids
 
 __all__ = ["kd_loss_linear_catalog_parallel", "default_chunk_rows"]
 
@@ -76,64 +78,76 @@ def default_chunk_rows(batch: int) -> int:
 class _CatalogStats(torch.autograd.Function):
     """(u, W_local, b_local) -> (LSE_1 [B], LSE_tau [B], logits at ``sel_ids`` [B, M]), all global.
 
-    ``local`` is the backend module (``catalog_local_stats`` / ``catalog_local_grad``). Backward assumes (as
-    the contract guarantees) that the upstream gradients are identical on all ranks: then the gradient of a
-    sum all-reduce w.r.t. each rank's input is the upstream gradient itself, and the gradient of the
-    log-sum-exp w.r.t. a local logit is its global softmax probability."""
+    ``local`` is the backend module (``catalog_local_stats`` / ``catalog_local_grad``). Replicated batches
+    (``layout`` None): backward assumes (as the contract guarantees) that the upstream gradients are identical on
+    all ranks: then the gradient of a sum all-reduce w.r.t. each rank's input is the upstream gradient itself, and
+    the gradient of the log-sum-exp w.r.t. a local logit is its global softmax probability. Data-parallel batches
+    (``layout`` = (sizes, lo, hi), several ranks): the outputs are the rank's own rows'; each selected id is
+    routed to its owner and its logit back (prmkd_dist/parallel/routing.py), and backward routes the logits'
+    gradients the same way."""
 
     @staticmethod
-    def forward(ctx, u, w, b, sel_ids, item_offset, temperature, need_tau, chunk_rows, group, local, sizes):
+    def forward(ctx, u, w, b, sel_ids, item_offset, temperature, need_tau, chunk_rows, group, local, layout):
         cdt = compute_dtype(u.dtype)
-        rows = w.shape[0]
         # without a KL term LSE_tau is not needed: tau = 1 makes the local pass compute one exp per logit
         tau = float(temperature) if need_tau else 1.0
+        routed = None
         with torch.no_grad():
-            if sizes is not None:  # each rank brought its own rows: score everybody's against this shard
+            if layout is not None and len(layout[0]) > 1:  # each rank brought its own rows: score everybody's
+                sizes, lo, hi = layout
                 u = all_gather_dim0(u, sizes, group)
-                sel_ids = all_gather_dim0(sel_ids, sizes, group)
-            # logits at the selected (global) ids: the owner computes them (in the same pass as its statistics),
-            # everyone else adds 0; the same ids route the sparse gradient back (the local part keeps the ids in
-            # [item_offset, item_offset + rows) and skips the rest, -1 = empty included)
-            m, z1, zt, sel = local.catalog_local_stats(u, w, b, tau, chunk_rows, sel_ids, item_offset)
+                # each selected id goes to its owner only, which receives its entries as a CSR over all rows
+                routed = route_ids(sel_ids, sizes, lo, hi, group)
+                m, z1, zt, picked = _local_stats(local, u, w, b, tau, chunk_rows, routed)
+            else:
+                # logits at the selected (global) ids: the owner computes them (in the same pass as its
+                # statistics), everyone else adds 0 (the local part keeps the ids in [item_offset, item_offset +
+                # rows) and skips the rest, -1 = empty included)
+                m, z1, zt, sel = local.catalog_local_stats(u, w, b, tau, chunk_rows, sel_ids, item_offset)
             lse1, lse_tau = _global_lse(m, z1, zt, tau, group)
             lse1, lse_tau = lse1.to(cdt), lse_tau.to(cdt)
             if tau == 1.0:
                 lse_tau = lse1.clone()  # the same quantity: bit-identical, as the fused op assumes at tau = 1
-            sel = sel.to(cdt).contiguous()
-            if sizes is None:
-                dist.all_reduce(sel, op=dist.ReduceOp.SUM, group=group)
-            else:  # only the rank's own rows go on to the row formula
-                sel = reduce_scatter_dim0(sel, sizes, group)
+            if routed is None:
+                sel = sel.to(cdt).contiguous()
+                if dist.get_world_size(group) > 1:
+                    dist.all_reduce(sel, op=dist.ReduceOp.SUM, group=group)
+            else:  # the owners' logits back to the rows' ranks: only the rank's own rows go on to the row formula
+                sel = routed.to_senders(picked.to(cdt))
 
         ctx.save_for_backward(u, w, b if b is not None else torch.empty(0), lse1, lse_tau, sel_ids)
         ctx.has_bias = b is not None
         ctx.tau, ctx.need_tau, ctx.chunk_rows, ctx.group, ctx.local = tau, need_tau, chunk_rows, group, local
-        ctx.sizes, ctx.item_offset = sizes, item_offset
-        if sizes is not None:
-            lo = sum(sizes[:dist.get_rank(group)])
-            lse1, lse_tau = lse1[lo:lo + sel.shape[0]].clone(), lse_tau[lo:lo + sel.shape[0]].clone()
+        ctx.routed, ctx.item_offset = routed, item_offset
+        ctx.sizes = layout[0] if layout is not None else None
+        if layout is not None:
+            lo_row = sum(ctx.sizes[:dist.get_rank(group)])
+            lse1, lse_tau = lse1[lo_row:lo_row + sel.shape[0]].clone(), lse_tau[lo_row:lo_row + sel.shape[0]].clone()
         return lse1, (lse_tau if need_tau else torch.zeros_like(lse1)), sel
 
     @staticmethod
     def backward(ctx, g_lse1, g_lse_tau, g_sel):
         u, w, b, lse1, lse_tau, sel_ids = ctx.saved_tensors
         b = b if ctx.has_bias else None
-        sizes = ctx.sizes
+        sizes, routed = ctx.sizes, ctx.routed
         n_own = lse1.shape[0] if sizes is None else sizes[dist.get_rank(ctx.group)]
         zeros = lse1.new_zeros(n_own)
         g1 = g_lse1 if g_lse1 is not None else zeros
         gt = g_lse_tau if (g_lse_tau is not None and ctx.need_tau) else zeros
         if g_sel is None:
             g_sel = lse1.new_zeros((n_own, sel_ids.shape[1]))
-        if sizes is not None and len(sizes) > 1:  # every rank's upstream gradients: its shard needs every row's
-            g_all = all_gather_dim0(torch.cat([g1[:, None], gt[:, None], g_sel], dim=1).to(lse1.dtype), sizes,
-                                    ctx.group)
-            g1, gt, g_sel = g_all[:, 0], g_all[:, 1], g_all[:, 2:]
-        # only the owner's rows are touched: every backend skips the entries that are not on its shard
-        # (another rank's item or an empty slot), so g_sel goes in as it is
-        grad_u, grad_w, grad_b = ctx.local.catalog_local_grad(u, w, b, g1, gt, lse1, lse_tau, sel_ids,
-                                                              g_sel.contiguous(), ctx.tau, ctx.chunk_rows,
-                                                              ctx.item_offset)
+        if routed is not None:
+            # every shard needs every row's LSE coefficients; the logits' gradients go to their owners only
+            g_all = all_gather_dim0(torch.stack([g1, gt], dim=1).to(lse1.dtype), sizes, ctx.group)
+            g1, gt = g_all[:, 0], g_all[:, 1]
+            grad_u, grad_w, grad_b = _local_grad(ctx.local, u, w, b, g1, gt, lse1, lse_tau, ctx.tau, ctx.chunk_rows,
+                                                 routed, routed.to_owners(g_sel.to(lse1.dtype)))
+        else:
+            # only the owner's rows are touched: every backend skips the entries that are not on its shard
+            # (another rank's item or an empty slot), so g_sel goes in as it is
+            grad_u, grad_w, grad_b = ctx.local.catalog_local_grad(u, w, b, g1, gt, lse1, lse_tau, sel_ids,
+                                                                  g_sel.contiguous(), ctx.tau, ctx.chunk_rows,
+                                                                  ctx.item_offset)
         # u's gradient is the sum of every rank's contribution (summed before any downcast): all of it when u is
         # replicated, each rank's own rows when it brought its own
         grad_u = grad_u.to(compute_dtype(u.dtype)).contiguous()
@@ -143,6 +157,27 @@ class _CatalogStats(torch.autograd.Function):
             grad_u = reduce_scatter_dim0(grad_u, sizes, ctx.group)
         grad_b = grad_b.to(b.dtype) if (b is not None and grad_b is not None) else None
         return (grad_u.to(u.dtype), grad_w.to(w.dtype), grad_b) + (None,) * 8
+
+
+def _local_stats(local, u, w, b, tau, chunk_rows, routed: RoutedIds):
+    """The backend's local statistics with the routed entries (ids local to the shard): in CSR form where the
+    backend takes it (the C++ op), else as a padded dense matrix, the logits read back per entry."""
+    if getattr(local, "CSR_SELECTED", False):
+        return local.catalog_local_stats(u, w, b, tau, chunk_rows, routed.ids, 0, sel_ptr=routed.ptr)
+    dense, rows, cols = csr_to_dense(routed.ids, routed.ptr)
+    m, z1, zt, sel = local.catalog_local_stats(u, w, b, tau, chunk_rows, dense, 0)
+    return m, z1, zt, sel[rows, cols]
+
+
+def _local_grad(local, u, w, b, g1, gt, lse1, lse_tau, tau, chunk_rows, routed: RoutedIds, values: Tensor):
+    """The backend's local gradients with the routed entries' upstream gradients ``values`` [E] (as above)."""
+    if getattr(local, "CSR_SELECTED", False):
+        return local.catalog_local_grad(u, w, b, g1, gt, lse1, lse_tau, routed.ids, values, tau, chunk_rows, 0,
+                                        sparse_ptr=routed.ptr)
+    dense, rows, cols = csr_to_dense(routed.ids, routed.ptr)
+    dense_values = values.new_zeros(dense.shape)
+    dense_values[rows, cols] = values
+    return local.catalog_local_grad(u, w, b, g1, gt, lse1, lse_tau, dense, dense_values, tau, chunk_rows, 0)
 
 
 def _global_lse(m: Tensor, z1: Tensor, zt: Tensor, tau: float, group) -> tuple[Tensor, Tensor]:
@@ -161,23 +196,27 @@ def _global_lse(m: Tensor, z1: Tensor, zt: Tensor, tau: float, group) -> tuple[T
     return gm + z[0].log(), gm / tau + z[1].log()
 
 
-def _check_tiling(item_offset: int, rows: int, num_items: int, device: torch.device, group) -> None:
-    """Every rank's [offset, offset + rows) must tile [0, num_items) exactly (one small all-gather)."""
-    world = dist.get_world_size(group)
-    mine = torch.tensor([item_offset, rows], dtype=torch.int64, device=device)
-    ranges = [torch.empty_like(mine) for _ in range(world)]
-    dist.all_gather(ranges, mine, group=group)
-    spans = sorted((int(r[0]), int(r[0]) + int(r[1]), i) for i, r in enumerate(ranges) if int(r[1]) > 0)
+def _gather_layout(batch: int, item_offset: int, rows: int, device: torch.device, group
+                   ) -> tuple[list[int], list[tuple[int, int]]]:
+    """Every rank's batch size and item range [offset, offset + rows), in rank order (one small all-gather)."""
+    mine = torch.tensor([batch, item_offset, rows], dtype=torch.int64, device=device)
+    parts = [torch.empty_like(mine) for _ in range(dist.get_world_size(group))]
+    dist.all_gather(parts, mine, group=group)
+    return [int(p[0]) for p in parts], [(int(p[1]), int(p[1]) + int(p[2])) for p in parts]
+
+
+def _check_tiling(ranges: list[tuple[int, int]], num_items: int) -> None:
+    """Every rank's [offset, offset + rows) must tile [0, num_items) exactly."""
+    spans = sorted((lo, hi, rank) for rank, (lo, hi) in enumerate(ranges) if hi > lo)
     expected = 0
     for lo, hi, rank in spans:
         if lo != expected:
             raise ValueError(f"item_emb_shard ranges do not tile [0, {num_items}): rank {rank} holds [{lo}, {hi}) "
-                             f"but the next uncovered row is {expected} (all ranges: "
-                             f"{[(int(r[0]), int(r[0]) + int(r[1])) for r in ranges]})")
+                             f"but the next uncovered row is {expected} (all ranges: {ranges})")
         expected = hi
     if expected != num_items:
         raise ValueError(f"item_emb_shard ranges cover [0, {expected}), expected [0, {num_items}) "
-                         f"(all ranges: {[(int(r[0]), int(r[0]) + int(r[1])) for r in ranges]})")
+                         f"(all ranges: {ranges})")
 
 
 def kd_loss_linear_catalog_parallel(
@@ -244,14 +283,24 @@ def kd_loss_linear_catalog_parallel(
     batch = user_emb.shape[0]
     check_loss_inputs(num_items, batch, user_emb.device, target, teacher_ids, teacher_scores, teacher_weights,
                       rank_weights, check_inputs, allow_empty=local_batch)
-    sizes = gather_sizes(batch, user_emb.device, group) if local_batch else None
-    if sizes is not None and sum(sizes) == 0:
+    sizes, ranges = (_gather_layout(batch, int(item_offset), rows, user_emb.device, group)
+                     if (local_batch or check_inputs) else (None, None))
+    if not local_batch:
+        sizes = None
+    elif sum(sizes) == 0:
         raise ValueError("every rank's batch is empty (B = 0 on all ranks): the loss of no rows is undefined")
     if check_inputs:
         check_finite("user_emb", user_emb)
         check_finite("item_emb_shard", item_emb_shard)
         check_finite("item_bias_shard", item_bias_shard)
-        _check_tiling(item_offset, rows, num_items, user_emb.device, group)
+        _check_tiling(ranges, num_items)
+    layout = None
+    if sizes is not None:
+        # data-parallel rows: with several ranks the selected ids are routed to their owners (routing.py); on one
+        # rank the layout only sets the global-batch semantics
+        lo = torch.tensor([r[0] for r in ranges], dtype=torch.int64)
+        hi = torch.tensor([r[1] for r in ranges], dtype=torch.int64)
+        layout = (sizes, lo, hi)
 
     local = resolve_backend(backend, user_emb.device, user_emb.dtype, op="catalog_local").module
     fdt = compute_dtype(user_emb.dtype)
@@ -264,7 +313,7 @@ def kd_loss_linear_catalog_parallel(
     lse1, lse_tau, sel = _CatalogStats.apply(user_emb.contiguous(), item_emb_shard.contiguous(),
                                              item_bias_shard.contiguous() if item_bias_shard is not None else None,
                                              sel_ids, int(item_offset), float(temperature), need_tau,
-                                             int(chunk_rows), group, local, sizes)
+                                             int(chunk_rows), group, local, layout)
     # the row formula over the gathered statistics: the backend's fused op where it has one (C++), else the
     # reference's tensor ops (reference.kd_rows_from_stats: the one statement of the formula)
     rows_from_sel = getattr(local, "kd_rows_from_sel", kd_rows_from_sel)

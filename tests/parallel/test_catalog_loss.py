@@ -3,8 +3,9 @@ gradient of user_emb, and each rank's gradient of its own rows (and bias), over 
 Every local part is checked: the chunked PyTorch reference (float64, chosen by "auto" for float64), the
 fused C++ op (float32 and bfloat16, backend="cpp", on a catalog of 1100 items: more than two 512-row tiles,
 not a multiple of any tile size), each also with data-parallel batches (``local_batch=True``: each rank
-passes its own rows, split unevenly, one rank empty) and, in a second pair of processes, the Triton kernels (backend="triton",
-under the interpreter on CPU tensors, on 150 items: several interpreter tiles).
+passes its own rows, split unevenly, one rank empty; the selected ids routed to their owners, in CSR form to the
+C++ op, as a padded dense matrix to the others) and, in a second pair of processes, the Triton kernels
+(backend="triton", under the interpreter on CPU tensors, on 150 items: several interpreter tiles).
 
 The workers are this file run as a script (``python test_catalog_loss.py RANK WORLD PORT OUT [MODE]``), so
 they do not depend on how pytest imports test modules."""
@@ -112,7 +113,7 @@ BATCH_SPLITS = [3, 7, 1, 0, 5]
 
 
 def check_local_batch(rank: int, name: str, split: int, rows0: int, kw: dict, dtype_name: str, backend: str,
-                      report: dict) -> None:
+                      report: dict, n_items: int | None = None) -> None:
     """Data-parallel batches (each rank passes its own rows) against the single-process loss on the
     concatenated batch: the value (the global loss on every rank; "none": the rank's own rows), the gradient
     of the rank's own user rows, and of its catalog rows (and bias)."""
@@ -123,7 +124,7 @@ def check_local_batch(rank: int, name: str, split: int, rows0: int, kw: dict, dt
     from prmkd_dist.parallel.catalog_loss import kd_loss_linear_catalog_parallel
 
     dtype = getattr(torch, dtype_name)
-    n_items = C if dtype == torch.float64 else C_FUSED
+    n_items = n_items or (C if dtype == torch.float64 else C_FUSED)
     user, item, bias, target, ids, scores, weights, rank_w = make_case(kw, seed=3, n_items=n_items)
     split = round(split * n_items / C)
     lo, hi = (0, split) if rank == 0 else (split, n_items)
@@ -158,7 +159,7 @@ def check_local_batch(rank: int, name: str, split: int, rows0: int, kw: dict, dt
     total = got.detach().double().sum().reshape(1)
     if kw["reduction"] == "none":  # the ranks hold different rows: report the global sum
         dist.all_reduce(total)
-    report[f"local_batch/{name}/{dtype_name}"] = float(total)
+    report[f"local_batch/{name}/{dtype_name}/{backend}"] = float(total)
 
 
 def triton_checks(rank: int) -> dict:
@@ -167,6 +168,9 @@ def triton_checks(rank: int) -> dict:
     for name, split, kw in CONFIGS:
         for dtype_name in TOL:
             check_fused(rank, name, split, kw, dtype_name, report, backend="triton", n_items=C_TRITON)
+    # data-parallel batches: the routed ids reach the Triton kernels as a padded dense matrix
+    for (name, split, kw), rows0 in list(zip(CONFIGS, BATCH_SPLITS))[::4]:
+        check_local_batch(rank, name, split, rows0, kw, "float32", "triton", report, n_items=C_TRITON)
     return report
 
 
@@ -274,7 +278,8 @@ def run_two_ranks(tmp_path, mode: str, **env) -> list[dict]:
 def test_two_gloo_ranks_match_single_process_reference(tmp_path):
     reports = run_two_ranks(tmp_path, "all")
     fused = {f"{name}/{dt}" for name, _, _ in CONFIGS for dt in TOL}
-    local_batch = {f"local_batch/{name}/{dt}" for name, _, _ in CONFIGS for dt in ("float64", "float32")}
+    local_batch = {f"local_batch/{name}/{dt}/{be}" for name, _, _ in CONFIGS
+                   for dt, be in (("float64", "reference"), ("float32", "cpp"))}
     assert set(reports[0]) == {name for name, _, _ in CONFIGS} | fused | local_batch | {"tiling_error"}
     assert "do not tile [0, 23)" in reports[0]["tiling_error"]
 
@@ -283,7 +288,8 @@ def test_two_gloo_ranks_match_single_process_reference(tmp_path):
 def test_two_gloo_ranks_triton_local_part(tmp_path):
     pytest.importorskip("triton", reason="triton is not installed")
     reports = run_two_ranks(tmp_path, "triton", TRITON_INTERPRET="1")
-    assert set(reports[0]) == {f"{name}/{dt}" for name, _, _ in CONFIGS for dt in TOL}
+    assert set(reports[0]) == ({f"{name}/{dt}" for name, _, _ in CONFIGS for dt in TOL}
+                               | {f"local_batch/{name}/float32/triton" for name in ("full", "rank0_empty")})
 
 
 @pytest.mark.multiproc

@@ -1,0 +1,115 @@
+// prmkd::route_by_owner: the sending side of the catalog-parallel loss's all-to-all (prmkd_dist/parallel/routing.py).
+//
+// A rank holds the selected ids [b, M] of its own rows (global item ids, -1 = empty slot: the target and the
+// teachers' lists); rank q owns items [lo_q, hi_q) of the row-sharded item table. Instead of all-gathering every
+// rank's ids to every rank (each then scans W times its own share), each id goes to its owner only. One serial
+// pass appends each entry to its owner's lists and counts them per (owner, row); the lists are then laid out by
+// owner, rows and slots ascending:
+//   send   int32 [sum_q (b + E_q)]: for each owner q in rank order, the b per-row counts of the E_q entries q owns,
+//          then those entries' ids minus lo_q (the owner's local rows; a shard holds < 2^31 rows), so that one
+//          all_to_all_single carries everything and the owner rebuilds a CSR of its entries;
+//   splits int64 [W]: b + E_q, the send splits;
+//   pos    int64 [sum_q E_q]: each sent entry's flat index r * M + s in ids, in send order, where the owners'
+//          answers (the logits at those ids) are put back and from where their gradients are taken.
+// An id >= 0 inside no rank's range is an error naming it (the loss's input checks report it first when on).
+#include <ATen/ATen.h>
+#include <torch/library.h>
+
+#include <algorithm>
+#include <cstdint>
+#include <limits>
+#include <numeric>
+#include <vector>
+
+namespace prmkd {
+namespace {
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> route_by_owner(const at::Tensor& ids, const at::Tensor& lo,
+                                                              const at::Tensor& hi) {
+  TORCH_CHECK(ids.dim() == 2 && ids.scalar_type() == at::kLong && ids.is_contiguous() && ids.device().is_cpu(),
+              "prmkd: route_by_owner: ids must be a contiguous int64 CPU [b, M] tensor, got ", ids.sizes(), " ",
+              ids.scalar_type(), " on ", ids.device());
+  TORCH_CHECK(lo.dim() == 1 && hi.sizes() == lo.sizes() && lo.scalar_type() == at::kLong &&
+                  hi.scalar_type() == at::kLong && lo.is_contiguous() && hi.is_contiguous(),
+              "prmkd: route_by_owner: lo and hi must be contiguous int64 [W] tensors, got ", lo.sizes(), " and ",
+              hi.sizes());
+  const int64_t W = lo.size(0), b = ids.size(0), M = ids.size(1), n = b * M;
+  TORCH_CHECK(W >= 1, "prmkd: route_by_owner: no ranks");
+  TORCH_CHECK(M < std::numeric_limits<int32_t>::max(), "prmkd: route_by_owner: ", M, " slots per row exceed int32");
+  const int64_t* lo_p = lo.data_ptr<int64_t>();
+  const int64_t* hi_p = hi.data_ptr<int64_t>();
+  // the non-empty ranges sorted by start: owner lookup by binary search (W is small; ranges do not overlap)
+  std::vector<int64_t> order;
+  for (int64_t q = 0; q < W; ++q) {
+    TORCH_CHECK(lo_p[q] >= 0 && hi_p[q] >= lo_p[q] && hi_p[q] - lo_p[q] < std::numeric_limits<int32_t>::max(),
+                "prmkd: route_by_owner: rank ", q, " holds items [", lo_p[q], ", ", hi_p[q],
+                "): expected 0 <= lo <= hi and fewer than 2^31 - 1 rows");
+    if (hi_p[q] > lo_p[q]) order.push_back(q);
+  }
+  std::sort(order.begin(), order.end(), [&](int64_t x, int64_t y) { return lo_p[x] < lo_p[y]; });
+  std::vector<int64_t> starts(order.size());
+  for (size_t i = 0; i < order.size(); ++i) starts[i] = lo_p[order[i]];
+
+  // owner lookup: the position among the sorted starts, branch-free for the usual few ranges
+  const int64_t n_ranges = int64_t(starts.size());
+  auto range_of = [&](int64_t v) -> int64_t {  // index into `order` of the last start <= v, or -1
+    if (n_ranges <= 16) {
+      int64_t k = 0;
+      for (int64_t j = 0; j < n_ranges; ++j) k += v >= starts[j];
+      return k - 1;
+    }
+    return int64_t(std::upper_bound(starts.begin(), starts.end(), v) - starts.begin()) - 1;
+  };
+
+  // one pass: each entry appended to its owner's lists (ids local to the owner, flat positions), rows counted
+  const int64_t* id = ids.data_ptr<int64_t>();
+  std::vector<int32_t> counts(W * b, 0);  // [W, b]
+  std::vector<std::vector<int32_t>> local(W);
+  std::vector<std::vector<int64_t>> where(W);
+  for (int64_t q = 0; q < W; ++q) {
+    local[q].reserve(n_ranges ? n / n_ranges + 64 : 0);
+    where[q].reserve(n_ranges ? n / n_ranges + 64 : 0);
+  }
+  for (int64_t r = 0, i = 0; r < b; ++r) {
+    for (int64_t s = 0; s < M; ++s, ++i) {
+      const int64_t v = id[i];
+      if (v < 0) {
+        TORCH_CHECK(v == -1, "prmkd: route_by_owner: ids[", r, ", ", s, "] = ", v,
+                    ": item ids must be >= -1 (-1 = empty slot)");
+        continue;
+      }
+      const int64_t k = range_of(v);
+      const int64_t q = k < 0 ? -1 : order[k];
+      TORCH_CHECK(q >= 0 && v < hi_p[q], "prmkd: route_by_owner: ids[", r, ", ", s, "] = ", v,
+                  " is on no rank's shard (the ranks' ranges cover the catalog [0, C); is the id outside it?)");
+      local[q].push_back(int32_t(v - lo_p[q]));
+      where[q].push_back(i);
+      ++counts[q * b + r];
+    }
+  }
+  auto i64 = at::TensorOptions().dtype(at::kLong);
+  at::Tensor splits = at::empty({W}, i64);
+  int64_t* split_p = splits.data_ptr<int64_t>();
+  int64_t send_len = 0, pos_len = 0;
+  for (int64_t q = 0; q < W; ++q) {
+    split_p[q] = b + int64_t(local[q].size());
+    send_len += split_p[q];
+    pos_len += int64_t(where[q].size());
+  }
+  at::Tensor send = at::empty({send_len}, at::TensorOptions().dtype(at::kInt));
+  at::Tensor pos = at::empty({pos_len}, i64);
+  int32_t* send_p = send.data_ptr<int32_t>();
+  int64_t* pos_p = pos.data_ptr<int64_t>();
+  for (int64_t q = 0; q < W; ++q) {  // per owner: its b row counts, then its ids
+    send_p = std::copy(counts.begin() + q * b, counts.begin() + (q + 1) * b, send_p);
+    send_p = std::copy(local[q].begin(), local[q].end(), send_p);
+    pos_p = std::copy(where[q].begin(), where[q].end(), pos_p);
+  }
+  return {send, splits, pos};
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(prmkd, CPU, m) { m.impl("route_by_owner", &route_by_owner); }
+
+}  // namespace prmkd
