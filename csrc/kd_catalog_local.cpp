@@ -87,11 +87,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> kd_catalog_local_stat
   const std::vector<LseState> states = linear_row_states(
       in, inv_tau, same_tau, [&](int64_t r0, int64_t m, int64_t c0, int64_t n, const float* logits) {
         if (!pick) return;
-        const int64_t tile = c0 / kTileItems;
-        for (int64_t r = 0; r < m; ++r) {
-          const float* row = logits + r * n;
-          buckets.visit_row(tile, r0 + r, [&](int64_t flat, int64_t col) { sel_p[flat] = row[col]; });
-        }
+        buckets.visit_block(c0 / kTileItems, r0,
+                            [&](int64_t flat, int64_t r, int64_t col) { sel_p[flat] = logits[r * n + col]; });
       });
   auto opts = at::TensorOptions().dtype(at::kDouble);
   at::Tensor m = at::empty({in.B}, opts), s1 = at::empty({in.B}, opts), st = at::empty({in.B}, opts);

@@ -17,6 +17,7 @@
 #include <cstdint>
 #include <cstdlib>
 #include <limits>
+#include <memory>
 #include <vector>
 
 #ifdef __linux__
@@ -315,21 +316,24 @@ inline at::Tensor logits_block(const LinearInputs& in, int64_t r0, int64_t m, in
   return out;
 }
 
-// Sparse (row, item) entries of a [B, C] logits matrix, ids[b * slots + s] (-1 = none), bucketed by item tile
-// with rows ascending inside each bucket. The tile passes below walk a tile's row blocks in ascending order on
-// one thread, so one cursor per tile visits every entry exactly once, while its logits block is in cache: the
-// forward picks selected logits out of the block, the backward adds their gradients into it before the GEMMs
-// (no per-entry d-wide dot products or axpys over scattered rows).
+// Sparse (row, item) entries of a [B, C] logits matrix (the target and teacher ids of each row), bucketed by
+// logits block: (item tile, block of kTileRows rows), the unit the tile passes below form at once. While a
+// block is in cache, the forward picks its selected logits out of it and the backward adds their gradients
+// into it before the GEMMs (no per-entry d-wide dot products or axpys over scattered rows). Buckets are
+// read-only once built, so the threads that own different tiles visit them concurrently.
 struct TileBuckets {
-  // One entry per selected (row, item) pair of this table, 16 bytes (four to a cache line).
+  // One entry per selected pair, 8 bytes: building and reading the entries is the per-entry cost of the ops
+  // (about a million per step at the scaling benchmark's shape), so they are small and left uninitialised
+  // until written.
   struct Entry {
-    int64_t flat;  // index of the entry in the caller's ids (b * slots + s when dense): where its value lives
-    int32_t row;   // b
-    int32_t col;   // item - tile start, < kTileItems
+    int32_t flat;  // index of the entry in the caller's ids (b * slots + s when dense): where its value lives
+    uint16_t row;  // b - block start, < kTileRows
+    uint16_t col;  // item - tile start, < kTileItems
   };
-  std::vector<int64_t> start;   // [n_tiles + 1]: bucket t is entries start[t] .. start[t + 1]
-  std::vector<int64_t> cursor;  // [n_tiles]: next entry of bucket t (advanced by the tile's owner thread only)
-  std::vector<Entry> entries;
+  static_assert(kTileRows <= 65536 && kTileItems <= 65536, "TileBuckets packs block offsets in 16 bits");
+  int64_t n_row_blocks = 0;
+  std::vector<int64_t> start;  // [n_tiles * n_row_blocks + 1]: block (t, rb) is entries start[i] .. start[i + 1]
+  std::unique_ptr<Entry[]> entries;
 
   TileBuckets() = default;
   // The entries whose id - offset lies in [0, C) (items offset .. offset + C - 1 are this table's rows 0 .. C-1);
@@ -344,51 +348,59 @@ struct TileBuckets {
     build(ids, B, C, offset, [ptr](int64_t b) { return ptr[b]; });
   }
   bool empty() const { return start.empty() || start.back() == 0; }
-  // f(flat, col) for the entries of tile `tile` in row `b`; rows must be visited in ascending order per tile
+  // f(flat, r, col) for the entries of the logits block of tile `tile` and rows r0 .. r0 + kTileRows - 1
+  // (r0 a multiple of kTileRows): the entry's value is at (r0 + r, tile start + col)
   template <class F>
-  void visit_row(int64_t tile, int64_t b, F&& f) {
-    int64_t k = cursor[tile];
-    const int64_t end = start[tile + 1];
-    for (; k < end && entries[k].row == b; ++k) f(entries[k].flat, int64_t(entries[k].col));
-    cursor[tile] = k;
+  void visit_block(int64_t tile, int64_t r0, F&& f) const {
+    if (start.empty()) return;
+    const int64_t i = tile * n_row_blocks + r0 / kTileRows;
+    for (int64_t k = start[i], end = start[i + 1]; k < end; ++k) {
+      const Entry e = entries[k];
+      f(int64_t(e.flat), int64_t(e.row), int64_t(e.col));
+    }
   }
 
  private:
-  // A serial counting sort by tile of the ids of rows 0 .. B-1, row b's at row_begin(b) .. row_begin(b + 1) - 1:
-  // hundreds of thousands per step, so no division per entry and the scattered writes stay within few lines.
-  // (Splitting it over row chunks per thread was tried on 2026-11-27: no measurable change of the stats op's
-  // extra for 966k selected ids at 2 threads, ~9-14 ms either way; its scan of all-empty ids costs ~0.3 ms.)
+  // A serial counting sort by block of the ids of rows 0 .. B-1, row b's at row_begin(b) .. row_begin(b + 1) - 1.
+  // (Splitting it over row chunks per thread was tried on 2026-11-27 with 16-byte entries bucketed by tile
+  // only: no measurable change at 2 threads.)
   template <class RowBegin>
   void build(const int64_t* ids, int64_t B, int64_t C, int64_t offset, RowBegin&& row_begin) {
-    TORCH_CHECK(B < (int64_t(1) << 31), "prmkd: batch of ", B, " rows exceeds the 2^31 rows a TileBuckets indexes");
-    const int64_t n_tiles = (C + kTileItems - 1) / kTileItems;
-    const uint64_t span = uint64_t(C);
-    start.assign(n_tiles + 1, 0);
     const int64_t first = row_begin(0), last = row_begin(B);
-    // unsigned compare: ids below the offset (and -1) wrap to huge values, one test for both ends
-    for (int64_t i = first; i < last; ++i) {
-      const uint64_t l = uint64_t(ids[i] - offset);
-      if (l < span) ++start[int64_t(l) / kTileItems + 1];
+    TORCH_CHECK(last < (int64_t(1) << 31), "prmkd: ", last, " selected ids exceed the 2^31 a TileBuckets indexes");
+    const int64_t n_tiles = (C + kTileItems - 1) / kTileItems;
+    n_row_blocks = (B + kTileRows - 1) / kTileRows;
+    const uint64_t span = uint64_t(C);
+    start.assign(n_tiles * n_row_blocks + 1, 0);
+    // counts, shifted by one; unsigned compare: ids below the offset (and -1) wrap to huge values, one test for
+    // both ends; tile and block numbers by shifts (both sizes are powers of two)
+    for (int64_t b = 0, i = first; b < B; ++b) {
+      int64_t* row_counts = start.data() + 1 + b / kTileRows;
+      for (const int64_t end = row_begin(b + 1); i < end; ++i) {
+        const uint64_t l = uint64_t(ids[i] - offset);
+        if (l < span) ++row_counts[int64_t(l / kTileItems) * n_row_blocks];
+      }
     }
-    for (int64_t t = 0; t < n_tiles; ++t) start[t + 1] += start[t];
-    entries.resize(start[n_tiles]);
-    cursor.assign(start.begin(), start.end() - 1);
-    for (int64_t b = 0, i = first; b < B; ++b) {  // rows ascending: each bucket comes out row-sorted
+    for (size_t k = 1; k < start.size(); ++k) start[k] += start[k - 1];
+    entries.reset(new Entry[start.back()]);  // default-initialised: no zero pass over memory about to be written
+    std::vector<int64_t> next(start.begin(), start.end() - 1);
+    for (int64_t b = 0, i = first; b < B; ++b) {  // rows ascending: each block's entries come out row-sorted
+      int64_t* block_next = next.data() + b / kTileRows;
+      const uint16_t r = uint16_t(b % kTileRows);
       for (const int64_t end = row_begin(b + 1); i < end; ++i) {
         const uint64_t l = uint64_t(ids[i] - offset);
         if (l >= span) continue;
-        const int64_t t = int64_t(l) / kTileItems;
-        entries[cursor[t]++] = Entry{i, int32_t(b), int32_t(int64_t(l) - t * kTileItems)};
+        const int64_t t = int64_t(l / kTileItems);
+        entries[block_next[t * n_row_blocks]++] = Entry{int32_t(i), r, uint16_t(l - uint64_t(t) * kTileItems)};
       }
     }
-    cursor.assign(start.begin(), start.end() - 1);
   }
 };
 
 // Forward pass: each row's online (max, sum-exp at 1 and tau) over all in.C items, merged across threads.
 // A row of an empty catalog keeps the initial state (m = -inf, sums 0). `on_block(r0, m, c0, n, logits)` sees
-// every [m, n] block of logits (rows r0.., items c0..) once, before it is reduced, on the thread that owns its
-// tile, with the row blocks of a tile in ascending order (how the catalog-local op picks selected logits).
+// every [m, n] block of logits (rows r0.., items c0..; r0 a multiple of kTileRows, c0 of kTileItems) once,
+// before it is reduced, on the thread that owns its tile (where the catalog-local op picks selected logits).
 template <typename OnBlock>
 inline std::vector<LseState> linear_row_states(const LinearInputs& in, float inv_tau, bool same_tau,
                                                OnBlock&& on_block) {
@@ -425,10 +437,10 @@ inline std::vector<LseState> linear_row_states(const LinearInputs& in, float inv
 // column sums of dS into d_bias [C] (both float32, zero-initialised by the caller).
 // The sparse gradient entries (`sparse`, deltas sp_delta[flat]: d loss / d s_bj at target and teacher ids) are
 // added into the logits-gradient block before its GEMMs, so they reach d_user, d_item and d_bias with the dense
-// part; `sparse` is consumed (its cursors advance).
+// part.
 inline at::Tensor linear_dense_grad(const LinearInputs& in, const float* coef_a, const float* coef_c,
                                     const float* lse1, const float* lse_tau, float inv_tau, bool same_tau,
-                                    at::Tensor& d_item, at::Tensor& d_bias, TileBuckets& sparse,
+                                    at::Tensor& d_item, at::Tensor& d_bias, const TileBuckets& sparse,
                                     const float* sp_delta) {
   const int64_t B = in.B, C = in.C, d = in.d;
   const int64_t n_shares = share_count(C);
@@ -447,9 +459,9 @@ inline at::Tensor linear_dense_grad(const LinearInputs& in, const float* coef_a,
           const int64_t b = r0 + r;
           float* row = buf.data() + r * n;  // in place: logits -> d loss / d logits
           vec_softmax_mix(row, n, coef_a[b], lse1[b], coef_c[b], inv_tau, lse_tau[b], same_tau, row);
-          sparse.visit_row(tile, b, [&](int64_t flat, int64_t col) { row[col] += sp_delta[flat]; });
-          vec_add(d_bias_p + c0, row, n);
         }
+        sparse.visit_block(tile, r0, [&](int64_t flat, int64_t r, int64_t col) { buf[r * n + col] += sp_delta[flat]; });
+        for (int64_t r = 0; r < m; ++r) vec_add(d_bias_p + c0, buf.data() + r * n, n);
         d_user.narrow(0, r0, m).addmm_(ds, in.item.narrow(0, c0, n));
         d_item_tile.addmm_(ds.t(), in.user.narrow(0, r0, m));
       }

@@ -103,6 +103,12 @@ def check_finite(name: str, x: Tensor | None) -> None:
     """Raise ValueError if ``x`` holds a NaN or inf, naming ``name`` and the first position."""
     if x is None or x.numel() == 0:
         return
+    if not x.is_floating_point():
+        return
+    # fast path, one reduction pass without a mask: NaN propagates into min/max and +-inf lands at an end
+    lo, hi = torch.aminmax(x)
+    if bool(torch.isfinite(lo) & torch.isfinite(hi)):
+        return
     bad = ~torch.isfinite(x)
     if bool(bad.any()):
         pos = _position(bad)
@@ -113,6 +119,8 @@ def check_non_negative(name: str, x: Tensor | None) -> None:
     """Raise ValueError if ``x`` holds a negative value, naming ``name`` and the first position."""
     if x is None or x.numel() == 0:
         return
+    if not bool(torch.amin(x) < 0):  # fast path (a NaN is check_finite's to report)
+        return
     bad = x < 0
     if bool(bad.any()):
         pos = _position(bad)
@@ -122,6 +130,9 @@ def check_non_negative(name: str, x: Tensor | None) -> None:
 def check_ids(name: str, ids: Tensor, num_items: int | None) -> None:
     """Raise ValueError if an id is < -1 or >= ``num_items`` (no upper bound when None)."""
     if ids.numel() == 0:
+        return
+    lo, hi = torch.aminmax(ids)  # fast path: one reduction pass, no mask
+    if int(lo) >= -1 and (num_items is None or int(hi) < num_items):
         return
     bad = ids < -1
     if num_items is not None:
