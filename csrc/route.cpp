@@ -3,8 +3,7 @@
 // A rank holds the selected ids [b, M] of its own rows (global item ids, -1 = empty slot: the target and the
 // teachers' lists); rank q owns items [lo_q, hi_q) of the row-sharded item table. Instead of all-gathering every
 // rank's ids to every rank (each then scans W times its own share), each id goes to its owner only. One serial
-// pass appends each entry to its owner's lists and counts them per (owner, row); the lists are then laid out by
-// owner, rows and slots ascending:
+// pass counts the entries per (owner, row), a second writes them out grouped by owner, rows and slots ascending:
 //   send   int32 [sum_q (b + E_q)]: for each owner q in rank order, the b per-row counts of the E_q entries q owns,
 //          then those entries' ids minus lo_q (the owner's local rows; a shard holds < 2^31 rows), so that one
 //          all_to_all_single carries everything and the owner rebuilds a CSR of its entries;
@@ -60,16 +59,15 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> route_by_owner(const at::Tensor& 
     }
     return int64_t(std::upper_bound(starts.begin(), starts.end(), v) - starts.begin()) - 1;
   };
+  std::vector<int64_t> rank_of(n_ranges);  // range index -> rank, and each range's end
+  std::vector<int64_t> end_of(n_ranges);
+  for (int64_t k = 0; k < n_ranges; ++k) rank_of[k] = order[k], end_of[k] = hi_p[order[k]];
 
-  // one pass: each entry appended to its owner's lists (ids local to the owner, flat positions), rows counted
+  // two passes over the ids: count per (owner, row), then write each entry at its owner's cursor (the owner is
+  // recomputed, cheaper than storing it)
   const int64_t* id = ids.data_ptr<int64_t>();
   std::vector<int32_t> counts(W * b, 0);  // [W, b]
-  std::vector<std::vector<int32_t>> local(W);
-  std::vector<std::vector<int64_t>> where(W);
-  for (int64_t q = 0; q < W; ++q) {
-    local[q].reserve(n_ranges ? n / n_ranges + 64 : 0);
-    where[q].reserve(n_ranges ? n / n_ranges + 64 : 0);
-  }
+  std::vector<int64_t> total(W, 0);
   for (int64_t r = 0, i = 0; r < b; ++r) {
     for (int64_t s = 0; s < M; ++s, ++i) {
       const int64_t v = id[i];
@@ -79,31 +77,46 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> route_by_owner(const at::Tensor& 
         continue;
       }
       const int64_t k = range_of(v);
-      const int64_t q = k < 0 ? -1 : order[k];
-      TORCH_CHECK(q >= 0 && v < hi_p[q], "prmkd: route_by_owner: ids[", r, ", ", s, "] = ", v,
+      TORCH_CHECK(k >= 0 && v < end_of[k], "prmkd: route_by_owner: ids[", r, ", ", s, "] = ", v,
                   " is on no rank's shard (the ranks' ranges cover the catalog [0, C); is the id outside it?)");
-      local[q].push_back(int32_t(v - lo_p[q]));
-      where[q].push_back(i);
-      ++counts[q * b + r];
+      ++counts[rank_of[k] * b + r];
     }
   }
+  for (int64_t q = 0; q < W; ++q)
+    for (int64_t r = 0; r < b; ++r) total[q] += counts[q * b + r];
   auto i64 = at::TensorOptions().dtype(at::kLong);
   at::Tensor splits = at::empty({W}, i64);
   int64_t* split_p = splits.data_ptr<int64_t>();
+  std::vector<int64_t> id_cursor(W), pos_cursor(W);
   int64_t send_len = 0, pos_len = 0;
   for (int64_t q = 0; q < W; ++q) {
-    split_p[q] = b + int64_t(local[q].size());
-    send_len += split_p[q];
-    pos_len += int64_t(where[q].size());
+    split_p[q] = b + total[q];
+    id_cursor[q] = send_len + b;
+    pos_cursor[q] = pos_len;
+    send_len += b + total[q];
+    pos_len += total[q];
   }
   at::Tensor send = at::empty({send_len}, at::TensorOptions().dtype(at::kInt));
   at::Tensor pos = at::empty({pos_len}, i64);
   int32_t* send_p = send.data_ptr<int32_t>();
   int64_t* pos_p = pos.data_ptr<int64_t>();
-  for (int64_t q = 0; q < W; ++q) {  // per owner: its b row counts, then its ids
-    send_p = std::copy(counts.begin() + q * b, counts.begin() + (q + 1) * b, send_p);
-    send_p = std::copy(local[q].begin(), local[q].end(), send_p);
-    pos_p = std::copy(where[q].begin(), where[q].end(), pos_p);
+  for (int64_t q = 0; q < W; ++q)  // per owner: its b row counts, then its ids
+    std::copy(counts.begin() + q * b, counts.begin() + (q + 1) * b, send_p + (id_cursor[q] - b));
+  // per range index (not rank): the cursors and offsets the write pass needs
+  std::vector<int64_t*> pos_at(n_ranges);
+  std::vector<int32_t*> id_at(n_ranges);
+  std::vector<int64_t> base(n_ranges);
+  for (int64_t k = 0; k < n_ranges; ++k) {
+    pos_at[k] = pos_p + pos_cursor[rank_of[k]];
+    id_at[k] = send_p + id_cursor[rank_of[k]];
+    base[k] = lo_p[rank_of[k]];
+  }
+  for (int64_t i = 0; i < n; ++i) {
+    const int64_t v = id[i];
+    if (v < 0) continue;
+    const int64_t k = range_of(v);
+    *id_at[k]++ = int32_t(v - base[k]);
+    *pos_at[k]++ = i;
   }
   return {send, splits, pos};
 }

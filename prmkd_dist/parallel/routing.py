@@ -89,13 +89,12 @@ class RoutedIds:
         back = values.new_empty(sum(self.sent))
         dist.all_to_all_single(back, values.contiguous(), self.sent, self.received, group=self.group)
         out = values.new_zeros(self.shape[0] * self.shape[1])
-        out[self.pos] = back
-        return out.view(self.shape)
+        return out.index_copy_(0, self.pos, back).view(self.shape)  # (index_copy_: less overhead than out[pos] =)
 
     def to_owners(self, own: Tensor) -> Tensor:
         """This rank's ``own`` [b, M] values at the entries it sent -> the owners' [E], in the order of ``ids``."""
         out = own.new_empty(sum(self.received))
-        dist.all_to_all_single(out, own.reshape(-1)[self.pos].contiguous(), self.received, self.sent,
+        dist.all_to_all_single(out, own.reshape(-1).index_select(0, self.pos), self.received, self.sent,
                                group=self.group)
         return out
 
