@@ -363,7 +363,7 @@ struct TileBuckets {
  private:
   // A serial counting sort by block of the ids of rows 0 .. B-1, row b's at row_begin(b) .. row_begin(b + 1) - 1.
   // (Splitting it over row chunks per thread was tried on 2026-11-27 with 16-byte entries bucketed by tile
-  // only: no measurable change at 2 threads.)
+  // only: no change beyond run-to-run noise in `benchmarks/row_ops.py --threads 2 --shard-rows 9742`.)
   template <class RowBegin>
   void build(const int64_t* ids, int64_t B, int64_t C, int64_t offset, RowBegin&& row_begin) {
     const int64_t first = row_begin(0), last = row_begin(B);

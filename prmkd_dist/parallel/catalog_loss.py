@@ -63,7 +63,7 @@ from prmkd_dist.distill.loss import (
 )
 from prmkd_dist.distill.reference import compute_dtype, kd_rows_from_sel
 from prmkd_dist.parallel.collectives import all_gather_dim0, reduce_scatter_dim0
-from prmkd_dist.parallel.routing import RoutedIds, csr_to_dense, route_ids
+from prmkd_dist.parallel.routing import RoutedIds, route_ids
 
 __all__ = ["kd_loss_linear_catalog_parallel", "default_chunk_rows"]
 
@@ -164,7 +164,7 @@ def _local_stats(local, u, w, b, tau, chunk_rows, routed: RoutedIds):
     backend takes it (the C++ op), else as a padded dense matrix, the logits read back per entry."""
     if getattr(local, "CSR_SELECTED", False):
         return local.catalog_local_stats(u, w, b, tau, chunk_rows, routed.ids, 0, sel_ptr=routed.ptr)
-    dense, rows, cols = csr_to_dense(routed.ids, routed.ptr)
+    dense, rows, cols = routed.dense()
     m, z1, zt, sel = local.catalog_local_stats(u, w, b, tau, chunk_rows, dense, 0)
     return m, z1, zt, sel[rows, cols]
 
@@ -174,7 +174,7 @@ def _local_grad(local, u, w, b, g1, gt, lse1, lse_tau, tau, chunk_rows, routed: 
     if getattr(local, "CSR_SELECTED", False):
         return local.catalog_local_grad(u, w, b, g1, gt, lse1, lse_tau, routed.ids, values, tau, chunk_rows, 0,
                                         sparse_ptr=routed.ptr)
-    dense, rows, cols = csr_to_dense(routed.ids, routed.ptr)
+    dense, rows, cols = routed.dense()
     dense_values = values.new_zeros(dense.shape)
     dense_values[rows, cols] = values
     return local.catalog_local_grad(u, w, b, g1, gt, lse1, lse_tau, dense, dense_values, tau, chunk_rows, 0)

@@ -17,7 +17,7 @@ rank scan all W ranks' entries (W times its share, and W times the bytes); here 
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 import torch.distributed as dist
@@ -83,6 +83,13 @@ class RoutedIds:
     received: list[int]     # entries this rank received from each rank
     shape: tuple[int, int]  # this rank's [b, M]
     group: object
+    _dense: tuple[Tensor, Tensor, Tensor] | None = field(default=None, repr=False)
+
+    def dense(self) -> tuple[Tensor, Tensor, Tensor]:
+        """``csr_to_dense(ids, ptr)``, built once (forward and backward of a backend without the CSR form)."""
+        if self._dense is None:
+            self._dense = csr_to_dense(self.ids, self.ptr)
+        return self._dense
 
     def to_senders(self, values: Tensor) -> Tensor:
         """The owner's ``values`` [E] (one per received entry) -> this rank's [b, M], 0 where it sent nothing."""
