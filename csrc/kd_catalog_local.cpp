@@ -24,7 +24,8 @@ namespace {
 
 // Global ids are >= -1 (-1 = empty slot); which ones are this shard's is the op's business, not an error.
 // `slots` = 0: a 1-d list (the message names the entry, not a (row, slot)).
-void check_global_ids(const int64_t* id, int64_t n, int64_t slots, const char* name) {
+template <class Id>
+void check_global_ids(const Id* id, int64_t n, int64_t slots, const char* name) {
   int64_t bad = -1;
   for (int64_t i = 0; i < n; ++i) bad = (id[i] < -1 && bad < 0) ? i : bad;
   if (bad < 0) return;
@@ -39,15 +40,18 @@ void check_global_ids(const int64_t* id, int64_t n, int64_t slots, const char* n
 TileBuckets selected_buckets(const at::Tensor& ids, const c10::optional<at::Tensor>& ptr, int64_t B, int64_t R,
                              int64_t id_offset, const char* name, std::vector<int64_t>& out_shape) {
   TORCH_CHECK(id_offset >= 0, "prmkd: id_offset must be >= 0, got ", id_offset);
-  TORCH_CHECK(ids.scalar_type() == at::kLong && ids.is_contiguous(), "prmkd: ", name,
-              " must be a contiguous int64 tensor, got ", ids.scalar_type());
-  const int64_t* id = ids.data_ptr<int64_t>();
   if (!ptr.has_value()) {
+    TORCH_CHECK(ids.scalar_type() == at::kLong && ids.is_contiguous(), "prmkd: ", name,
+                " must be a contiguous int64 tensor, got ", ids.scalar_type());
     TORCH_CHECK(ids.dim() == 2 && ids.size(0) == B, "prmkd: ", name, " must be [B=", B, ", M], got ", ids.sizes());
+    const int64_t* id = ids.data_ptr<int64_t>();
     check_global_ids(id, ids.numel(), ids.size(1), name);
     out_shape = {B, ids.size(1)};
     return TileBuckets(id, B, ids.size(1), R, id_offset);
   }
+  // CSR: int64, or int32 as the routed ids arrive (rows of one shard; no widening copy)
+  TORCH_CHECK((ids.scalar_type() == at::kLong || ids.scalar_type() == at::kInt) && ids.is_contiguous(), "prmkd: ",
+              name, " with a row pointer must be a contiguous int64 or int32 tensor, got ", ids.scalar_type());
   TORCH_CHECK(ids.dim() == 1, "prmkd: ", name, " with a row pointer must be 1-d [E], got ", ids.sizes());
   TORCH_CHECK(ptr->dim() == 1 && ptr->size(0) == B + 1 && ptr->scalar_type() == at::kLong && ptr->is_contiguous(),
               "prmkd: the row pointer of ", name, " must be a contiguous int64 [B + 1 = ", B + 1, "] tensor, got ",
@@ -58,8 +62,14 @@ TileBuckets selected_buckets(const at::Tensor& ids, const c10::optional<at::Tens
   for (int64_t b = 0; b < B; ++b)
     TORCH_CHECK(p[b] <= p[b + 1], "prmkd: the row pointer of ", name, " decreases at row ", b, " (", p[b], " > ",
                 p[b + 1], ")");
-  check_global_ids(id, ids.size(0), 0, name);
   out_shape = {ids.size(0)};
+  if (ids.scalar_type() == at::kInt) {
+    const int32_t* id = ids.data_ptr<int32_t>();
+    check_global_ids(id, ids.size(0), 0, name);
+    return TileBuckets(id, p, B, R, id_offset);
+  }
+  const int64_t* id = ids.data_ptr<int64_t>();
+  check_global_ids(id, ids.size(0), 0, name);
   return TileBuckets(id, p, B, R, id_offset);
 }
 
@@ -81,7 +91,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> kd_catalog_local_stat
   std::vector<int64_t> sel_shape{B, 0};
   TileBuckets buckets;
   if (sel_idx.has_value()) buckets = selected_buckets(*sel_idx, sel_ptr, B, R, id_offset, "sel_idx", sel_shape);
-  at::Tensor sel = at::zeros(sel_shape, at::TensorOptions().dtype(at::kFloat));
+  // (from the scratch pool: a few MiB each step, see pooled_empty)
+  const int64_t n_sel = sel_shape.size() == 1 ? sel_shape[0] : sel_shape[0] * sel_shape[1];
+  at::Tensor sel = pooled_empty(n_sel, at::kFloat).zero_().view(sel_shape);
   float* sel_p = sel.data_ptr<float>();
   const bool pick = !buckets.empty();
   const std::vector<LseState> states = linear_row_states(

@@ -18,6 +18,7 @@
 #include <cstdlib>
 #include <limits>
 #include <memory>
+#include <mutex>
 #include <vector>
 
 #ifdef __linux__
@@ -316,6 +317,92 @@ inline at::Tensor logits_block(const LinearInputs& in, int64_t r0, int64_t m, in
   return out;
 }
 
+// Per-call workspaces of several MiB (TileBuckets' entries: 8 bytes per selected pair, ~3 MiB a call at the
+// scaling benchmark's shape) come from a small pool of grow-only blocks instead of malloc: glibc hands
+// blocks this size back to the kernel between steps, so a fresh one often cost a page fault per 4 KiB (these
+// entries were ~60 % of the distillation step's page faults at 2 ranks, `perf record -e page-faults`, 2026-11-27).
+class ScratchBlock {
+ public:
+  ScratchBlock() = default;
+  explicit ScratchBlock(size_t bytes) {
+    std::lock_guard<std::mutex> lock(pool_mutex());
+    auto& pool = free_blocks();
+    // the smallest free block that fits, else a new one (a full pool drops its smallest block on release, so it
+    // settles on the largest sizes in use)
+    int64_t pick = -1;
+    for (size_t i = 0; i < pool.size(); ++i)
+      if (pool[i].second >= bytes && (pick < 0 || pool[i].second < pool[size_t(pick)].second)) pick = int64_t(i);
+    if (pick >= 0) {
+      buf_ = std::move(pool[size_t(pick)].first);
+      cap_ = pool[size_t(pick)].second;
+      pool.erase(pool.begin() + pick);
+    }
+    if (cap_ < bytes) {
+      // with headroom (the sizes vary a little from step to step: a block just too small would be replaced each
+      // time), in 64 KiB units; uninitialised, the users write before they read
+      cap_ = (bytes + bytes / 4 + 65535) / 65536 * 65536;
+      buf_.reset(new char[cap_]);
+    }
+  }
+  ScratchBlock(ScratchBlock&& o) noexcept : buf_(std::move(o.buf_)), cap_(o.cap_) { o.cap_ = 0; }
+  ScratchBlock& operator=(ScratchBlock&& o) noexcept {
+    if (this != &o) {
+      release();
+      buf_ = std::move(o.buf_);
+      cap_ = o.cap_;
+      o.cap_ = 0;
+    }
+    return *this;
+  }
+  ScratchBlock(const ScratchBlock&) = delete;
+  ScratchBlock& operator=(const ScratchBlock&) = delete;
+  ~ScratchBlock() { release(); }
+  template <class T>
+  T* as() const { return reinterpret_cast<T*>(buf_.get()); }
+
+ private:
+  static constexpr size_t kKeep = 6;                    // blocks the pool keeps (a step holds at most four at once)
+  static constexpr size_t kKeepBytes = size_t(1) << 30;  // and at most 1 GiB of them (larger blocks go back to malloc)
+  // One pool for the process, not per thread: a returned tensor can die on another thread (gloo's worker frees
+  // the buffer it sent), which would move its block to a pool the next call never sees.
+  static std::mutex& pool_mutex() {
+    static std::mutex m;
+    return m;
+  }
+  static std::vector<std::pair<std::unique_ptr<char[]>, size_t>>& free_blocks() {
+    static auto* pool = new std::vector<std::pair<std::unique_ptr<char[]>, size_t>>();  // never destroyed: tensors
+    return *pool;                                                                       // may die at exit
+  }
+  void release() {
+    if (!buf_) return;
+    std::lock_guard<std::mutex> lock(pool_mutex());
+    auto& pool = free_blocks();
+    if (pool.size() >= kKeep) {
+      auto smallest = std::min_element(pool.begin(), pool.end(), [](const auto& a, const auto& b) {
+        return a.second < b.second;
+      });
+      if (smallest->second < cap_) pool.erase(smallest);
+    }
+    size_t kept = 0;
+    for (const auto& blk : pool) kept += blk.second;
+    if (pool.size() < kKeep && kept + cap_ <= kKeepBytes) pool.emplace_back(std::move(buf_), cap_);
+    buf_.reset();
+    cap_ = 0;
+  }
+  std::unique_ptr<char[]> buf_;
+  size_t cap_ = 0;
+};
+
+// A fresh CPU tensor whose memory comes from the scratch pool and goes back to it when the tensor dies (on
+// whichever thread): for the per-step outputs of several MiB that the ops return each call (route_by_owner's,
+// the catalog-local op's picked logits).
+inline at::Tensor pooled_empty(int64_t numel, at::ScalarType dtype) {
+  const size_t bytes = size_t(std::max<int64_t>(numel, 1)) * c10::elementSize(dtype);
+  auto* holder = new ScratchBlock(bytes);
+  return at::from_blob(holder->as<void>(), {numel}, [holder](void*) { delete holder; },
+                       at::TensorOptions().dtype(dtype).device(at::kCPU));
+}
+
 // Sparse (row, item) entries of a [B, C] logits matrix (the target and teacher ids of each row), bucketed by
 // logits block: (item tile, block of kTileRows rows), the unit the tile passes below form at once. While a
 // block is in cache, the forward picks its selected logits out of it and the backward adds their gradients
@@ -333,7 +420,8 @@ struct TileBuckets {
   static_assert(kTileRows <= 65536 && kTileItems <= 65536, "TileBuckets packs block offsets in 16 bits");
   int64_t n_row_blocks = 0;
   std::vector<int64_t> start;  // [n_tiles * n_row_blocks + 1]: block (t, rb) is entries start[i] .. start[i + 1]
-  std::unique_ptr<Entry[]> entries;
+  ScratchBlock storage;        // the entries (uninitialised until written)
+  Entry* entries = nullptr;
 
   TileBuckets() = default;
   // The entries whose id - offset lies in [0, C) (items offset .. offset + C - 1 are this table's rows 0 .. C-1);
@@ -343,8 +431,10 @@ struct TileBuckets {
     build(ids, B, C, offset, [slots](int64_t b) { return b * slots; });
   }
   // ... CSR form: ids [E], row b's ids at ptr[b] .. ptr[b + 1] - 1 (ptr [B + 1], non-decreasing, ptr[0] = 0: the
-  // catalog-parallel loss's routed ids, each rank receiving only the entries it owns). `flat` is then the index e.
-  TileBuckets(const int64_t* ids, const int64_t* ptr, int64_t B, int64_t C, int64_t offset = 0) {
+  // catalog-parallel loss's routed ids, each rank receiving only the entries it owns, int32 as they arrive or
+  // int64). `flat` is then the index e.
+  template <class Id>
+  TileBuckets(const Id* ids, const int64_t* ptr, int64_t B, int64_t C, int64_t offset = 0) {
     build(ids, B, C, offset, [ptr](int64_t b) { return ptr[b]; });
   }
   bool empty() const { return start.empty() || start.back() == 0; }
@@ -364,8 +454,8 @@ struct TileBuckets {
   // A serial counting sort by block of the ids of rows 0 .. B-1, row b's at row_begin(b) .. row_begin(b + 1) - 1.
   // (Splitting it over row chunks per thread was tried on 2026-11-27 with 16-byte entries bucketed by tile
   // only: no change beyond run-to-run noise in `benchmarks/row_ops.py --threads 2 --shard-rows 9742`.)
-  template <class RowBegin>
-  void build(const int64_t* ids, int64_t B, int64_t C, int64_t offset, RowBegin&& row_begin) {
+  template <class Id, class RowBegin>
+  void build(const Id* ids, int64_t B, int64_t C, int64_t offset, RowBegin&& row_begin) {
     const int64_t first = row_begin(0), last = row_begin(B);
     TORCH_CHECK(last < (int64_t(1) << 31), "prmkd: ", last, " selected ids exceed the 2^31 a TileBuckets indexes");
     const int64_t n_tiles = (C + kTileItems - 1) / kTileItems;
@@ -377,18 +467,19 @@ struct TileBuckets {
     for (int64_t b = 0, i = first; b < B; ++b) {
       int64_t* row_counts = start.data() + 1 + b / kTileRows;
       for (const int64_t end = row_begin(b + 1); i < end; ++i) {
-        const uint64_t l = uint64_t(ids[i] - offset);
+        const uint64_t l = uint64_t(int64_t(ids[i]) - offset);
         if (l < span) ++row_counts[int64_t(l / kTileItems) * n_row_blocks];
       }
     }
     for (size_t k = 1; k < start.size(); ++k) start[k] += start[k - 1];
-    entries.reset(new Entry[start.back()]);  // default-initialised: no zero pass over memory about to be written
+    storage = ScratchBlock(size_t(start.back()) * sizeof(Entry));
+    entries = storage.as<Entry>();
     std::vector<int64_t> next(start.begin(), start.end() - 1);
     for (int64_t b = 0, i = first; b < B; ++b) {  // rows ascending: each block's entries come out row-sorted
       int64_t* block_next = next.data() + b / kTileRows;
       const uint16_t r = uint16_t(b % kTileRows);
       for (const int64_t end = row_begin(b + 1); i < end; ++i) {
-        const uint64_t l = uint64_t(ids[i] - offset);
+        const uint64_t l = uint64_t(int64_t(ids[i]) - offset);
         if (l >= span) continue;
         const int64_t t = int64_t(l / kTileItems);
         entries[block_next[t * n_row_blocks]++] = Entry{int32_t(i), r, uint16_t(l - uint64_t(t) * kTileItems)};

@@ -40,8 +40,8 @@ TORCH_LIBRARY(prmkd, m) {
   // id_offset + R):
   // -> (local max [B], sum exp(s - max) [B], sum exp((s - max) / tau) [B]), all float64, and the logits at the
   // GLOBAL ids sel_idx [B, M] that fall on this shard as float32 [B, M] (0 elsewhere: other shards' ids and
-  // -1 = none; [B, 0] without sel_idx). With sel_ptr [B + 1] (int64) the ids come in CSR form, sel_idx [E] with row
-  // b's at sel_ptr[b] .. sel_ptr[b + 1] - 1, and the picked logits are [E]
+  // -1 = none; [B, 0] without sel_idx). With sel_ptr [B + 1] (int64) the ids come in CSR form, sel_idx [E] (int64
+  // or int32) with row b's at sel_ptr[b] .. sel_ptr[b + 1] - 1, and the picked logits are [E]
   m.def("kd_catalog_local_stats(Tensor user_emb, Tensor item_emb, Tensor? item_bias, float temperature, "
         "Tensor? sel_idx=None, int id_offset=0, Tensor? sel_ptr=None) -> (Tensor, Tensor, Tensor, Tensor)");
   // -> (local d user_emb [B, d], d item_emb [R, d], d item_bias [R] or [0] without bias), all float32
@@ -49,10 +49,12 @@ TORCH_LIBRARY(prmkd, m) {
       "kd_catalog_local_grad(Tensor user_emb, Tensor item_emb, Tensor? item_bias, Tensor coef_lse1, "
       "Tensor coef_lse_tau, Tensor lse1, Tensor lse_tau, Tensor sparse_idx, Tensor sparse_grad, "
       "float temperature, int id_offset=0, Tensor? sparse_ptr=None) -> (Tensor, Tensor, Tensor)");
-  // sparse_idx: global ids as above, [B, M] or, with sparse_ptr, CSR [E] (sparse_grad of sparse_idx's shape)
+  // sparse_idx: global ids as above, [B, M] or, with sparse_ptr, CSR [E] (int64 or int32; sparse_grad of
+  // sparse_idx's shape)
   // the ids [b, M] of a rank's rows grouped by the rank that owns them (rank q: items [lo[q], hi[q])), for one
   // all-to-all -> (send int32, splits int64 [W], pos int64): route.cpp
-  m.def("route_by_owner(Tensor ids, Tensor lo, Tensor hi) -> (Tensor, Tensor, Tensor)");
+  // (head [b]: an optional first column in front of ids, M = 1 + ids.size(1))
+  m.def("route_by_owner(Tensor ids, Tensor lo, Tensor hi, Tensor? head=None) -> (Tensor, Tensor, Tensor)");
 }
 
 namespace prmkd {

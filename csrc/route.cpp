@@ -1,7 +1,7 @@
 // prmkd::route_by_owner: the sending side of the catalog-parallel loss's all-to-all (prmkd_dist/parallel/routing.py).
 //
 // A rank holds the selected ids [b, M] of its own rows (global item ids, -1 = empty slot: the target and the
-// teachers' lists); rank q owns items [lo_q, hi_q) of the row-sharded item table. Instead of all-gathering every
+// teachers' lists; the target column may come separately, `head`); rank q owns items [lo_q, hi_q) of the row-sharded item table. Instead of all-gathering every
 // rank's ids to every rank (each then scans W times its own share), each id goes to its owner only. One serial
 // pass counts the entries per (owner, row), a second writes them out grouped by owner, rows and slots ascending:
 //   send   int32 [sum_q (b + E_q)]: for each owner q in rank order, the b per-row counts of the E_q entries q owns,
@@ -14,6 +14,8 @@
 #include <ATen/ATen.h>
 #include <torch/library.h>
 
+#include "kd_common.h"
+
 #include <algorithm>
 #include <cstdint>
 #include <limits>
@@ -24,15 +26,23 @@ namespace prmkd {
 namespace {
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor> route_by_owner(const at::Tensor& ids, const at::Tensor& lo,
-                                                              const at::Tensor& hi) {
+                                                              const at::Tensor& hi,
+                                                              const c10::optional<at::Tensor>& head) {
   TORCH_CHECK(ids.dim() == 2 && ids.scalar_type() == at::kLong && ids.is_contiguous() && ids.device().is_cpu(),
               "prmkd: route_by_owner: ids must be a contiguous int64 CPU [b, M] tensor, got ", ids.sizes(), " ",
               ids.scalar_type(), " on ", ids.device());
+  // head [b]: a first column in front of ids (the target before the teachers' slots), read where it lies
+  // instead of concatenated by the caller (a copy of every id per step)
+  const bool has_head = head.has_value();
+  TORCH_CHECK(!has_head || (head->dim() == 1 && head->size(0) == ids.size(0) && head->scalar_type() == at::kLong &&
+                            head->is_contiguous() && head->device().is_cpu()),
+              "prmkd: route_by_owner: head must be a contiguous int64 CPU [b = ", ids.size(0), "] tensor, got ",
+              has_head ? head->sizes() : at::IntArrayRef{}, " ", has_head ? head->scalar_type() : at::kLong);
   TORCH_CHECK(lo.dim() == 1 && hi.sizes() == lo.sizes() && lo.scalar_type() == at::kLong &&
                   hi.scalar_type() == at::kLong && lo.is_contiguous() && hi.is_contiguous(),
               "prmkd: route_by_owner: lo and hi must be contiguous int64 [W] tensors, got ", lo.sizes(), " and ",
               hi.sizes());
-  const int64_t W = lo.size(0), b = ids.size(0), M = ids.size(1), n = b * M;
+  const int64_t W = lo.size(0), b = ids.size(0), S = ids.size(1), M = S + (has_head ? 1 : 0);
   TORCH_CHECK(W >= 1, "prmkd: route_by_owner: no ranks");
   TORCH_CHECK(M < std::numeric_limits<int32_t>::max(), "prmkd: route_by_owner: ", M, " slots per row exceed int32");
   const int64_t* lo_p = lo.data_ptr<int64_t>();
@@ -66,11 +76,16 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> route_by_owner(const at::Tensor& 
   // two passes over the ids: count per (owner, row), then write each entry at its owner's cursor (the owner is
   // recomputed, cheaper than storing it)
   const int64_t* id = ids.data_ptr<int64_t>();
+  const int64_t* head_p = has_head ? head->data_ptr<int64_t>() : nullptr;
+  // row r's slot s (of M): head[r] then ids[r, :] with a head, ids[r, s] without
+  auto slot = [&](int64_t r, int64_t s) -> int64_t {
+    return has_head ? (s == 0 ? head_p[r] : id[r * S + s - 1]) : id[r * S + s];
+  };
   std::vector<int32_t> counts(W * b, 0);  // [W, b]
   std::vector<int64_t> total(W, 0);
-  for (int64_t r = 0, i = 0; r < b; ++r) {
-    for (int64_t s = 0; s < M; ++s, ++i) {
-      const int64_t v = id[i];
+  for (int64_t r = 0; r < b; ++r) {
+    for (int64_t s = 0; s < M; ++s) {
+      const int64_t v = slot(r, s);
       if (v < 0) {
         TORCH_CHECK(v == -1, "prmkd: route_by_owner: ids[", r, ", ", s, "] = ", v,
                     ": item ids must be >= -1 (-1 = empty slot)");
@@ -96,8 +111,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> route_by_owner(const at::Tensor& 
     send_len += b + total[q];
     pos_len += total[q];
   }
-  at::Tensor send = at::empty({send_len}, at::TensorOptions().dtype(at::kInt));
-  at::Tensor pos = at::empty({pos_len}, i64);
+  // (from the scratch pool: several MiB a step, which fresh from malloc cost a page fault per 4 KiB each call)
+  at::Tensor send = pooled_empty(send_len, at::kInt);
+  at::Tensor pos = pooled_empty(pos_len, at::kLong);
   int32_t* send_p = send.data_ptr<int32_t>();
   int64_t* pos_p = pos.data_ptr<int64_t>();
   for (int64_t q = 0; q < W; ++q)  // per owner: its b row counts, then its ids
@@ -111,12 +127,14 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> route_by_owner(const at::Tensor& 
     id_at[k] = send_p + id_cursor[rank_of[k]];
     base[k] = lo_p[rank_of[k]];
   }
-  for (int64_t i = 0; i < n; ++i) {
-    const int64_t v = id[i];
-    if (v < 0) continue;
-    const int64_t k = range_of(v);
-    *id_at[k]++ = int32_t(v - base[k]);
-    *pos_at[k]++ = i;
+  for (int64_t r = 0, i = 0; r < b; ++r) {
+    for (int64_t s = 0; s < M; ++s, ++i) {
+      const int64_t v = slot(r, s);
+      if (v < 0) continue;
+      const int64_t k = range_of(v);
+      *id_at[k]++ = int32_t(v - base[k]);
+      *pos_at[k]++ = i;
+    }
   }
   return {send, splits, pos};
 }

@@ -158,7 +158,9 @@ def catalog_local_stats(user_emb: Tensor, item_emb: Tensor, item_bias: Tensor | 
     form with ``sel_ptr`` [B + 1] (row b's ids at sel_ptr[b] .. sel_ptr[b + 1] - 1; the logits then [E]).
     ``chunk_rows`` is unused (the op tiles by itself); float32 / bfloat16 embeddings."""
     bias = None if item_bias is None else item_bias.detach().contiguous()
-    idx = None if sel_idx is None else sel_idx.to(torch.int64).contiguous()
+    # CSR ids may stay int32 (the routed ids arrive so); the dense form is int64
+    idx = None if sel_idx is None else (sel_idx if sel_ptr is not None and sel_idx.dtype == torch.int32
+                                        else sel_idx.to(torch.int64)).contiguous()
     ptr = None if sel_ptr is None else sel_ptr.to(torch.int64).contiguous()
     m, z1, zt, sel = torch.ops.prmkd.kd_catalog_local_stats(
         user_emb.detach().contiguous(), item_emb.detach().contiguous(), bias, float(temperature), idx, int(id_offset),
@@ -176,9 +178,11 @@ def catalog_local_grad(user_emb: Tensor, item_emb: Tensor, item_bias: Tensor | N
     f32 = lambda t: t.detach().to(torch.float32).contiguous()  # noqa: E731
     bias = None if item_bias is None else item_bias.detach().contiguous()
     ptr = None if sparse_ptr is None else sparse_ptr.to(torch.int64).contiguous()
+    idx = (sparse_idx if ptr is not None and sparse_idx.dtype == torch.int32
+           else sparse_idx.to(torch.int64)).contiguous()
     d_user, d_item, d_bias = torch.ops.prmkd.kd_catalog_local_grad(
         user_emb.detach().contiguous(), item_emb.detach().contiguous(), bias, f32(coef_lse1), f32(coef_lse_tau),
-        f32(lse1), f32(lse_tau), sparse_idx.to(torch.int64).contiguous(), f32(sparse_grad), float(temperature),
+        f32(lse1), f32(lse_tau), idx, f32(sparse_grad), float(temperature),
         int(id_offset), ptr)
     return d_user, d_item, (d_bias if item_bias is not None else None)
 

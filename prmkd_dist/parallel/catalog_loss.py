@@ -76,7 +76,8 @@ def default_chunk_rows(batch: int) -> int:
 
 
 class _CatalogStats(torch.autograd.Function):
-    """(u, W_local, b_local) -> (LSE_1 [B], LSE_tau [B], logits at ``sel_ids`` [B, M]), all global.
+    """(u, W_local, b_local) -> (LSE_1 [B], LSE_tau [B], logits at the selected ids [B, M]: the target, then the
+    teachers' slots), all global.
 
     ``local`` is the backend module (``catalog_local_stats`` / ``catalog_local_grad``). Replicated batches
     (``layout`` None): backward assumes (as the contract guarantees) that the upstream gradients are identical on
@@ -87,8 +88,10 @@ class _CatalogStats(torch.autograd.Function):
     gradients the same way."""
 
     @staticmethod
-    def forward(ctx, u, w, b, sel_ids, item_offset, temperature, need_tau, chunk_rows, group, local, layout):
+    def forward(ctx, u, w, b, tgt, slot_ids, item_offset, temperature, need_tau, chunk_rows, group, local, layout):
+        # the selected ids of a row: its target, then its teachers' slots (slot_ids [B, T*K]); M = 1 + T*K
         cdt = compute_dtype(u.dtype)
+        sel_ids = None
         # without a KL term LSE_tau is not needed: tau = 1 makes the local pass compute one exp per logit
         tau = float(temperature) if need_tau else 1.0
         routed = None
@@ -97,9 +100,11 @@ class _CatalogStats(torch.autograd.Function):
                 sizes, lo, hi = layout
                 u = all_gather_dim0(u, sizes, group)
                 # each selected id goes to its owner only, which receives its entries as a CSR over all rows
-                routed = route_ids(sel_ids, sizes, lo, hi, group)
+                # (the target goes in as the first column where it lies: no [B, M] concatenation)
+                routed = route_ids(slot_ids, sizes, lo, hi, group, head=tgt)
                 m, z1, zt, picked = _local_stats(local, u, w, b, tau, chunk_rows, routed)
             else:
+                sel_ids = torch.cat([tgt[:, None], slot_ids], dim=1)
                 # logits at the selected (global) ids: the owner computes them (in the same pass as its
                 # statistics), everyone else adds 0 (the local part keeps the ids in [item_offset, item_offset +
                 # rows) and skips the rest, -1 = empty included)
@@ -115,7 +120,9 @@ class _CatalogStats(torch.autograd.Function):
             else:  # the owners' logits back to the rows' ranks: only the rank's own rows go on to the row formula
                 sel = routed.to_senders(picked.to(cdt))
 
-        ctx.save_for_backward(u, w, b if b is not None else torch.empty(0), lse1, lse_tau, sel_ids)
+        ctx.save_for_backward(u, w, b if b is not None else torch.empty(0), lse1, lse_tau,
+                              sel_ids if sel_ids is not None else torch.empty(0))
+        ctx.n_selected = 1 + slot_ids.shape[1]
         ctx.has_bias = b is not None
         ctx.tau, ctx.need_tau, ctx.chunk_rows, ctx.group, ctx.local = tau, need_tau, chunk_rows, group, local
         ctx.routed, ctx.item_offset = routed, item_offset
@@ -135,7 +142,7 @@ class _CatalogStats(torch.autograd.Function):
         g1 = g_lse1 if g_lse1 is not None else zeros
         gt = g_lse_tau if (g_lse_tau is not None and ctx.need_tau) else zeros
         if g_sel is None:
-            g_sel = lse1.new_zeros((n_own, sel_ids.shape[1]))
+            g_sel = lse1.new_zeros((n_own, ctx.n_selected))
         if routed is not None:
             # every shard needs every row's LSE coefficients; the logits' gradients go to their owners only
             g_all = all_gather_dim0(torch.stack([g1, gt], dim=1).to(lse1.dtype), sizes, ctx.group)
@@ -156,7 +163,7 @@ class _CatalogStats(torch.autograd.Function):
         else:
             grad_u = reduce_scatter_dim0(grad_u, sizes, ctx.group)
         grad_b = grad_b.to(b.dtype) if (b is not None and grad_b is not None) else None
-        return (grad_u.to(u.dtype), grad_w.to(w.dtype), grad_b) + (None,) * 8
+        return (grad_u.to(u.dtype), grad_w.to(w.dtype), grad_b) + (None,) * 9
 
 
 def _local_stats(local, u, w, b, tau, chunk_rows, routed: RoutedIds):
@@ -309,11 +316,10 @@ def kd_loss_linear_catalog_parallel(
     n_slots = ids.shape[1] * ids.shape[2]
     need_tau = lambda_kd != 0.0 and n_slots > 0
     # one gather for the target and every teacher slot: [B, 1 + T*K] global ids (-1 = nothing to fetch)
-    sel_ids = torch.cat([tgt[:, None], ids.reshape(batch, n_slots)], dim=1)
     lse1, lse_tau, sel = _CatalogStats.apply(user_emb.contiguous(), item_emb_shard.contiguous(),
                                              item_bias_shard.contiguous() if item_bias_shard is not None else None,
-                                             sel_ids, int(item_offset), float(temperature), need_tau,
-                                             int(chunk_rows), group, local, layout)
+                                             tgt, ids.reshape(batch, n_slots), int(item_offset), float(temperature),
+                                             need_tau, int(chunk_rows), group, local, layout)
     # the row formula over the gathered statistics: the backend's fused op where it has one (C++), else the
     # reference's tensor ops (reference.kd_rows_from_stats: the one statement of the formula)
     rows_from_sel = getattr(local, "kd_rows_from_sel", kd_rows_from_sel)

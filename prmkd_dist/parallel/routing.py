@@ -28,10 +28,14 @@ from prmkd_dist.distill import cpp_backend
 __all__ = ["RoutedIds", "route_ids", "route_by_owner", "route_by_owner_reference", "csr_to_dense"]
 
 
-def route_by_owner_reference(ids: Tensor, lo: Tensor, hi: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+def route_by_owner_reference(ids: Tensor, lo: Tensor, hi: Tensor, head: Tensor | None = None
+                             ) -> tuple[Tensor, Tensor, Tensor]:
     """What ``torch.ops.prmkd.route_by_owner`` computes (csrc/route.cpp), in tensor ops: for ids [b, M] (global,
-    -1 = empty) and the ranks' ranges [lo[q], hi[q]), (send int32: per owner q in rank order, the b per-row counts
-    of q's entries then their ids - lo[q]; splits int64 [W] = b + E_q; pos int64: each sent entry's flat index)."""
+    -1 = empty; with ``head`` [b], the [b, 1 + M] of head then ids) and the ranks' ranges [lo[q], hi[q]), (send
+    int32: per owner q in rank order, the b per-row counts of q's entries then their ids - lo[q]; splits int64
+    [W] = b + E_q; pos int64: each sent entry's flat index)."""
+    if head is not None:
+        ids = torch.cat([head.reshape(-1, 1).to(ids.dtype), ids], dim=1)
     b, m = ids.shape
     flat = ids.reshape(-1).to(torch.int64)
     owner = torch.full_like(flat, -1)
@@ -52,12 +56,16 @@ def route_by_owner_reference(ids: Tensor, lo: Tensor, hi: Tensor) -> tuple[Tenso
     return torch.cat(pieces), torch.tensor(splits, dtype=torch.int64, device=ids.device), torch.cat(pos)
 
 
-def route_by_owner(ids: Tensor, lo: Tensor, hi: Tensor) -> tuple[Tensor, Tensor, Tensor]:
-    """``ids`` [b, M] grouped by owning rank (see :func:`route_by_owner_reference`): the C++ op (one counting
-    pass, one write pass) for CPU tensors when the extension is built, the tensor-op reference otherwise."""
+def route_by_owner(ids: Tensor, lo: Tensor, hi: Tensor, head: Tensor | None = None
+                   ) -> tuple[Tensor, Tensor, Tensor]:
+    """``ids`` [b, M] (after ``head`` [b] as the first column, if given) grouped by owning rank (see
+    :func:`route_by_owner_reference`): the C++ op (one counting pass, one write pass; it reads ``head`` where it
+    lies, no concatenation) for CPU tensors when the extension is built, the tensor-op reference otherwise."""
     if ids.device.type == "cpu" and cpp_backend.available()[0]:
-        return torch.ops.prmkd.route_by_owner(ids.to(torch.int64).contiguous(), lo.contiguous(), hi.contiguous())
-    return route_by_owner_reference(ids, lo, hi)
+        return torch.ops.prmkd.route_by_owner(
+            ids.to(torch.int64).contiguous(), lo.contiguous(), hi.contiguous(),
+            None if head is None else head.to(torch.int64).contiguous())
+    return route_by_owner_reference(ids, lo, hi, head)
 
 
 def csr_to_dense(ids: Tensor, ptr: Tensor) -> tuple[Tensor, Tensor, Tensor]:
@@ -68,14 +76,15 @@ def csr_to_dense(ids: Tensor, ptr: Tensor) -> tuple[Tensor, Tensor, Tensor]:
     cols = torch.arange(ids.shape[0], device=ids.device) - ptr[:-1][rows]
     width = int(counts.max()) if counts.numel() else 0
     dense = torch.full((counts.shape[0], width), -1, dtype=torch.int64, device=ids.device)
-    dense[rows, cols] = ids
+    dense[rows, cols] = ids.to(torch.int64)
     return dense, rows, cols
 
 
 @dataclass
 class RoutedIds:
-    """The entries a rank owns, from every rank's rows: ``ids`` [E] (int64, rows of its shard), ``ptr`` [B + 1]
-    over the global batch's rows; and what it takes to send values along the same routes."""
+    """The entries a rank owns, from every rank's rows: ``ids`` [E] (int32 as they arrive: rows of its shard),
+    ``ptr`` [B + 1] (int64) over the global batch's rows; and what it takes to send values along the same
+    routes."""
     ids: Tensor
     ptr: Tensor
     pos: Tensor             # [sum sent]: flat index in this rank's [b, M] of each entry it sent, in send order
@@ -106,11 +115,13 @@ class RoutedIds:
         return out
 
 
-def route_ids(sel_ids: Tensor, sizes: list[int], lo: Tensor, hi: Tensor, group) -> RoutedIds:
-    """Every rank's ``sel_ids`` [sizes[rank], M] sent to the ranks owning them (rank q: items [lo[q], hi[q]));
-    every rank must call it. Two all-to-alls: the split sizes, then the counts and ids."""
-    b, m = sel_ids.shape
-    send, splits, pos = route_by_owner(sel_ids, lo, hi)
+def route_ids(sel_ids: Tensor, sizes: list[int], lo: Tensor, hi: Tensor, group, head: Tensor | None = None
+              ) -> RoutedIds:
+    """Every rank's ``sel_ids`` [sizes[rank], M] (after ``head`` [sizes[rank]] as their first column, if given)
+    sent to the ranks owning them (rank q: items [lo[q], hi[q])); every rank must call it. Two all-to-alls: the
+    split sizes, then the counts and ids."""
+    b, m = sel_ids.shape[0], sel_ids.shape[1] + (head is not None)
+    send, splits, pos = route_by_owner(sel_ids, lo, hi, head)
     recv_splits = torch.empty_like(splits)
     dist.all_to_all_single(recv_splits, splits, group=group)
     recv_splits = recv_splits.tolist()
@@ -124,6 +135,6 @@ def route_ids(sel_ids: Tensor, sizes: list[int], lo: Tensor, hi: Tensor, group) 
         off += n
     ptr = torch.zeros(sum(sizes) + 1, dtype=torch.int64, device=sel_ids.device)
     torch.cumsum(torch.cat(counts).to(torch.int64), 0, out=ptr[1:])
-    return RoutedIds(ids=torch.cat(parts).to(torch.int64), ptr=ptr, pos=pos,
+    return RoutedIds(ids=torch.cat(parts), ptr=ptr, pos=pos,
                      sent=[s - b for s in splits], received=[r - n_rows for r, n_rows in zip(recv_splits, sizes)],
                      shape=(b, m), group=group)

@@ -47,6 +47,54 @@ def test_cpp_grouping_matches_reference(b, m):
     assert sorted(pos.tolist()) == (ids.reshape(-1) >= 0).nonzero().flatten().tolist()
 
 
+@pytest.mark.parametrize("grouping", ["cpp", "reference"])
+@pytest.mark.parametrize("b,m", [(9, 7), (1, 0), (0, 5), (40, 150)])
+def test_head_column_equals_concatenation(grouping, b, m):
+    """``head`` (the target column, read where it lies) routes exactly as the concatenated [b, 1 + M] matrix."""
+    if grouping == "cpp" and not cpp_backend.available()[0]:
+        pytest.skip(cpp_backend.available()[1])
+    fn = torch.ops.prmkd.route_by_owner if grouping == "cpp" else route_by_owner_reference
+    ids = random_ids(b, m, seed=7 * b + m)
+    head = random_ids(b, 1, seed=11 * b + m).reshape(-1)
+    got = fn(ids, LO, HI, head)
+    want = route_by_owner_reference(torch.cat([head[:, None], ids], dim=1), LO, HI)
+    for g, w, what in zip(got, want, ("send", "splits", "pos")):
+        assert torch.equal(g, w), f"{what}: {g} vs {w}"
+
+
+@needs_cpp
+def test_head_column_errors_name_column_zero():
+    with pytest.raises(RuntimeError, match=r"ids\[1, 0\] = 60 is on no rank's shard"):
+        torch.ops.prmkd.route_by_owner(torch.tensor([[1, 2], [3, 4]]), LO, HI, torch.tensor([5, 60]))
+    with pytest.raises(RuntimeError, match=r"head must be a contiguous int64 CPU \[b = 2\] tensor"):
+        torch.ops.prmkd.route_by_owner(torch.tensor([[1, 2], [3, 4]]), LO, HI, torch.tensor([5, 6, 7]))
+
+
+@needs_cpp
+def test_pooled_outputs_stay_valid():
+    """route_by_owner's outputs come from a reused buffer pool: outputs kept alive must never be handed out
+    again, and outputs freed on another thread (gloo's worker frees what it sent) return to the same pool."""
+    import threading
+
+    kept = []
+    for seed in range(6):  # more live outputs than the pool keeps
+        ids = random_ids(300, 151, seed=seed)
+        kept.append((ids, [t.clone() for t in torch.ops.prmkd.route_by_owner(ids, LO, HI)],
+                     torch.ops.prmkd.route_by_owner(ids, LO, HI)))
+    for ids, copies, live in kept:
+        for c, t in zip(copies, live):
+            assert torch.equal(c, t)
+    outs = [torch.ops.prmkd.route_by_owner(random_ids(300, 151, seed=s), LO, HI) for s in range(4)]
+    t = threading.Thread(target=outs.clear)
+    t.start()
+    t.join()
+    ids = random_ids(300, 151, seed=99)
+    again = torch.ops.prmkd.route_by_owner(ids, LO, HI)
+    want = route_by_owner_reference(ids, LO, HI)
+    for g, w in zip(again, want):
+        assert torch.equal(g, w)
+
+
 def test_grouping_by_hand():
     ids = torch.tensor([[0, 5, -1, 9], [3, 3, 7, -1]])
     send, splits, pos = route_by_owner(ids, torch.tensor([0, 5]), torch.tensor([5, 10]))
@@ -100,6 +148,9 @@ def test_cpp_catalog_local_csr_matches_dense(bias):
     assert sel1.shape == (int(owned.sum()),)
     torch.testing.assert_close(sel1, sel0[owned], rtol=0, atol=0)
     assert bool((sel0[~owned] == 0).all())
+    # int32 CSR ids (as the routed ids arrive) give the same, bit for bit
+    sel32 = cpp_backend.catalog_local_stats(user, item, b, 1.5, None, csr_ids.to(torch.int32), 0, sel_ptr=ptr)[3]
+    assert torch.equal(sel32, sel1)
 
     lse1 = (m0 + z0.log()).float()
     lse_t = (m0 / 1.5 + t0.log()).float()
@@ -108,11 +159,14 @@ def test_cpp_catalog_local_csr_matches_dense(bias):
     dense = cpp_backend.catalog_local_grad(user, item, b, c1, ct, lse1, lse_t, ids, grad, 1.5, None, offset)
     csr = cpp_backend.catalog_local_grad(user, item, b, c1, ct, lse1, lse_t, csr_ids, grad[owned].contiguous(), 1.5,
                                          None, 0, sparse_ptr=ptr)
-    for x, y in zip(dense, csr):
+    csr32 = cpp_backend.catalog_local_grad(user, item, b, c1, ct, lse1, lse_t, csr_ids.to(torch.int32),
+                                           grad[owned].contiguous(), 1.5, None, 0, sparse_ptr=ptr)
+    for x, y, z in zip(dense, csr, csr32):
         if x is None:
-            assert y is None
+            assert y is None and z is None
         else:
             torch.testing.assert_close(x, y, rtol=1e-6, atol=1e-6)
+            assert torch.equal(y, z)
 
 
 @needs_cpp
