@@ -73,27 +73,60 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> route_by_owner(const at::Tensor& 
   std::vector<int64_t> end_of(n_ranges);
   for (int64_t k = 0; k < n_ranges; ++k) rank_of[k] = order[k], end_of[k] = hi_p[order[k]];
 
+  // ranges without gaps (the catalog-parallel loss's tile the catalog): an id is then valid iff it is -1 or in
+  // [first start, last end), and the few-ranges passes below need no lookup of its range's end
+  bool contiguous = n_ranges <= 16;
+  for (int64_t k = 1; k < n_ranges; ++k) contiguous = contiguous && starts[k] == end_of[k - 1];
+  const int64_t first_start = n_ranges ? starts[0] : 0, last_end = n_ranges ? end_of[n_ranges - 1] : 0;
+
   // two passes over the ids: count per (owner, row), then write each entry at its owner's cursor (the owner is
-  // recomputed, cheaper than storing it)
+  // recomputed, cheaper than storing it). Row r's slots: head[r] (slot 0) then ids[r, :] with a head.
   const int64_t* id = ids.data_ptr<int64_t>();
   const int64_t* head_p = has_head ? head->data_ptr<int64_t>() : nullptr;
-  // row r's slot s (of M): head[r] then ids[r, :] with a head, ids[r, s] without
-  auto slot = [&](int64_t r, int64_t s) -> int64_t {
+  auto slot = [&](int64_t r, int64_t s) -> int64_t {  // for the slow paths only
     return has_head ? (s == 0 ? head_p[r] : id[r * S + s - 1]) : id[r * S + s];
+  };
+  // the first bad slot of row r, named (called once the row is known to hold one)
+  auto fail = [&](int64_t r) {
+    for (int64_t s = 0; s < M; ++s) {
+      const int64_t v = slot(r, s);
+      TORCH_CHECK(v >= -1, "prmkd: route_by_owner: ids[", r, ", ", s, "] = ", v,
+                  ": item ids must be >= -1 (-1 = empty slot)");
+      if (v == -1) continue;
+      const int64_t k = int64_t(std::upper_bound(starts.begin(), starts.end(), v) - starts.begin()) - 1;
+      TORCH_CHECK(k >= 0 && v < end_of[k], "prmkd: route_by_owner: ids[", r, ", ", s, "] = ", v,
+                  " is on no rank's shard (the ranks' ranges cover the catalog [0, C); is the id outside it?)");
+    }
+    TORCH_CHECK(false, "prmkd: route_by_owner: internal error: row ", r, " flagged, no bad id found");
   };
   std::vector<int32_t> counts(W * b, 0);  // [W, b]
   std::vector<int64_t> total(W, 0);
   for (int64_t r = 0; r < b; ++r) {
+    if (contiguous) {
+      // per range k, the row's ids >= its start, summed in a register (no counter in memory that consecutive
+      // ids increment in turn); range k holds ge[k] - ge[k + 1] of them (-1 < every start: never counted)
+      const int64_t* row = id + r * S;
+      const int64_t hv = has_head ? head_p[r] : -1;
+      bool bad = (hv < -1) | (hv >= last_end) | ((hv >= 0) & (hv < first_start));
+      for (int64_t s = 0; s < S; ++s)
+        bad |= (row[s] < -1) | (row[s] >= last_end) | ((row[s] >= 0) & (row[s] < first_start));
+      if (bad) fail(r);
+      int64_t ge[17];
+      for (int64_t k = 0; k < n_ranges; ++k) {
+        const int64_t lo_k = starts[k];
+        int64_t c = hv >= lo_k;
+        for (int64_t s = 0; s < S; ++s) c += row[s] >= lo_k;
+        ge[k] = c;
+      }
+      ge[n_ranges] = 0;
+      for (int64_t k = 0; k < n_ranges; ++k) counts[rank_of[k] * b + r] = int32_t(ge[k] - ge[k + 1]);
+      continue;
+    }
     for (int64_t s = 0; s < M; ++s) {
       const int64_t v = slot(r, s);
-      if (v < 0) {
-        TORCH_CHECK(v == -1, "prmkd: route_by_owner: ids[", r, ", ", s, "] = ", v,
-                    ": item ids must be >= -1 (-1 = empty slot)");
-        continue;
-      }
+      if (v == -1) continue;
       const int64_t k = range_of(v);
-      TORCH_CHECK(k >= 0 && v < end_of[k], "prmkd: route_by_owner: ids[", r, ", ", s, "] = ", v,
-                  " is on no rank's shard (the ranks' ranges cover the catalog [0, C); is the id outside it?)");
+      if (v < -1 || k < 0 || v >= end_of[k]) fail(r);
       ++counts[rank_of[k] * b + r];
     }
   }
@@ -127,14 +160,16 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> route_by_owner(const at::Tensor& 
     id_at[k] = send_p + id_cursor[rank_of[k]];
     base[k] = lo_p[rank_of[k]];
   }
-  for (int64_t r = 0, i = 0; r < b; ++r) {
-    for (int64_t s = 0; s < M; ++s, ++i) {
-      const int64_t v = slot(r, s);
-      if (v < 0) continue;
-      const int64_t k = range_of(v);
-      *id_at[k]++ = int32_t(v - base[k]);
-      *pos_at[k]++ = i;
-    }
+  auto emit = [&](int64_t v, int64_t flat) {
+    if (v < 0) return;
+    const int64_t k = range_of(v);
+    *id_at[k]++ = int32_t(v - base[k]);
+    *pos_at[k]++ = flat;
+  };
+  for (int64_t r = 0; r < b; ++r) {
+    const int64_t* row = id + r * S;
+    if (has_head) emit(head_p[r], r * M);
+    for (int64_t s = 0, flat = r * M + (has_head ? 1 : 0); s < S; ++s, ++flat) emit(row[s], flat);
   }
   return {send, splits, pos};
 }

@@ -104,7 +104,9 @@ class RoutedIds:
         """The owner's ``values`` [E] (one per received entry) -> this rank's [b, M], 0 where it sent nothing."""
         back = values.new_empty(sum(self.sent))
         dist.all_to_all_single(back, values.contiguous(), self.sent, self.received, group=self.group)
-        out = values.new_zeros(self.shape[0] * self.shape[1])
+        n = self.shape[0] * self.shape[1]
+        # zeros only where a slot was empty (teachers' lists are usually full: then every slot is written)
+        out = values.new_empty(n) if back.shape[0] == n else values.new_zeros(n)
         return out.index_copy_(0, self.pos, back).view(self.shape)  # (index_copy_: less overhead than out[pos] =)
 
     def to_owners(self, own: Tensor) -> Tensor:

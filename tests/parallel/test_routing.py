@@ -95,6 +95,26 @@ def test_pooled_outputs_stay_valid():
         assert torch.equal(g, w)
 
 
+@needs_cpp
+@pytest.mark.parametrize("with_head", [False, True])
+def test_ranges_with_gaps(with_head):
+    """Ranges that leave gaps (before the first and between two) take the op's general path: same grouping as
+    the reference for ids inside the ranges, and an id in a gap is named."""
+    lo, hi = torch.tensor([20, 5]), torch.tensor([40, 15])
+    g = torch.Generator().manual_seed(3)
+    ids = torch.cat([torch.randint(5, 15, (30, 4), generator=g), torch.randint(20, 40, (30, 4), generator=g)], 1)
+    ids[torch.rand(30, 8, generator=g) < 0.2] = -1
+    head = ids[:, 0].clone() if with_head else None
+    body = ids[:, 1:].contiguous() if with_head else ids
+    for got, want in zip(torch.ops.prmkd.route_by_owner(body, lo, hi, head), route_by_owner_reference(ids, lo, hi)):
+        assert torch.equal(got, want)
+    for bad in (3, 17):
+        ids2 = ids.clone()
+        ids2[4, 2] = bad
+        with pytest.raises(RuntimeError, match=rf"ids\[4, 2\] = {bad} is on no rank's shard"):
+            torch.ops.prmkd.route_by_owner(ids2, lo, hi)
+
+
 def test_grouping_by_hand():
     ids = torch.tensor([[0, 5, -1, 9], [3, 3, 7, -1]])
     send, splits, pos = route_by_owner(ids, torch.tensor([0, 5]), torch.tensor([5, 10]))
@@ -212,6 +232,13 @@ def worker(rank: int, world: int, port: int, out: str) -> None:
         # senders -> owners: each entry's value arrives in the order of routed.ids
         arrived = routed.to_owners(mine.double() * 10 + local_rows)
         assert torch.equal(arrived, ((routed.ids + a) * 10 + rows).double()), rank
+        # full lists (no empty slot: every slot of to_senders' output is written, none zero-filled), the first
+        # column routed as the head (as the loss routes its targets)
+        full = all_ids.clamp(min=0)[lo_row:lo_row + ROWS[rank]]
+        routed_full = route_ids(full[:, 1:].contiguous(), ROWS, lo, hi, None, head=full[:, 0].contiguous())
+        rows = torch.repeat_interleave(torch.arange(sum(ROWS)), routed_full.ptr[1:] - routed_full.ptr[:-1])
+        back = routed_full.to_senders((rows * 1000 + routed_full.ids + a).double())
+        assert torch.equal(back, local_rows * 1000 + full), (rank, back)
         report = {"entries": int(routed.ids.numel()), "sent": routed.sent, "received": routed.received}
     finally:
         dist.destroy_process_group()
