@@ -22,6 +22,7 @@
 #include <vector>
 
 #ifdef __linux__
+#include <pthread.h>
 #include <sys/mman.h>
 #endif
 
@@ -367,6 +368,14 @@ class ScratchBlock {
   // the buffer it sent), which would move its block to a pool the next call never sees.
   static std::mutex& pool_mutex() {
     static std::mutex m;
+#ifdef __linux__
+    // held across fork() (DataLoader workers), so that a child never inherits it locked by a thread it lacks
+    static const bool at_fork = [] {
+      pthread_atfork([] { m.lock(); }, [] { m.unlock(); }, [] { m.unlock(); });
+      return true;
+    }();
+    (void)at_fork;
+#endif
     return m;
   }
   static std::vector<std::pair<std::unique_ptr<char[]>, size_t>>& free_blocks() {

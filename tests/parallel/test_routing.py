@@ -115,6 +115,21 @@ def test_ranges_with_gaps(with_head):
             torch.ops.prmkd.route_by_owner(ids2, lo, hi)
 
 
+@needs_cpp
+def test_pooled_outputs_in_a_forked_child():
+    """The buffer pool (and its lock, released around fork()) works in a forked child, as in DataLoader workers."""
+    ids = random_ids(300, 151, seed=5)
+    kept = torch.ops.prmkd.route_by_owner(ids, LO, HI)  # a pooled block alive across the fork
+    pid = os.fork()
+    if pid == 0:  # child: exit status 0 only if the op runs and matches the reference
+        ok = all(torch.equal(g, w) for g, w in zip(torch.ops.prmkd.route_by_owner(ids, LO, HI),
+                                                    route_by_owner_reference(ids, LO, HI)))
+        os._exit(0 if ok else 1)
+    _, status = os.waitpid(pid, 0)
+    assert os.WIFEXITED(status) and os.WEXITSTATUS(status) == 0
+    assert all(torch.equal(g, w) for g, w in zip(kept, route_by_owner_reference(ids, LO, HI)))
+
+
 def test_grouping_by_hand():
     ids = torch.tensor([[0, 5, -1, 9], [3, 3, 7, -1]])
     send, splits, pos = route_by_owner(ids, torch.tensor([0, 5]), torch.tensor([5, 10]))
