@@ -1,5 +1,6 @@
 """The distributed entry point on real ml-latest-small with real processes (torchrun, gloo, TorchRec
-sharding, DeepSpeed ZeRO 1): 2 ranks against 1 rank on the same global batches, an interrupted run
+sharding, DeepSpeed ZeRO 1): 2 ranks against 1 rank on the same global batches, two "nodes" on localhost
+(two torchrun agents, --nnodes 2) against one node with two processes, an interrupted run
 (a rank fails, ``torchrun --max-restarts 1`` restarts the group, the run resumes from the last checkpoint)
 against the uninterrupted one, and a 2-rank checkpoint resumed on 1 rank (tables resharded by DCP).
 
@@ -18,7 +19,7 @@ import torch
 import yaml
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # --import-mode=importlib: the helper is not importable
-from _launch import torchrun  # noqa: E402
+from _launch import torchrun, torchrun_nodes  # noqa: E402
 
 pytestmark = [pytest.mark.multiproc, pytest.mark.slow]
 STEPS = 6
@@ -68,6 +69,26 @@ def test_two_ranks_match_one_rank_and_train(two_rank, tmp_path):
     for s in range(STEPS):
         assert recs[0][s]["users"] + recs[1][s]["users"] == one[s]["users"]
         assert len(recs[0][s]["users"]) == len(recs[1][s]["users"]) == 32
+
+
+def test_two_nodes_on_localhost_match_one_node(two_rank, tmp_path):
+    """Two torchrun agents as two "nodes" (``--nnodes 2``, one process each, c10d rendezvous on 127.0.0.1): the
+    same 2-rank job as one node with two processes, the same losses and weights."""
+    _, r2 = two_rank
+    out = tmp_path / "nodes"
+    out.mkdir()
+    cfg = json.loads(json.dumps(CONFIG))
+    cfg["run"]["out_dir"] = str(out)
+    (out / "config.yaml").write_text(yaml.safe_dump(cfg))
+    torchrun_nodes(["train", str(out), str(out / "config.yaml")], nnodes=2, nproc=1,
+                   env={"WORKER_MAX_STEPS": str(STEPS)})
+    rn = torch.load(out / "final.pt", weights_only=False)
+    assert rn["world"] == 2
+    torch.testing.assert_close(torch.tensor(rn["losses"]), torch.tensor(r2["losses"]), rtol=LOSS_RTOL, atol=0)
+    assert _max_param_diff(rn["state"], r2["state"]) < PARAM_ATOL
+    # each node's process consumed its own half of every global batch
+    recs = [[json.loads(x) for x in (out / f"examples_rank{r}.jsonl").read_text().splitlines()] for r in (0, 1)]
+    assert all(not set(recs[0][s]["users"]) & set(recs[1][s]["users"]) for s in range(STEPS))
 
 
 def test_failed_rank_restarts_and_resumes_exactly(two_rank, tmp_path):
