@@ -70,6 +70,12 @@ class ParallelConfig:
     bf16: bool = False  # DeepSpeed bf16 for the dense part (CUDA only)
     checkpoint_every: int = 0  # steps between resumable checkpoints (0: at the end of every epoch only)
     resume: bool = True  # continue from <out_dir>/dist_checkpoint/latest when it exists
+    # training loss over the catalog: "full" (exact, the item table row-sharded: catalog_loss.py) or "sampled"
+    # (sampled softmax with log-Q correction, prmkd_dist/distill/sampled.py: only the rows' candidates and
+    # num_negatives shared negatives are looked up through the sharded table; for catalogs too large to score)
+    scoring: str = "full"
+    num_negatives: int = 1024  # draws per step of the shared negatives (sampled scoring)
+    negatives: str = "uniform"  # their proposal: uniform | popularity (training counts ** 0.75)
 
     def problems(self) -> dict[str, str]:
         out = {}
@@ -90,6 +96,12 @@ class ParallelConfig:
             out["table_lr"] = "expected a value >= 0"
         if self.checkpoint_every < 0:
             out["checkpoint_every"] = "expected a value >= 0"
+        if self.scoring not in ("full", "sampled"):
+            out["scoring"] = "expected full or sampled"
+        if self.num_negatives < 1:
+            out["num_negatives"] = "expected a value >= 1"
+        if self.negatives not in ("uniform", "popularity"):
+            out["negatives"] = "expected uniform or popularity"
         return out
 
 
@@ -197,6 +209,13 @@ class DistributedEngine:
         self._out_ec = self.model.get_submodule(out_path) if out_path is not None else None
         self._stash: OutputRows | None = None
         self._piggyback_rows = 0
+        # sampled scoring: the proposal of the shared negatives and the number of sets drawn so far (the same on
+        # every rank: every rank draws once per training loss; a checkpoint keeps the count, see run.py)
+        self.negative_proposal = None
+        self.negative_draws = 0
+        if pcfg.scoring == "sampled" and self.catalog_output != "table":
+            raise ValueError(f"parallel.scoring=sampled needs an output item table; {type(model).__name__} scores "
+                             f"the catalog {'from computed rows' if self.catalog_output == 'computed' else 'pairwise'}")
         if self.tied:
             self._out_ec.register_forward_pre_hook(self._append_output_ids)
             self._out_ec.register_forward_hook(self._split_output_rows)
@@ -242,7 +261,8 @@ class DistributedEngine:
 
     # --- tied tables: the output rows ride along with the history lookup ---------------------------
     def _append_output_ids(self, module, args):
-        if not self.model.training or not torch.is_grad_enabled():
+        # (sampled scoring looks up only the step's candidates and negatives, in linear_loss: no full rows here)
+        if not self.model.training or not torch.is_grad_enabled() or self.parallel_cfg.scoring == "sampled":
             self._piggyback_rows = -1
             return None
         (kjt,) = args
@@ -299,13 +319,64 @@ class DistributedEngine:
         """The full-catalog loss of the global batch (all ranks' rows in rank order): the same value on every rank,
         the mean over the global batch as one process on the concatenated batch would compute it; its gradient
         flows into this rank's ``hidden`` rows (and the rank's output rows). ``reduction="none"``: this rank's
-        rows only."""
+        rows only. With ``parallel.scoring=sampled``, training steps use sampled partitions instead
+        (:meth:`_sampled_loss`); evaluation and no-grad calls stay exact."""
         from prmkd_dist.parallel.catalog_loss import kd_loss_linear_catalog_parallel
 
+        if self.parallel_cfg.scoring == "sampled" and self.model.training and torch.is_grad_enabled():
+            return self._sampled_loss(hidden, target, teacher_ids, teacher_scores, teacher_weights, rank_weights,
+                                      **loss_kwargs)
         rows = self.output_rows()
         return kd_loss_linear_catalog_parallel(hidden, rows.weight, rows.first_id, rows.num_items, target, teacher_ids,
                                                teacher_scores, teacher_weights, rank_weights, item_bias_shard=rows.bias,
                                                group=self.group, local_batch=True, **loss_kwargs)
+
+    def lookup_items(self, ids: Tensor) -> Tensor:
+        """The output table's rows of ``ids`` [n] (any ids, on any rank) through the sharded TorchRec lookup:
+        [n, d], differentiable into the fused table (its rows get their own in-backward update). Collective."""
+        kjt = KeyedJaggedTensor.from_lengths_sync(keys=[self.out_feature], values=ids.to(torch.int64),
+                                                  lengths=torch.tensor([ids.numel()], dtype=torch.int32))
+        return self._out_ec(kjt)[self.out_feature].values()
+
+    def sample_negatives(self) -> tuple[Tensor, Tensor]:
+        """This step's shared negatives (sorted distinct ids, log inclusion probabilities): the same set on every
+        rank, the ``negative_draws``-th of the run."""
+        from prmkd_dist.distill.sampled import negative_generator, negative_proposal, sample_negatives
+
+        if self.negative_proposal is None:
+            self.negative_proposal = negative_proposal(self.num_items)
+        gen = negative_generator(self.negative_draws)
+        self.negative_draws += 1
+        return sample_negatives(self.negative_proposal, self.parallel_cfg.num_negatives, gen)
+
+    def _sampled_loss(self, hidden: Tensor, target: Tensor, teacher_ids: Tensor, teacher_scores: Tensor,
+                      teacher_weights: Tensor, rank_weights: Tensor | None = None, *, reduction: str = "mean",
+                      backend: str | None = None, **loss_kwargs) -> Tensor:
+        """``linear_loss`` with sampled partitions (``parallel.scoring=sampled``): each rank looks up its rows'
+        candidates (target + teacher ids) and the step's shared negatives through the sharded table, evaluates
+        its rows (prmkd_dist/distill/sampled.py) and returns the global-batch loss, as the exact path does."""
+        from prmkd_dist.distill.sampled import kd_loss_sampled, selected_ids
+
+        del backend  # one form (PyTorch ops over the looked-up rows)
+        neg_ids, log_p = self.sample_negatives()
+        cand = selected_ids(target, teacher_ids)
+        b, m = cand.shape
+        emb = self.lookup_items(torch.cat([cand.clamp_min(0).reshape(-1), neg_ids.to(cand.device)]))
+        cand_emb, neg_emb = emb[:b * m].view(b, m, -1), emb[b * m:]
+        bias = self.model.output_bias()
+        cand_bias = bias[cand.clamp_min(0)] if bias is not None else None
+        neg_bias = bias[neg_ids] if bias is not None else None
+        rows = kd_loss_sampled(hidden, cand_emb.to(hidden.dtype), neg_emb.to(hidden.dtype), neg_ids, log_p,
+                               self.num_items, target, teacher_ids, teacher_scores, teacher_weights, rank_weights,
+                               cand_bias=cand_bias, neg_bias=neg_bias, reduction="none", **loss_kwargs)
+        if reduction == "none":
+            return rows
+        total_rows = torch.tensor([float(b)], dtype=torch.float64, device=hidden.device)
+        dist.all_reduce(total_rows, group=self.group)
+        share = rows.sum() / (float(total_rows) if reduction == "mean" else 1.0)
+        total = share.detach().clone()
+        dist.all_reduce(total, group=self.group)  # the global-batch value on every rank; the gradient is the share's
+        return share + (total - share.detach())
 
     def step(self, loss: Tensor) -> None:
         """Backward (tables update inside it), DeepSpeed's gradient reduction and dense step, zeroing."""

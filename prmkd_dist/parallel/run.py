@@ -46,7 +46,7 @@ from prmkd_dist.train.config import TrainConfig
 from prmkd_dist.train.evaluate import history_batches, stage_histories
 from prmkd_dist.train.metrics import MetricAccumulator
 from prmkd_dist.train.trainer import (SELECT_METRIC, build_model, configured_stride, load_split_for, next_item_loss,
-                                      training_batch, training_examples)
+                                      trainable_users, training_batch, training_examples)
 from prmkd_dist.train.utils import get_logger, seed_everything, set_num_threads
 
 log = get_logger(__name__)
@@ -218,6 +218,14 @@ def _truncate_record(path: Path | None, step: int) -> None:
         path.write_text("".join(x + "\n" for x in keep))
 
 
+def _train_counts(split: LeaveOneOutSplit) -> np.ndarray:
+    """Each item's occurrences in the training sequences (the popularity proposal of sampled scoring)."""
+    counts = np.zeros(split.data.num_items, dtype=np.float64)
+    for u in trainable_users(split):
+        np.add.at(counts, np.asarray(split.train_sequence(u), dtype=np.int64), 1.0)
+    return counts
+
+
 def train_distributed(cfg: TrainConfig, pcfg: ParallelConfig, max_steps: int = 0, record_examples: bool = False,
                       fail_at_step: int = 0, evaluate_at_end: bool = True) -> dict:
     """Train under the current process group (see the module doc). ``max_steps`` > 0 stops early (tests,
@@ -231,6 +239,10 @@ def train_distributed(cfg: TrainConfig, pcfg: ParallelConfig, max_steps: int = 0
     split = load_split_for(cfg.data.dataset)
     model = build_model(cfg, split.data.num_items, split)
     engine = DistributedEngine(model, cfg.optim, pcfg, device=device)
+    if pcfg.scoring == "sampled" and pcfg.negatives == "popularity":
+        from prmkd_dist.distill.sampled import negative_proposal
+
+        engine.negative_proposal = negative_proposal(split.data.num_items, _train_counts(split))
     # data-bound students (DeepFM, DCN-v2, LightGCN) train on position examples with their own objective
     # (distill/interaction.py; distillation from distill.shards included); the others on next-item windows
     objective = None
@@ -262,12 +274,14 @@ def train_distributed(cfg: TrainConfig, pcfg: ParallelConfig, max_steps: int = 0
         loop = ckpt.load(last, engine)
         epoch, batch, step, history, losses = (loop["epoch"], loop["batch"], loop["step"], loop["history"],
                                                loop["losses"])
+        engine.negative_draws = int(loop.get("negative_draws", 0))  # the sampled negatives continue the same stream
         _truncate_record(record, step)
         log.info("rank %d resumed from %s (epoch %d, batch %d, step %d)", rank, last, epoch, batch, step)
 
     def save(next_epoch: int, next_batch: int) -> None:
         ckpt.save(ckpt_root, engine, step, {"epoch": next_epoch, "batch": next_batch, "step": step,
-                                            "history": history, "losses": losses})
+                                            "history": history, "losses": losses,
+                                            "negative_draws": engine.negative_draws})
 
     eval_kw = dict(ks=tuple(sorted(set(cfg.eval.ks) | {10})), batch_size=cfg.eval.batch_size,
                    exclude_history=cfg.eval.exclude_history, max_len=cfg.data.max_len)

@@ -14,6 +14,7 @@ import shutil
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 import yaml
@@ -35,10 +36,11 @@ LOSS_RTOL = 1e-5  # float32 losses of ~9, different summation orders
 PARAM_ATOL = 1e-5  # after 6 SGD steps
 
 
-def _run(out: Path, nproc: int, env_extra: dict | None = None, restarts: int = 0) -> dict:
+def _run(out: Path, nproc: int, env_extra: dict | None = None, restarts: int = 0, parallel: dict | None = None) -> dict:
     out.mkdir(parents=True, exist_ok=True)
     cfg = json.loads(json.dumps(CONFIG))
     cfg["run"]["out_dir"] = str(out)
+    cfg["parallel"].update(parallel or {})
     (out / "config.yaml").write_text(yaml.safe_dump(cfg))
     torchrun(["train", str(out), str(out / "config.yaml")], nproc=nproc, restarts=restarts,
              env={"WORKER_MAX_STEPS": str(STEPS), **(env_extra or {})})
@@ -89,6 +91,62 @@ def test_two_nodes_on_localhost_match_one_node(two_rank, tmp_path):
     # each node's process consumed its own half of every global batch
     recs = [[json.loads(x) for x in (out / f"examples_rank{r}.jsonl").read_text().splitlines()] for r in (0, 1)]
     assert all(not set(recs[0][s]["users"]) & set(recs[1][s]["users"]) for s in range(STEPS))
+
+
+def test_sampled_scoring_two_ranks_match_one_rank_and_the_definition(two_rank, tmp_path):
+    """``parallel.scoring=sampled``: the candidates and the step's shared negatives looked up through the sharded
+    table. 2 ranks equal 1 rank; the first step's loss is the sampled loss of its definition (distill/sampled.py,
+    computed here in one process from the same initial model, batch and negatives); it differs from the exact
+    loss of the full-scoring run, and it learns."""
+    from prmkd_dist.distill.sampled import kd_loss_sampled, negative_generator, negative_proposal, sample_negatives
+    from prmkd_dist.parallel.run import GlobalBatchSampler, load_run_config
+    from prmkd_dist.train.engine import no_teachers
+    from prmkd_dist.train.trainer import (build_model, configured_stride, load_split_for, training_batch,
+                                          training_examples)
+    from prmkd_dist.train.utils import seed_everything
+
+    _, r_full = two_rank
+    sampled = {"scoring": "sampled", "num_negatives": 300}
+    r2 = _run(tmp_path / "s2", 2, parallel=sampled)
+    r1 = _run(tmp_path / "s1", 1, parallel=sampled)
+    torch.testing.assert_close(torch.tensor(r2["losses"]), torch.tensor(r1["losses"]), rtol=LOSS_RTOL, atol=0)
+    assert _max_param_diff(r2["state"], r1["state"]) < PARAM_ATOL
+    assert abs(r2["losses"][0] - r_full["losses"][0]) > 1e-3  # another objective than the exact one
+
+    cfg, _ = load_run_config(tmp_path / "s1" / "config.yaml")
+    seed_everything(cfg.run.seed)  # as train_distributed does it: the same initial model
+    split = load_split_for(cfg.data.dataset)
+    model = build_model(cfg, split.data.num_items, split)
+    stride = configured_stride(cfg)
+    examples = training_examples(split, cfg.data.max_len, cfg.data.windows, stride)
+    ids = GlobalBatchSampler(np.arange(len(examples)), cfg.optim.batch_size, cfg.run.seed, 0, 1).global_batch(1, 0)
+    x, y = training_batch(split, examples[ids, 0], cfg.data.max_len, examples[ids, 1], stride)
+    model.train()
+    h = model.encode(x)[y >= 0]
+    tgt = y[y >= 0]
+    neg, log_p = sample_negatives(negative_proposal(split.data.num_items), 300, negative_generator(0))
+    table = model.output_weight()
+    bias = model.output_bias()
+    t_ids, t_scores, t_w = no_teachers(h.shape[0])
+    want = kd_loss_sampled(h, table[tgt][:, None, :], table[neg], neg, log_p, split.data.num_items, tgt, t_ids,
+                           t_scores, t_w, cand_bias=None if bias is None else bias[tgt][:, None],
+                           neg_bias=None if bias is None else bias[neg])
+    assert float(want) == pytest.approx(r1["losses"][0], rel=1e-5)
+
+    # only the looked-up rows of the item table move: the steps' targets, histories and negatives (the exact
+    # run moves every row: its softmax reaches the whole catalog)
+    init = table.detach()
+    (key,) = [k for k, v in r2["state"].items() if v.shape == init.shape]
+    touched = set()
+    for j in range(STEPS):
+        ids = GlobalBatchSampler(np.arange(len(examples)), cfg.optim.batch_size, cfg.run.seed, 0, 1).global_batch(1, j)
+        x, y = training_batch(split, examples[ids, 0], cfg.data.max_len, examples[ids, 1], stride)
+        touched |= set(x[x >= 0].tolist()) | set(y[y >= 0].tolist())
+        touched |= set(sample_negatives(negative_proposal(split.data.num_items), 300, negative_generator(j))[0].tolist())
+    moved = set(((r2["state"][key] - init).abs().amax(dim=1) > 0).nonzero().flatten().tolist())
+    assert moved and moved <= touched, sorted(moved - touched)[:10]
+    assert len(moved) < 0.7 * split.data.num_items
+    assert bool(((r_full["state"][key] - init).abs().amax(dim=1) > 0).float().mean() > 0.99)
 
 
 def test_failed_rank_restarts_and_resumes_exactly(two_rank, tmp_path):
