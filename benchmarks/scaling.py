@@ -11,7 +11,9 @@ after warm-up):
   loss     all-gather of the hidden rows + catalog-parallel loss forward
   backward DeepSpeed backward: dense grads, fused table update, all-to-all / all-reduce of gradients
   step     DeepSpeed dense optimizer step (+ ZeRO gathers)
-and examples/s (global batch / step time). ``--loss-backend`` picks the local part of the catalog-parallel loss
+and examples/s (global batch / step time). ``--scoring sampled`` trains with the sampled softmax instead
+(candidates + ``--negatives`` shared negatives looked up through the sharded table; prmkd_dist/distill/sampled.py).
+``--loss-backend`` picks the local part of the catalog-parallel loss
 ("auto": the fused C++ op on CPU; "reference": the chunked PyTorch form), to compare the two in one run.
 ``--teachers T --k K`` (T > 0) also times, in the same processes and on the same batches, every step with T
 teachers' top-K lists per row (confidence+consistency teacher weights, KD term at ``--temperature``): the
@@ -54,13 +56,21 @@ def worker(args) -> None:
     model = build_student("sasrec", split.data.num_items, dim=args.dim, max_len=args.max_len, num_layers=2,
                           num_heads=2, dropout=0.0)
     optim = SimpleNamespace(lr=1e-3, weight_decay=0.0, grad_clip=1.0, batch_size=args.batch)
-    eng = DistributedEngine(model, optim, ParallelConfig(sharding="row_wise", zero_stage=args.zero))
+    eng = DistributedEngine(model, optim, ParallelConfig(sharding="row_wise", zero_stage=args.zero,
+                                                         scoring=args.scoring, num_negatives=args.negatives))
     users = trainable_users(split)
     per = args.batch // world
     timer = {"t": 0.0}
     ec = eng.model.item_ec
-    ec.register_forward_pre_hook(lambda m, a: timer.__setitem__("t0", time.perf_counter()))
-    ec.register_forward_hook(lambda m, a, o: timer.__setitem__("t", time.perf_counter() - timer["t0"]))
+    # the history lookup: the first forward of the table in a step (sampled scoring looks it up again in the loss)
+    def lookup_started(module, args) -> None:
+        timer.setdefault("t0", time.perf_counter())
+
+    def lookup_done(module, args, output) -> None:  # (a hook that returns a value replaces the output)
+        timer.setdefault("t", time.perf_counter() - timer["t0"])
+
+    ec.register_forward_pre_hook(lookup_started)
+    ec.register_forward_hook(lookup_done)
     from prmkd_dist.distill.weights import teacher_weights
 
     variants = [0] + ([args.teachers] if args.teachers > 0 else [])
@@ -81,6 +91,7 @@ def worker(args) -> None:
         return x, y, ids, scores, w
 
     def step(t: int, x, y, ids, scores, w) -> dict:
+        timer.clear()
         dist.barrier()
         t0 = time.perf_counter()
         hidden = eng.model.encode(x)
@@ -184,6 +195,9 @@ def main() -> None:
     ap.add_argument("--profile", help="with --teachers: also profile (torch.profiler, rank 0) plain vs distillation "
                     "steps; writes PROFILE.world<N>.json and prints the ops that differ most")
     ap.add_argument("--profile-steps", type=int, default=3)
+    ap.add_argument("--scoring", choices=["full", "sampled"], default="full",
+                    help="training loss over the catalog: exact (catalog-parallel) or sampled softmax")
+    ap.add_argument("--negatives", type=int, default=1024, help="shared negatives per step with --scoring sampled")
     ap.add_argument("--out", default=str(ROOT / "benchmarks" / "scaling.json"))
     ap.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
     ap.add_argument("--result", help=argparse.SUPPRESS)
@@ -199,7 +213,8 @@ def main() -> None:
                    "--warmup", str(args.warmup), "--batch", str(args.batch), "--max-len", str(args.max_len),
                    "--dim", str(args.dim), "--zero", str(args.zero), "--loss-backend", args.loss_backend,
                    "--teachers", str(args.teachers), "--k", str(args.k), "--temperature", str(args.temperature),
-                   "--weights", args.weights, "--profile-steps", str(args.profile_steps)]
+                   "--weights", args.weights, "--profile-steps", str(args.profile_steps), "--scoring", args.scoring,
+                   "--negatives", str(args.negatives)]
             if args.profile:
                 cmd += ["--profile", str(Path(args.profile).resolve())]
             env = {**os.environ, "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "1"),
@@ -208,7 +223,8 @@ def main() -> None:
             if args.profile:  # the profile table is printed by rank 0
                 print("\n".join(l for l in proc.stdout.splitlines() if l.startswith(("|", "world"))))
             results.extend(json.loads(res.read_text()))
-    print(f"{args.dataset}: catalog of the loss = its items; rows = scored positions per global batch")
+    scoring = "exact" if args.scoring == "full" else f"sampled softmax, {args.negatives} negatives"
+    print(f"{args.dataset}: catalog of the loss = its items ({scoring}); rows = scored positions per global batch")
     print("| loss backend | ranks | teachers x K | rows | " + " | ".join(f"{k} ms" for k in PHASES) + " | examples/s |")
     print("|---" * (len(PHASES) + 5) + "|")
     for r in results:

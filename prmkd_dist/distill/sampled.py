@@ -33,6 +33,7 @@ from prmkd_dist.distill.loss import (
     check_loss_inputs,
     normalise_teacher_inputs,
     reduce_rows,
+    resolve_backend,
 )
 from prmkd_dist.distill.reference import kd_rows_from_sel
 
@@ -123,6 +124,7 @@ def kd_loss_sampled(
     lambda_rank: float = 0.0,
     reduction: str = "mean",
     check_inputs: bool = True,
+    backend: str = "auto",
 ) -> Tensor:
     """The distillation loss with sampled partitions (module docstring).
 
@@ -130,7 +132,9 @@ def kd_loss_sampled(
     at the empty slots: they are masked), ``cand_bias`` [B, M] likewise; ``neg_emb`` [N, d] and ``neg_bias`` [N]
     of the negatives ``neg_ids`` [N] (sorted, distinct: :func:`sample_negatives`), ``neg_log_p`` [N] their log
     inclusion probabilities. ``num_items`` bounds the ids. Returns the mean (or sum, or [B] for "none") of the
-    rows' losses; gradients flow to user_emb, cand_emb, neg_emb and the biases."""
+    rows' losses; gradients flow to user_emb, cand_emb, neg_emb and the biases. ``backend`` evaluates the row
+    formula (:func:`prmkd_dist.distill.loss.resolve_backend`: the fused C++ op on CPU float32, the reference's
+    tensor ops otherwise)."""
     if user_emb.dim() != 2 or cand_emb.dim() != 3 or neg_emb.dim() != 2:
         raise ValueError(f"user_emb must be [B, d], cand_emb [B, M, d], neg_emb [N, d]; got "
                          f"{tuple(user_emb.shape)}, {tuple(cand_emb.shape)}, {tuple(neg_emb.shape)}")
@@ -157,8 +161,7 @@ def kd_loss_sampled(
         check_finite("neg_log_p", neg_log_p)
         if n and float(neg_log_p.max()) > 1e-9:
             raise ValueError(f"neg_log_p are log probabilities: expected <= 0, got max {float(neg_log_p.max())}")
-        for name, x in (("user_emb", user_emb), ("cand_emb", cand_emb), ("neg_emb", neg_emb)):
-            check_finite(name, x)
+        check_finite("user_emb", user_emb)
 
     fdt = torch.float64 if user_emb.dtype == torch.float64 else torch.float32
     tgt, ids, scores, tw, rw = normalise_teacher_inputs(target, teacher_ids, teacher_scores, teacher_weights,
@@ -170,6 +173,9 @@ def kd_loss_sampled(
     neg = u @ neg_emb.to(fdt).T
     if neg_bias is not None:
         neg = neg + neg_bias.to(fdt)
+    if check_inputs:  # the embeddings through their logits ([B, M] and [B, N], not [B, M, d])
+        check_finite("the candidates' logits (cand_emb / cand_bias)", sel.detach())
+        check_finite("the negatives' logits (neg_emb / neg_bias)", neg.detach())
     counted = _first_occurrence(cand)          # each distinct candidate once
     keep = ~_hits(cand, neg_ids.to(torch.int64))  # negatives that are not the row's candidates
     log_p = neg_log_p.to(fdt)
@@ -183,6 +189,8 @@ def kd_loss_sampled(
     need_tau = lambda_kd != 0.0 and n_slots > 0
     lse1 = lse(1.0)
     lse_tau = (lse1 if temperature == 1.0 else lse(float(temperature))) if need_tau else None
-    rows = kd_rows_from_sel(lse1, lse_tau, sel, tgt, ids, scores, tw, rw, float(temperature), float(lambda_ce),
-                            float(lambda_kd), float(lambda_rank))
+    local = resolve_backend(backend, user_emb.device, user_emb.dtype, op="catalog_local").module
+    rows_from_sel = getattr(local, "kd_rows_from_sel", kd_rows_from_sel)
+    rows = rows_from_sel(lse1, lse_tau, sel, tgt, ids, scores, tw, rw, float(temperature), float(lambda_ce),
+                         float(lambda_kd), float(lambda_rank))
     return reduce_rows(rows, reduction)

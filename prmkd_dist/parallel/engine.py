@@ -351,29 +351,34 @@ class DistributedEngine:
 
     def _sampled_loss(self, hidden: Tensor, target: Tensor, teacher_ids: Tensor, teacher_scores: Tensor,
                       teacher_weights: Tensor, rank_weights: Tensor | None = None, *, reduction: str = "mean",
-                      backend: str | None = None, **loss_kwargs) -> Tensor:
+                      backend: str = "auto", **loss_kwargs) -> Tensor:
         """``linear_loss`` with sampled partitions (``parallel.scoring=sampled``): each rank looks up its rows'
         candidates (target + teacher ids) and the step's shared negatives through the sharded table, evaluates
         its rows (prmkd_dist/distill/sampled.py) and returns the global-batch loss, as the exact path does."""
         from prmkd_dist.distill.sampled import kd_loss_sampled, selected_ids
 
-        del backend  # one form (PyTorch ops over the looked-up rows)
         neg_ids, log_p = self.sample_negatives()
         cand = selected_ids(target, teacher_ids)
         b, m = cand.shape
-        emb = self.lookup_items(torch.cat([cand.clamp_min(0).reshape(-1), neg_ids.to(cand.device)]))
-        cand_emb, neg_emb = emb[:b * m].view(b, m, -1), emb[b * m:]
+        # each distinct id looked up once (rows repeat across a batch's lists: fewer rows fetched and updated),
+        # then spread to the slots; the gradient of a row is summed over its slots by the indexing's backward
+        # (two gathers rather than one sliced: a slice's backward would zero-fill the whole [b * m + N, d])
+        wanted = torch.cat([cand.clamp_min(0).reshape(-1), neg_ids.to(cand.device)])
+        uniq, inverse = torch.unique(wanted, return_inverse=True)
+        rows = self.lookup_items(uniq)
+        cand_emb, neg_emb = rows[inverse[:b * m]].view(b, m, -1), rows[inverse[b * m:]]
         bias = self.model.output_bias()
         cand_bias = bias[cand.clamp_min(0)] if bias is not None else None
         neg_bias = bias[neg_ids] if bias is not None else None
-        rows = kd_loss_sampled(hidden, cand_emb.to(hidden.dtype), neg_emb.to(hidden.dtype), neg_ids, log_p,
-                               self.num_items, target, teacher_ids, teacher_scores, teacher_weights, rank_weights,
-                               cand_bias=cand_bias, neg_bias=neg_bias, reduction="none", **loss_kwargs)
+        losses = kd_loss_sampled(hidden, cand_emb.to(hidden.dtype), neg_emb.to(hidden.dtype), neg_ids, log_p,
+                                 self.num_items, target, teacher_ids, teacher_scores, teacher_weights, rank_weights,
+                                 cand_bias=cand_bias, neg_bias=neg_bias, reduction="none", backend=backend,
+                                 **loss_kwargs)
         if reduction == "none":
-            return rows
+            return losses
         total_rows = torch.tensor([float(b)], dtype=torch.float64, device=hidden.device)
         dist.all_reduce(total_rows, group=self.group)
-        share = rows.sum() / (float(total_rows) if reduction == "mean" else 1.0)
+        share = losses.sum() / (float(total_rows) if reduction == "mean" else 1.0)
         total = share.detach().clone()
         dist.all_reduce(total, group=self.group)  # the global-batch value on every rank; the gradient is the share's
         return share + (total - share.detach())

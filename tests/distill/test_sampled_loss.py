@@ -122,3 +122,37 @@ def test_uniform_proposal_and_errors():
     with pytest.raises(ValueError, match="neg_ids.*outside|neg_ids"):
         kd_loss_sampled(user, ce_, ne, torch.tensor([1, 40]), torch.zeros(2, dtype=torch.float64), 40, target, ids,
                         scores, tw)
+
+
+def test_non_finite_embeddings_are_named():
+    user, item, bias, target, ids, scores, tw, rw = make(6)
+    neg_ids = torch.tensor([1, 3])
+    ce_, cb, ne, nb = lookups(item, bias, target, ids, neg_ids)
+    ce_ = ce_.clone()
+    ce_[2, 4, 1] = float("nan")
+    with pytest.raises(ValueError, match=r"candidates' logits \(cand_emb / cand_bias\)\[2, 4\] = nan"):
+        kd_loss_sampled(user, ce_, ne, neg_ids, torch.zeros(2, dtype=torch.float64), 40, target, ids, scores, tw)
+    ne = ne.clone()
+    ne[1, 0] = float("inf")
+    with pytest.raises(ValueError, match=r"negatives' logits"):
+        kd_loss_sampled(user, lookups(item, bias, target, ids, neg_ids)[0], ne, neg_ids,
+                        torch.zeros(2, dtype=torch.float64), 40, target, ids, scores, tw)
+
+
+def test_float32_fused_row_formula_matches_float64_reference():
+    """In float32 on CPU the row formula is the fused C++ op (backend auto): the same loss and gradients as the
+    float64 reference, to float32 accuracy."""
+    user, item, bias, target, ids, scores, tw, rw = make(7, B=9, C=50)
+    neg_ids = torch.tensor([0, 4, 9, 20, 33, 49])
+    log_p = torch.log(torch.linspace(0.2, 1.0, 6, dtype=torch.float64))
+    out = {}
+    for dtype, backend in ((torch.float64, "reference"), (torch.float32, "auto")):
+        ce_, cb, ne, nb = (t.detach().to(dtype).requires_grad_() for t in lookups(item, bias, target, ids, neg_ids))
+        u = user.detach().to(dtype).requires_grad_()
+        loss = kd_loss_sampled(u, ce_, ne, neg_ids, log_p, 50, target, ids, scores.to(dtype), tw.to(dtype),
+                               rw.to(dtype), cand_bias=cb, neg_bias=nb, temperature=1.3, lambda_rank=0.4,
+                               backend=backend)
+        loss.backward()
+        out[dtype] = [loss.detach()] + [t.grad for t in (u, ce_, ne, cb, nb)]
+    for a, b in zip(out[torch.float32], out[torch.float64]):
+        torch.testing.assert_close(a.double(), b, rtol=1e-4, atol=1e-5)
