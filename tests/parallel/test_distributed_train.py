@@ -149,6 +149,31 @@ def test_sampled_scoring_two_ranks_match_one_rank_and_the_definition(two_rank, t
     assert bool(((r_full["state"][key] - init).abs().amax(dim=1) > 0).float().mean() > 0.99)
 
 
+def test_deepspeed_launcher_runs_the_same_job(two_rank, tmp_path):
+    """``launch/deepspeed_launch.sh`` (DeepSpeed's own launcher, 2 local processes) starts the same entry point:
+    the same 2-rank job gives the same losses as under torchrun."""
+    import os
+    import subprocess
+
+    from _launch import ROOT, free_port
+
+    _, r2 = two_rank
+    out = tmp_path / "ds"
+    out.mkdir()
+    cfg = json.loads(json.dumps(CONFIG))
+    cfg["run"]["out_dir"] = str(out)
+    (out / "config.yaml").write_text(yaml.safe_dump(cfg))
+    env = {**os.environ, "NUM_PROCS": "2", "MASTER_PORT": str(free_port()), "OMP_NUM_THREADS": "1",
+           "PRMKD_LOG_LEVEL": "WARNING", "DEEPSPEED": str(Path(sys.executable).parent / "deepspeed")}
+    p = subprocess.run(["bash", str(ROOT / "launch" / "deepspeed_launch.sh"), str(out / "config.yaml"), "--",
+                        "--max-steps", str(STEPS), "--no-test"], cwd=ROOT, env=env, capture_output=True, text=True,
+                       timeout=300)
+    assert p.returncode == 0, f"{p.stdout[-3000:]}\n{p.stderr[-6000:]}"
+    res = json.loads((out / "results.json").read_text())
+    assert res["world_size"] == 2 and res["steps"] == STEPS
+    assert res["losses"] == pytest.approx(r2["losses"], rel=1e-6)
+
+
 def test_failed_rank_restarts_and_resumes_exactly(two_rank, tmp_path):
     """Rank 1 raises after step 5 (checkpoint at step 3); torchrun restarts both ranks, the run resumes at
     step 3 and finishes: same losses and weights as the uninterrupted run, no example lost or repeated."""
