@@ -12,6 +12,11 @@ It implements the trainer's ``Engine`` protocol (``prmkd_dist.train.engine``) fo
   catalog-parallel loss (``kd_loss_linear_catalog_parallel`` with ``local_batch=True``) gathers the hidden
   rows and selected ids, scores every rank's rows against this rank's contiguous range of output rows, and
   evaluates the row formula for the rank's own rows only (the teacher scores and weights never travel).
+  With ``parallel.scoring=sampled`` training steps use the sampled softmax instead (``_sampled_loss``,
+  ``prmkd_dist.distill.sampled``): each rank looks up its rows' candidates and the step's shared negatives
+  (the same set on every rank) through the sharded table, in a lookup of their own (a tied table then gets
+  two fused updates a step, the history lookup's and the candidates'; for SGD the same as one with the sum),
+  and no rank touches the rest of the catalog.
 
 Gradient bookkeeping (why the result equals one process on the concatenated batch): the loss value is the
 global-batch loss L on every rank; its gradient on rank r is dL w.r.t. rank r's own hidden rows, so its
