@@ -36,13 +36,19 @@ LOSS_RTOL = 1e-5  # float32 losses of ~9, different summation orders
 PARAM_ATOL = 1e-5  # after 6 SGD steps
 
 
-def _run(out: Path, nproc: int, env_extra: dict | None = None, restarts: int = 0, parallel: dict | None = None) -> dict:
+def _write_config(out: Path, parallel: dict | None = None) -> Path:
+    """CONFIG (with ``parallel`` overrides) as ``out/config.yaml``, writing its outputs to ``out``."""
     out.mkdir(parents=True, exist_ok=True)
     cfg = json.loads(json.dumps(CONFIG))
     cfg["run"]["out_dir"] = str(out)
     cfg["parallel"].update(parallel or {})
     (out / "config.yaml").write_text(yaml.safe_dump(cfg))
-    torchrun(["train", str(out), str(out / "config.yaml")], nproc=nproc, restarts=restarts,
+    return out / "config.yaml"
+
+
+def _run(out: Path, nproc: int, env_extra: dict | None = None, restarts: int = 0, parallel: dict | None = None) -> dict:
+    config = _write_config(out, parallel)
+    torchrun(["train", str(out), str(config)], nproc=nproc, restarts=restarts,
              env={"WORKER_MAX_STEPS": str(STEPS), **(env_extra or {})})
     return torch.load(out / "final.pt", weights_only=False)
 
@@ -78,11 +84,8 @@ def test_two_nodes_on_localhost_match_one_node(two_rank, tmp_path):
     same 2-rank job as one node with two processes, the same losses and weights."""
     _, r2 = two_rank
     out = tmp_path / "nodes"
-    out.mkdir()
-    cfg = json.loads(json.dumps(CONFIG))
-    cfg["run"]["out_dir"] = str(out)
-    (out / "config.yaml").write_text(yaml.safe_dump(cfg))
-    torchrun_nodes(["train", str(out), str(out / "config.yaml")], nnodes=2, nproc=1,
+    config = _write_config(out)
+    torchrun_nodes(["train", str(out), str(config)], nnodes=2, nproc=1,
                    env={"WORKER_MAX_STEPS": str(STEPS)})
     rn = torch.load(out / "final.pt", weights_only=False)
     assert rn["world"] == 2
@@ -159,13 +162,10 @@ def test_deepspeed_launcher_runs_the_same_job(two_rank, tmp_path):
 
     _, r2 = two_rank
     out = tmp_path / "ds"
-    out.mkdir()
-    cfg = json.loads(json.dumps(CONFIG))
-    cfg["run"]["out_dir"] = str(out)
-    (out / "config.yaml").write_text(yaml.safe_dump(cfg))
+    config = _write_config(out)
     env = {**os.environ, "NUM_PROCS": "2", "MASTER_PORT": str(free_port()), "OMP_NUM_THREADS": "1",
            "PRMKD_LOG_LEVEL": "WARNING", "DEEPSPEED": str(Path(sys.executable).parent / "deepspeed")}
-    p = subprocess.run(["bash", str(ROOT / "launch" / "deepspeed_launch.sh"), str(out / "config.yaml"), "--",
+    p = subprocess.run(["bash", str(ROOT / "launch" / "deepspeed_launch.sh"), str(config), "--",
                         "--max-steps", str(STEPS), "--no-test"], cwd=ROOT, env=env, capture_output=True, text=True,
                        timeout=300)
     assert p.returncode == 0, f"{p.stdout[-3000:]}\n{p.stderr[-6000:]}"
