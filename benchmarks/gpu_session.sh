@@ -7,6 +7,7 @@
 # Measured 2026-11-27 on an H200: the tests take ~100 s and the whole grid does not fit one 10-minute call (the
 # logits stage reached 7 of its 9 shapes in 230 s, torch.compile compiling each shape; the fused-linear stage 25 of
 # 36 cells in 150 s): raise LOGITS_S / LINEAR_S, or narrow the grid, to the session's device time.
+# GRID=splits: kernel tests, then the column-split A/B of the logits form (see below).
 # Writes logs and JSON under $OUT (or ./gpu-out; the device tool returns at most 8 files: this writes 8). Each
 # stage has its own time limit so a slow stage cannot take the others' results with it, and the benchmark saves
 # its JSON after every cell; the largest cells come first, so a stage cut short loses the smallest ones.
@@ -32,9 +33,25 @@ cat "$OUT/import.txt" >> "$OUT/gpu.txt"; rm "$OUT/import.txt"
 echo "== kernel tests on CUDA (one pinned config per kernel: no autotuning of each test shape)"
 # from a copy of tests/: run from the checkout, pytest puts its root on sys.path and the source tree's
 # prmkd_dist (which has no kernels/ subpackage) would shadow the laid-out one
-REPO=$PWD; rm -rf /tmp/tt && mkdir -p /tmp/tt && cp -r tests /tmp/tt/
+REPO=$PWD; rm -rf /tmp/tt && mkdir -p /tmp/tt && cp -r tests benchmarks /tmp/tt/  # (test_host_ops loads a benchmark)
 (cd /tmp/tt && PRMKD_TRITON_AUTOTUNE=0 timeout ${TEST_S:-120} python3 -m pytest -q -p no:cacheprovider tests/kernels) > "$OUT/tests.log" 2>&1
 echo "tests rc=$?"; tail -3 "$OUT/tests.log"; cd "$REPO"
+
+if [ "${GRID:-small}" = splits ]; then
+  # A/B of the logits form's column splits (kernels/kd_loss.py column_splits) against one program per row,
+  # in one call on one machine: where B is small and C wide (B = 256: ~2 programs per SM)
+  for S in auto 1; do
+    echo "== logits given, column splits $S: B {256 1024} x C {1e6 1e5}, Triton (fresh and in-place gradient)"
+    if [ $S = auto ]; then unset PRMKD_TRITON_COLUMN_SPLITS; else export PRMKD_TRITON_COLUMN_SPLITS=$S; fi
+    timeout ${SPLITS_S:-110} python3 benchmarks/kernels.py --forms logits --batch 256 1024 --items 1e6 1e5 \
+      --backends triton triton-inplace --warmup 2 --reps 10 --temperature 1.0 \
+      --out "$OUT/splits-$S.json" > "$OUT/splits-$S.log" 2>&1
+    echo "rc=$?"
+  done
+  unset PRMKD_TRITON_COLUMN_SPLITS
+  grep -h '^|\|^device\|^measured' "$OUT"/splits-*.log
+  exit 0
+fi
 
 # GRID=full: the issue's whole grid (measured 2026-11-27: does not fit one 10-minute call with the tests);
 # GRID=small (default): the cells still open after it, where the step is bound by the host: B x C <= 1e8, every

@@ -321,6 +321,11 @@ def run_cell(cell: Cell, device: torch.device, dtype: torch.dtype, warmup: int, 
             gbps = moved / (cell.ms * 1e-3) / 1e9
             cell.extra = {"achieved_gbps": gbps, "fraction_of_hbm": gbps / hardware["hbm_copy_gbps"]}
             cell.note = f"{100 * cell.extra['fraction_of_hbm']:.0f}% of copy BW"
+            if cell.backend.startswith("triton"):
+                from prmkd_dist.kernels.kd_loss import column_splits
+
+                cell.extra["column_splits"] = column_splits(cell.batch, cell.items, device)
+                cell.note += f", {cell.extra['column_splits']} split(s)/row"
             if device.type == "cuda" and cell.backend != "liger":
                 # the kernels alone (CUDA graph replay): forward, and forward + backward
                 try:

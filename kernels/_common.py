@@ -14,6 +14,7 @@ Notation used in the kernels, for one row ``b`` with scores ``s``:
 """
 from __future__ import annotations
 
+import functools
 import os
 
 import torch
@@ -76,6 +77,16 @@ SLOT_CHUNK = 16
 
 ENTRY_CHUNK = 16 if INTERPRET else 32
 """Sparse entries folded per tl.dot in the fused-linear item-gradient kernel."""
+
+
+@functools.lru_cache(maxsize=None)
+def _sm_count(index: int) -> int:
+    return torch.cuda.get_device_properties(index).multi_processor_count
+
+
+def sm_count(device: torch.device) -> int:
+    """Streaming multiprocessors of a CUDA device (cached: the split heuristics run on every call)."""
+    return _sm_count(device.index if device.index is not None else torch.cuda.current_device())
 
 
 AUTOTUNE = os.environ.get("PRMKD_TRITON_AUTOTUNE", "1") != "0"
@@ -181,6 +192,35 @@ def dot(a, b, DOT_PREC: tl.constexpr):
         a = a.to(tl.float32)
         b = b.to(tl.float32)
     return tl.dot(a, b, input_precision=DOT_PREC)
+
+
+@triton.jit
+def split_range(C, SPLITS, BLOCK_C: tl.constexpr):
+    """[start, end) of this program's catalog split (axis 1): whole BLOCK_C tiles, the last split ragged;
+    a split past C is empty."""
+    chunk = tl.cdiv(tl.cdiv(C, SPLITS), BLOCK_C) * BLOCK_C
+    start = tl.program_id(1) * chunk
+    return start, tl.minimum(start + chunk, C)
+
+
+@triton.jit
+def merged_lse(m2_ptr, sum1_ptr, sumt_ptr, row, B, SPLITS, tau, UNIT_TAU: tl.constexpr, BLOCK_S: tl.constexpr):
+    """(LSE_1, LSE_tau) of one row from its catalog splits' states, [SPLITS, B] each (``_lin_lse_kernel``,
+    ``_kd_lse_split_kernel``): what ``combine_splits`` does on the host, here in the kernel that needs it (no
+    host ops between the two kernels). An empty split holds NEG_BIG and zero sums and weighs exp2(NEG_BIG - top) = 0."""
+    sp = tl.arange(0, BLOCK_S)
+    s_mask = sp < SPLITS
+    at = sp.to(tl.int64) * B + row
+    m2 = tl.load(m2_ptr + at, mask=s_mask, other=NEG_BIG)
+    top = tl.max(m2, axis=0)
+    z1 = tl.sum(tl.load(sum1_ptr + at, mask=s_mask, other=0.0) * tl.exp2(m2 - top), axis=0)
+    lse1 = top * LN2 + tl.log(z1)
+    if UNIT_TAU:  # the LSE kernel stored sumt = sum1: LSE_tau is LSE_1, bit for bit
+        lset = lse1
+    else:
+        zt = tl.sum(tl.load(sumt_ptr + at, mask=s_mask, other=0.0) * tl.exp2((m2 - top) / tau), axis=0)
+        lset = top * LN2 / tau + tl.log(zt)
+    return lse1, lset
 
 
 @triton.jit

@@ -45,8 +45,7 @@ from torch import Tensor
 
 from prmkd_dist.kernels._common import (
     ENTRY_CHUNK, GATHER_BLOCK_D, INTERPRET, LN2, LOG2E, MAX_LINEAR_DIM, NEG_BIG, SPARSE_GRANULE, TeacherInputs, dot,
-    dot_precision,
-    linear_configs, online_lse_update, teacher_terms,
+    dot_precision, linear_configs, merged_lse, online_lse_update, sm_count, split_range, teacher_terms,
 )
 
 __all__ = ["kd_loss_linear_rows", "split_lse_stats", "combine_splits", "linear_grads", "gathered_logits",
@@ -77,15 +76,6 @@ def _dense_grad(s, g_dense1, g_denset, lse1, lset, inv_tau, UNIT_TAU: tl.constex
             + g_denset[:, None] * tl.exp2((s * inv_tau - lset[:, None]) * LOG2E))
 
 
-@triton.jit
-def _split_range(C, SPLITS, BLOCK_C: tl.constexpr):
-    """[start, end) of this program's catalog split (axis 1): whole BLOCK_C tiles, the last split ragged;
-    a split past C is empty."""
-    chunk = tl.cdiv(tl.cdiv(C, SPLITS), BLOCK_C) * BLOCK_C
-    start = tl.program_id(1) * chunk
-    return start, tl.minimum(start + chunk, C)
-
-
 @triton.autotune(configs=linear_configs(), key=["C", "D", "SPLITS", "UNIT_TAU"])
 @triton.jit
 def _lin_lse_kernel(
@@ -96,7 +86,7 @@ def _lin_lse_kernel(
 ):
     """Partial LSE state of one row block over one catalog split (``online_lse_update``'s max in log2 units,
     sum exp2(x2 - max), sum exp2((x2 - max) / tau)), to m2_ptr / sum1_ptr / sumt_ptr [SPLITS, B]."""
-    start, end = _split_range(C, SPLITS, BLOCK_C)
+    start, end = split_range(C, SPLITS, BLOCK_C)
     out = tl.program_id(1).to(tl.int64) * B
     rows = tl.program_id(0) * BLOCK_B + tl.arange(0, BLOCK_B)
     r_mask = rows < B
@@ -140,26 +130,6 @@ def gathered_logits(u_ptr, e_ptr, bias_ptr, row, ids, D, stride_u, stride_e,
 
 
 @triton.jit
-def _merged_lse(m2_ptr, sum1_ptr, sumt_ptr, row, B, SPLITS, tau, UNIT_TAU: tl.constexpr, BLOCK_S: tl.constexpr):
-    """(LSE_1, LSE_tau) of one row from its catalog splits' states (``_lin_lse_kernel``): what
-    ``combine_splits`` does on the host, here in the kernel that needs it (no host ops between the two
-    kernels). An empty split holds NEG_BIG and zero sums and weighs exp2(NEG_BIG - top) = 0."""
-    sp = tl.arange(0, BLOCK_S)
-    s_mask = sp < SPLITS
-    at = sp.to(tl.int64) * B + row
-    m2 = tl.load(m2_ptr + at, mask=s_mask, other=NEG_BIG)
-    top = tl.max(m2, axis=0)
-    z1 = tl.sum(tl.load(sum1_ptr + at, mask=s_mask, other=0.0) * tl.exp2(m2 - top), axis=0)
-    lse1 = top * LN2 + tl.log(z1)
-    if UNIT_TAU:  # the LSE kernel stored sumt = sum1: LSE_tau is LSE_1, bit for bit
-        lset = lse1
-    else:
-        zt = tl.sum(tl.load(sumt_ptr + at, mask=s_mask, other=0.0) * tl.exp2((m2 - top) / tau), axis=0)
-        lset = top * LN2 / tau + tl.log(zt)
-    return lse1, lset
-
-
-@triton.jit
 def _lin_terms_kernel(
     u_ptr, e_ptr, bias_ptr, target_ptr, ids_ptr, scores_ptr, tw_ptr, rw_ptr,
     m2_ptr, sum1_ptr, sumt_ptr, lse1_ptr, lset_ptr, loss_ptr, wsum_ptr, coef_ptr,
@@ -170,7 +140,7 @@ def _lin_terms_kernel(
     """One row: merges its LSE states over the catalog splits (stored for backward as lse1 / lset), then the
     logits at the target and the teacher ids, and the CE, KL and ranking terms."""
     row = tl.program_id(0).to(tl.int64)
-    lse1, lset = _merged_lse(m2_ptr, sum1_ptr, sumt_ptr, row, B, SPLITS, tau, UNIT_TAU, BLOCK_S)
+    lse1, lset = merged_lse(m2_ptr, sum1_ptr, sumt_ptr, row, B, SPLITS, tau, UNIT_TAU, BLOCK_S)
     tl.store(lse1_ptr + row, lse1)
     tl.store(lset_ptr + row, lset)
     t_idx = tl.arange(0, BLOCK_T)[:, None]
@@ -235,7 +205,7 @@ def _lin_grad_user_kernel(
 ):
     """fp32 partial dU of one row block over one catalog split, to du_ptr [SPLITS, B, D] (contiguous), from
     the rows' dense factors g1 / gt [B] and their sparse entries (item ids_ptr, value val_ptr) [B, N]."""
-    start, end = _split_range(C, SPLITS, BLOCK_C)
+    start, end = split_range(C, SPLITS, BLOCK_C)
     split = tl.program_id(1)
     rows = tl.program_id(0) * BLOCK_B + tl.arange(0, BLOCK_B)
     r_mask = rows < B
@@ -338,7 +308,7 @@ def catalog_splits(batch: int, n_items: int, device: torch.device) -> int:
         return 3
     if device.type != "cuda":
         return 1
-    sms = torch.cuda.get_device_properties(device).multi_processor_count
+    sms = sm_count(device)
     want = triton.cdiv(4 * sms, triton.cdiv(batch, 64))
     return max(1, min(want, n_items // 4096))
 

@@ -16,6 +16,8 @@ import pytest
 KERNELS = [
     ("kd_loss._kd_fwd_kernel", "bf16", dict(HAS_RANK=True, BLOCK_T=4, BLOCK_K=64, BLOCK_C=2048)),
     ("kd_loss._kd_bwd_kernel", "bf16", dict(BLOCK_N=256, CHUNK_N=16, BLOCK_C=2048)),
+    ("kd_loss._kd_lse_split_kernel", "bf16", dict(BLOCK_C=2048)),
+    ("kd_loss._kd_terms_kernel", "bf16", dict(HAS_RANK=True, BLOCK_S=8, BLOCK_T=4, BLOCK_K=64)),
     ("kd_loss_linear._lin_lse_kernel", "fp32", dict(HAS_BIAS=True, D_PAD=128, DOT_PREC="tf32x3", BLOCK_B=32, BLOCK_C=64)),
     ("kd_loss_linear._lin_terms_kernel", "bf16",
      dict(HAS_BIAS=True, HAS_RANK=True, BLOCK_S=64, BLOCK_T=4, BLOCK_K=64, BLOCK_D=32)),
@@ -76,9 +78,9 @@ def test_kernels_compile_for_sm90():
     env = {**os.environ, "TRITON_INTERPRET": "0"}
     proc = subprocess.run([sys.executable, __file__], env=env, capture_output=True, text=True, timeout=280)
     assert proc.returncode == 0, proc.stdout + proc.stderr
-    # seven entries have the UNIT_TAU switch (the six that stream the catalog and the linear terms kernel, which
-    # merges the splits' LSE states); the entries and gather kernels do not
-    assert proc.stdout.count("compiled ") == len(KERNELS) + 7, proc.stdout
+    # nine entries have the UNIT_TAU switch (the seven that stream the catalog and the two terms kernels, which
+    # merge the splits' LSE states); the entries and gather kernels do not
+    assert proc.stdout.count("compiled ") == len(KERNELS) + 9, proc.stdout
 
 
 if __name__ == "__main__":

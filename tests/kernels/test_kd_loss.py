@@ -1,9 +1,11 @@
-"""Triton ``kd_loss_rows`` (logits given) against the PyTorch reference: values and gradients."""
+"""Triton ``kd_loss_rows`` (logits given) against the PyTorch reference: values and gradients, with each row
+in one program and cut into column splits (ragged, and more splits than columns: empty ones)."""
 from __future__ import annotations
 
 import pytest
 import torch
 
+import prmkd_dist.kernels.kd_loss as logits_kernels
 from prmkd_dist.distill import reference
 from prmkd_dist.kernels.kd_loss import kd_loss_rows
 
@@ -19,6 +21,13 @@ CASES = [
 LAMBDAS = (0.9, 1.3, 0.6)  # lambda_ce, lambda_kd, lambda_rank
 
 
+@pytest.fixture(params=[1, 3], ids=["one-program-per-row", "3-column-splits"])
+def splits(request, monkeypatch):
+    """Column splits of every call (the interpreter's BLOCK_C is 64: 3 splits of the tests' C are ragged)."""
+    monkeypatch.setattr(logits_kernels, "FORCED_SPLITS", request.param)
+    return request.param
+
+
 def _run(backend_fn, logits, case, tau, lambdas, row_grad, **kwargs):
     x = logits.detach().clone().requires_grad_(True)
     rows = backend_fn(x, *case.args(tau, *lambdas), **kwargs)
@@ -29,7 +38,7 @@ def _run(backend_fn, logits, case, tau, lambdas, row_grad, **kwargs):
 @pytest.mark.parametrize("batch,n_items,n_teachers,k_slots,tau,with_rank", CASES)
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_matches_reference(batch, n_items, n_teachers, k_slots, tau, with_rank, dtype, device, make_case,
-                           relative_error):
+                           relative_error, splits):
     seed = batch * 1000 + n_items + 17 * n_teachers + k_slots
     case = make_case(batch, n_items, n_teachers, k_slots, seed=seed, with_rank=with_rank, device=device)
     gen = torch.Generator().manual_seed(seed)
@@ -48,7 +57,7 @@ def test_matches_reference(batch, n_items, n_teachers, k_slots, tau, with_rank, 
     assert relative_error(grad.float(), ref_grad.float()) <= value_tol
 
 
-def test_extreme_logits_stay_finite(device, make_case, relative_error):
+def test_extreme_logits_stay_finite(device, make_case, relative_error, splits):
     """Large logits and a small temperature overflow a naive exp; the streamed LSEs must not."""
     case = make_case(4, 150, 3, 7, seed=5, with_rank=True, device=device)
     gen = torch.Generator().manual_seed(5)
@@ -74,7 +83,7 @@ def test_mean_of_rows_backward(device, make_case, relative_error):
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_grad_inplace_overwrites_logits_with_the_gradient(dtype, device, make_case, relative_error):
+def test_grad_inplace_overwrites_logits_with_the_gradient(dtype, device, make_case, relative_error, splits):
     case = make_case(4, 140, 3, 7, seed=3, with_rank=True, device=device)
     gen = torch.Generator().manual_seed(3)
     base = (3.0 * torch.randn(4, 140, generator=gen)).to(device=device, dtype=dtype)
@@ -91,6 +100,35 @@ def test_grad_inplace_overwrites_logits_with_the_gradient(dtype, device, make_ca
     assert relative_error(leaf.grad.float(), ref_grad.float()) <= tol
     # the gradient was written over the logits' own storage (no [B, C] allocation)
     assert torch.equal(logits.detach(), leaf.grad)
+
+
+def test_empty_splits_contribute_nothing(device, make_case, relative_error, monkeypatch):
+    """More splits than column tiles: the splits past C stream nothing and write nothing; a row's ids all
+    land in the first splits, and the merge must weigh the empty states by exactly 0."""
+    monkeypatch.setattr(logits_kernels, "FORCED_SPLITS", 7)
+    case = make_case(4, 131, 3, 7, seed=9, with_rank=True, device=device)
+    gen = torch.Generator().manual_seed(9)
+    logits = (4.0 * torch.randn(4, 131, generator=gen)).to(device)
+    row_grad = torch.rand(4, generator=gen).to(device) + 0.5
+    for tau in (1.0, 0.6):
+        rows, grad = _run(kd_loss_rows, logits, case, tau, LAMBDAS, row_grad)
+        ref_rows, ref_grad = _run(reference.kd_loss_rows, logits, case, tau, LAMBDAS, row_grad)
+        assert relative_error(rows, ref_rows) <= 1e-4
+        assert relative_error(grad, ref_grad) <= 1e-4
+
+
+def test_column_splits_heuristic(monkeypatch):
+    """One program per row off CUDA and for big batches; on a 132-SM GPU B = 256, C = 1e6 gets 5 splits and
+    a narrow catalog none."""
+    monkeypatch.setattr(logits_kernels, "FORCED_SPLITS", 0)
+    assert logits_kernels.column_splits(256, 10**6, torch.device("cpu")) == 1
+    monkeypatch.setattr(logits_kernels, "sm_count", lambda device: 132)
+    cuda = torch.device("cuda", 0)
+    assert logits_kernels.column_splits(256, 10**6, cuda) == 5
+    assert logits_kernels.column_splits(256, 10**5, cuda) == 3  # capped by SPLIT_MIN_COLS
+    assert logits_kernels.column_splits(256, 10**4, cuda) == 1
+    assert logits_kernels.column_splits(4096, 10**6, cuda) == 1
+    assert logits_kernels.column_splits(0, 10**6, cuda) == 1
 
 
 def test_grad_inplace_invalidates_other_users_of_the_logits(device, make_case):
