@@ -13,10 +13,11 @@ gradient at the target and teacher ids with the dense value plus the sum of the 
 holding that id (duplicates add; equal ids write equal values, so no atomics are needed). The scores at those
 ids are read before the stream, which makes ``grad_inplace=True`` (gradient written over the logits) safe.
 
-Column splits (``column_splits``: small batches, wide catalogs): each row is cut into S column ranges. Forward
-then streams each range in its own program to a partial LSE state ([S, B]) and a second kernel merges a row's
-states before its terms; backward runs one program per (row, range), which writes the dense gradient of its
-range and the sparse values of the ids inside it (and reads only its own columns: in-place stays safe).
+Column splits of the forward (``column_splits``: small batches, wide catalogs): each row's LSE stream is cut
+into S column ranges, each streamed by its own program to a partial state ([S, B]), and a second kernel merges
+a row's states before its terms. The backward stays one program per row: on an H200 at B = 256, C = 1e6 the
+forward went from 0.29 to 0.17 ms with 5 splits, the backward from 0.34 to 0.35 ms with the same splits
+(each split repeats the row's duplicate-id combine; RESULTS.md, issue 6).
 """
 from __future__ import annotations
 
@@ -46,15 +47,19 @@ one-program-per-row form in an A/B benchmark; tests set this attribute to cover 
 
 
 def column_splits(batch: int, n_cols: int, device: torch.device) -> int:
-    """Programs per row of the logits-form kernels. One per row keeps each row's stream in one program, but a
-    small batch then leaves the GPU with too few streams in flight (B = 256 on an H200's 132 SMs: ~2 per SM,
-    58 % of the bandwidth floor at C = 1e6, against 86-88 % with B >= 1024), so rows are split over columns
-    until there are about 8 programs per SM, each split at least SPLIT_MIN_COLS wide."""
+    """Programs per row of the forward's LSE stream. One per row keeps each row's stream in one program, but
+    a small batch then leaves the GPU with too few streams in flight (B = 256 on an H200's 132 SMs: ~2 per SM;
+    forward 0.29 ms at C = 1e6, 0.17 ms with 5 splits), so below 4 rows per SM rows are split over columns
+    up to about 8 programs per SM, each split at least SPLIT_MIN_COLS wide. From 4 rows per SM on, splitting
+    measured no better (B = 1024: 0.061 ms at C = 1e5 with one program per row, 0.065 ms with 2 splits)."""
     if FORCED_SPLITS > 0:
         return FORCED_SPLITS
     if device.type != "cuda" or batch == 0:
         return 1
-    return max(1, min(triton.cdiv(8 * sm_count(device), batch), n_cols // SPLIT_MIN_COLS))
+    sms = sm_count(device)
+    if batch >= 4 * sms:
+        return 1
+    return max(1, min(triton.cdiv(8 * sms, batch), n_cols // SPLIT_MIN_COLS))
 
 
 @triton.jit
@@ -162,19 +167,15 @@ def _kd_terms_kernel(
 
 
 # In-place backward writes over its input: while tuning, every trial run must start from the original buffer.
-@triton.autotune(configs=stream_configs(), key=["C", "SPLITS", "UNIT_TAU"], restore_value=["grad_ptr"])
+@triton.autotune(configs=stream_configs(), key=["C", "UNIT_TAU"], restore_value=["grad_ptr"])
 @triton.jit
 def _kd_bwd_kernel(
     logits_ptr, stride_row, grad_ptr, stride_grad, gout_ptr, target_ptr, ids_ptr, coef_ptr,
     lse1_ptr, lset_ptr, wsum_ptr,
-    C, SPLITS, N, tau, lambda_ce, lambda_kd,
+    C, N, tau, lambda_ce, lambda_kd,
     UNIT_TAU: tl.constexpr, BLOCK_N: tl.constexpr, CHUNK_N: tl.constexpr, BLOCK_C: tl.constexpr,
 ):
-    """Gradient of one row over one column split (grid (B, SPLITS)): the dense stream over the split's
-    columns, then the sparse values at the target and slot ids that fall inside it. Each program reads and
-    writes only its own columns, so the in-place form stays safe across splits."""
     row = tl.program_id(0).to(tl.int64)
-    start, end = split_range(C, SPLITS, BLOCK_C)
     base = logits_ptr + row * stride_row
     gbase = grad_ptr + row * stride_grad
     inv_tau = 1.0 / tau
@@ -190,7 +191,6 @@ def _kd_bwd_kernel(
     n = tl.arange(0, BLOCK_N)
     ids = tl.load(ids_ptr + row * N + n, mask=n < N, other=-1)
     valid = ids >= 0
-    mine = valid & (ids >= start) & (ids < end)  # the slot ids this split writes (duplicates sum over all slots)
     own = tl.load(coef_ptr + row * N + n, mask=n < N, other=0.0)
     combined = tl.where(valid & (ids == y), -lambda_ce, 0.0)  # a teacher id equal to the target
     for n0 in range(0, N, CHUNK_N):
@@ -200,14 +200,13 @@ def _kd_bwd_kernel(
         same = (ids[:, None] == ids_c[None, :]) & valid[:, None]
         combined += tl.sum(tl.where(same, coef_c[None, :], 0.0), axis=1)
     target_combined = -lambda_ce + tl.sum(tl.where(valid & (ids == y), own, 0.0), axis=0)
-    y_mine = has_y & (y >= start) & (y < end)
-    s_ids = tl.load(base + ids, mask=mine, other=0.0).to(tl.float32)
-    s_y = tl.load(base + y, mask=y_mine, other=0.0).to(tl.float32)
+    s_ids = tl.load(base + ids, mask=valid, other=0.0).to(tl.float32)
+    s_y = tl.load(base + y, mask=has_y, other=0.0).to(tl.float32)
     tl.debug_barrier()  # every thread has read its sparse scores before anyone overwrites them
 
     cols = tl.arange(0, BLOCK_C)
-    for c0 in range(start, end, BLOCK_C):
-        mask = c0 + cols < end
+    for c0 in range(0, C, BLOCK_C):
+        mask = c0 + cols < C
         x = tl.load(base + c0 + cols, mask=mask, other=0.0).to(tl.float32)
         if UNIT_TAU:  # softmax(s) and softmax(s / tau) are one: one exp2 per logit
             d = (dense_1 + dense_t) * tl.exp2((x - lse1) * LOG2E)
@@ -217,9 +216,9 @@ def _kd_bwd_kernel(
     tl.debug_barrier()  # the dense stream is complete before the sparse values replace it
 
     d_ids = dense_1 * tl.exp(s_ids - lse1) + dense_t * tl.exp(s_ids * inv_tau - lset) + g * combined
-    tl.store(gbase + ids, d_ids.to(grad_ptr.dtype.element_ty), mask=mine)
+    tl.store(gbase + ids, d_ids.to(grad_ptr.dtype.element_ty), mask=valid)
     d_y = dense_1 * tl.exp(s_y - lse1) + dense_t * tl.exp(s_y * inv_tau - lset) + g * target_combined
-    tl.store(gbase + y, d_y.to(grad_ptr.dtype.element_ty), mask=y_mine)
+    tl.store(gbase + y, d_y.to(grad_ptr.dtype.element_ty), mask=has_y)
 
 
 class _KDLossRows(torch.autograd.Function):
@@ -256,13 +255,13 @@ class _KDLossRows(torch.autograd.Function):
                 BLOCK_T=teachers.block_t, BLOCK_K=teachers.block_k,
             )
         ctx.save_for_backward(logits, target, teachers.ids, coef, lse1, lset, wsum)
-        ctx.params = (float(temperature), float(lambda_ce), float(lambda_kd), teachers.block_n, grad_inplace, splits)
+        ctx.params = (float(temperature), float(lambda_ce), float(lambda_kd), teachers.block_n, grad_inplace)
         return loss
 
     @staticmethod
     def backward(ctx, grad_loss: Tensor):
         logits, target, ids, coef, lse1, lset, wsum = ctx.saved_tensors
-        temperature, lambda_ce, lambda_kd, block_n, grad_inplace, splits = ctx.params
+        temperature, lambda_ce, lambda_kd, block_n, grad_inplace = ctx.params
         batch, n_cols = logits.shape
         if grad_inplace:
             # logits' storage becomes the gradient; bumping its version makes any other autograd user of
@@ -273,9 +272,9 @@ class _KDLossRows(torch.autograd.Function):
             grad = torch.empty_like(logits)
         g = grad_loss.detach().to(torch.float32).contiguous()  # a mean's grad arrives as a stride-0 view
         if batch > 0:
-            _kd_bwd_kernel[(batch, splits)](
+            _kd_bwd_kernel[(batch,)](
                 logits, logits.stride(0), grad, grad.stride(0), g, target, ids, coef, lse1, lset, wsum,
-                n_cols, splits, ids.shape[1] * ids.shape[2], temperature, lambda_ce, lambda_kd,
+                n_cols, ids.shape[1] * ids.shape[2], temperature, lambda_ce, lambda_kd,
                 UNIT_TAU=temperature == 1.0, BLOCK_N=block_n, CHUNK_N=SLOT_CHUNK,
             )
         return grad, None, None, None, None, None, None, None, None, None, None

@@ -1,5 +1,5 @@
-"""Triton ``kd_loss_rows`` (logits given) against the PyTorch reference: values and gradients, with each row
-in one program and cut into column splits (ragged, and more splits than columns: empty ones)."""
+"""Triton ``kd_loss_rows`` (logits given) against the PyTorch reference: values and gradients, with each row's
+forward stream in one program and cut into column splits (ragged, and more splits than columns: empty ones)."""
 from __future__ import annotations
 
 import pytest
@@ -23,7 +23,7 @@ LAMBDAS = (0.9, 1.3, 0.6)  # lambda_ce, lambda_kd, lambda_rank
 
 @pytest.fixture(params=[1, 3], ids=["one-program-per-row", "3-column-splits"])
 def splits(request, monkeypatch):
-    """Column splits of every call (the interpreter's BLOCK_C is 64: 3 splits of the tests' C are ragged)."""
+    """Column splits of every forward (the interpreter's BLOCK_C is 64: 3 splits of the tests' C are ragged)."""
     monkeypatch.setattr(logits_kernels, "FORCED_SPLITS", request.param)
     return request.param
 
@@ -103,8 +103,8 @@ def test_grad_inplace_overwrites_logits_with_the_gradient(dtype, device, make_ca
 
 
 def test_empty_splits_contribute_nothing(device, make_case, relative_error, monkeypatch):
-    """More splits than column tiles: the splits past C stream nothing and write nothing; a row's ids all
-    land in the first splits, and the merge must weigh the empty states by exactly 0."""
+    """More splits than column tiles: the splits past C stream nothing, and the merge must weigh their
+    states by exactly 0."""
     monkeypatch.setattr(logits_kernels, "FORCED_SPLITS", 7)
     case = make_case(4, 131, 3, 7, seed=9, with_rank=True, device=device)
     gen = torch.Generator().manual_seed(9)
@@ -118,8 +118,8 @@ def test_empty_splits_contribute_nothing(device, make_case, relative_error, monk
 
 
 def test_column_splits_heuristic(monkeypatch):
-    """One program per row off CUDA and for big batches; on a 132-SM GPU B = 256, C = 1e6 gets 5 splits and
-    a narrow catalog none."""
+    """One program per row off CUDA and from 4 rows per SM on; on a 132-SM GPU B = 256, C = 1e6 gets 5
+    splits and a narrow catalog none."""
     monkeypatch.setattr(logits_kernels, "FORCED_SPLITS", 0)
     assert logits_kernels.column_splits(256, 10**6, torch.device("cpu")) == 1
     monkeypatch.setattr(logits_kernels, "sm_count", lambda device: 132)
@@ -127,7 +127,8 @@ def test_column_splits_heuristic(monkeypatch):
     assert logits_kernels.column_splits(256, 10**6, cuda) == 5
     assert logits_kernels.column_splits(256, 10**5, cuda) == 3  # capped by SPLIT_MIN_COLS
     assert logits_kernels.column_splits(256, 10**4, cuda) == 1
-    assert logits_kernels.column_splits(4096, 10**6, cuda) == 1
+    assert logits_kernels.column_splits(1024, 10**6, cuda) == 1
+    assert logits_kernels.column_splits(512, 10**6, cuda) == 3
     assert logits_kernels.column_splits(0, 10**6, cuda) == 1
 
 
