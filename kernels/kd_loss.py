@@ -95,6 +95,20 @@ def _row_terms(base, row, lse1, lset, target_ptr, ids_ptr, scores_ptr, tw_ptr, r
     tl.store(coef_ptr + slot, coef, mask=in_tile)
 
 
+@triton.jit
+def _lse_state(base, start, end, inv_tau, UNIT_TAU: tl.constexpr, BLOCK_C: tl.constexpr):
+    """The running LSE state ([1] each: max in log2 units, sum exp2(x2 - max), sum exp2((x2 - max) / tau)) of
+    one row's columns [start, end), streamed in BLOCK_C tiles."""
+    cols = tl.arange(0, BLOCK_C)[None, :]
+    m2 = tl.full([1], NEG_BIG, tl.float32)
+    sum1 = tl.zeros([1], tl.float32)
+    sumt = tl.zeros([1], tl.float32)
+    for c0 in range(start, end, BLOCK_C):
+        x = tl.load(base + c0 + cols, mask=c0 + cols < end, other=float("-inf")).to(tl.float32)
+        m2, sum1, sumt = online_lse_update(m2, sum1, sumt, x * LOG2E, inv_tau, UNIT_TAU)
+    return m2, sum1, sumt
+
+
 @triton.autotune(configs=stream_configs(), key=["C", "UNIT_TAU"])
 @triton.jit
 def _kd_fwd_kernel(
@@ -108,15 +122,7 @@ def _kd_fwd_kernel(
     row = tl.program_id(0).to(tl.int64)
     base = logits_ptr + row * stride_row
     inv_tau = 1.0 / tau
-    cols = tl.arange(0, BLOCK_C)[None, :]
-
-    m2 = tl.full([1], NEG_BIG, tl.float32)
-    sum1 = tl.zeros([1], tl.float32)
-    sumt = tl.zeros([1], tl.float32)
-    for c0 in range(0, C, BLOCK_C):
-        mask = c0 + cols < C
-        x = tl.load(base + c0 + cols, mask=mask, other=float("-inf")).to(tl.float32)
-        m2, sum1, sumt = online_lse_update(m2, sum1, sumt, x * LOG2E, inv_tau, UNIT_TAU)
+    m2, sum1, sumt = _lse_state(base, 0, C, inv_tau, UNIT_TAU, BLOCK_C)
     lse1 = tl.sum((m2 + tl.log2(sum1)) * LN2, axis=0)
     lset = tl.sum((m2 * inv_tau + tl.log2(sumt)) * LN2, axis=0)
     _row_terms(base, row, lse1, lset, target_ptr, ids_ptr, scores_ptr, tw_ptr, rw_ptr,
@@ -134,16 +140,7 @@ def _kd_lse_split_kernel(
     running max in log2 units and the two sums, as ``merged_lse`` combines them."""
     row = tl.program_id(0).to(tl.int64)
     start, end = split_range(C, SPLITS, BLOCK_C)
-    base = logits_ptr + row * stride_row
-    inv_tau = 1.0 / tau
-    cols = tl.arange(0, BLOCK_C)[None, :]
-    m2 = tl.full([1], NEG_BIG, tl.float32)
-    sum1 = tl.zeros([1], tl.float32)
-    sumt = tl.zeros([1], tl.float32)
-    for c0 in range(start, end, BLOCK_C):
-        mask = c0 + cols < end
-        x = tl.load(base + c0 + cols, mask=mask, other=float("-inf")).to(tl.float32)
-        m2, sum1, sumt = online_lse_update(m2, sum1, sumt, x * LOG2E, inv_tau, UNIT_TAU)
+    m2, sum1, sumt = _lse_state(logits_ptr + row * stride_row, start, end, 1.0 / tau, UNIT_TAU, BLOCK_C)
     out = tl.program_id(1).to(tl.int64) * B + row + tl.arange(0, 1)  # an empty split keeps NEG_BIG, 0, 0
     tl.store(m2_ptr + out, m2)
     tl.store(sum1_ptr + out, sum1)
