@@ -41,7 +41,10 @@ SPLIT_MIN_COLS = 32768
 """Fewest columns a split streams: each split program repeats the row's prologue (slot gathers, the backward's
 duplicate combine over the T*K slots), which must stay small next to its share of the stream."""
 
-FORCED_SPLITS = int(os.environ.get("PRMKD_TRITON_COLUMN_SPLITS", "0"))
+_forced = os.environ.get("PRMKD_TRITON_COLUMN_SPLITS", "0")
+if not _forced.isdigit():
+    raise ValueError(f"PRMKD_TRITON_COLUMN_SPLITS={_forced!r}: expected a whole number of splits >= 0 (0 = automatic)")
+FORCED_SPLITS = int(_forced)
 """``PRMKD_TRITON_COLUMN_SPLITS=S`` (read at import) pins the column splits of every call, e.g. ``1`` for the
 one-program-per-row form in an A/B benchmark; tests set this attribute to cover ragged and empty splits."""
 
