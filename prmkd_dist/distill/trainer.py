@@ -307,6 +307,23 @@ def prepare_student(cfg: TrainConfig, split: LeaveOneOutSplit, model: Sequential
     return model, teacher_emb, report
 
 
+def build_objective(cfg: TrainConfig, split: LeaveOneOutSplit, model: SequentialStudent,
+                    teacher_emb: Tensor | None = None):
+    """(the configured distillation objective for ``model`` from ``prepare_student``, its number of rows)."""
+    if getattr(model, "needs_users", False):  # one row per training position (distill/interaction.py)
+        from prmkd_dist.distill.interaction import student_objective
+
+        objective = student_objective(cfg, split, model)
+        return objective, len(objective.examples)
+    if cfg.distill.packing == "window":
+        from prmkd_dist.distill.packed import WindowDistillObjective
+
+        objective = WindowDistillObjective(cfg, split, model, teacher_emb)
+        return objective, objective.table.num_rows
+    objective = DistillObjective(cfg, split, model, teacher_emb)
+    return objective, objective.dataset.num_rows
+
+
 def train_distilled(cfg: TrainConfig, split: LeaveOneOutSplit | None = None,
                     model: SequentialStudent | None = None) -> TrainResult:
     """Distil the configured teachers into ``model`` (default: built from ``cfg.model``) on ``split``
@@ -318,24 +335,12 @@ def train_distilled(cfg: TrainConfig, split: LeaveOneOutSplit | None = None,
     seed_everything(cfg.run.seed)
     split = split if split is not None else load_split_for(cfg.data.dataset)
     model, teacher_emb, report = prepare_student(cfg, split, model)
-    if getattr(model, "needs_users", False):  # one row per training position (distill/interaction.py)
-        from prmkd_dist.distill.interaction import student_objective
-
-        objective = student_objective(cfg, split, model)
-        rows = len(objective.examples)
-    elif cfg.distill.packing == "window":
-        from prmkd_dist.distill.packed import WindowDistillObjective
-
-        objective = WindowDistillObjective(cfg, split, model, teacher_emb)
-        rows = objective.table.num_rows
-    else:
-        objective = DistillObjective(cfg, split, model, teacher_emb)
-        rows = objective.dataset.num_rows
+    objective, rows = build_objective(cfg, split, model, teacher_emb)
     log.info("distilling teachers %s (of %s) from %s (%s packing): %d rows, %d batches/epoch",
              list(objective.selected), list(objective.teacher_names), cfg.distill.shards, cfg.distill.packing, rows,
              objective.num_batches())
     return train(cfg, split, model, objective=objective)
 
 
-__all__ = ["DistillLoss", "DistillObjective", "standardise_scores", "train_distilled", "prepare_student", "select_teachers",
-           "chunked_importance_weights", "logits_at", "LOGIT_CHUNK_ELEMENTS"]
+__all__ = ["DistillLoss", "DistillObjective", "standardise_scores", "train_distilled", "prepare_student",
+           "build_objective", "select_teachers", "chunked_importance_weights", "logits_at", "LOGIT_CHUNK_ELEMENTS"]

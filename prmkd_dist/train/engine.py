@@ -65,14 +65,18 @@ class LocalEngine:
         self.grad_clip = grad_clip
         self.loss_backend = loss_backend
         self.optimizer = torch.optim.Adam(model.parameters(), lr=lr, weight_decay=weight_decay)
+        self._stash: OutputRows | None = None
 
     def train(self) -> None:
+        self._stash = None
         self.model.train()
 
     def eval(self) -> None:
+        self._stash = None
         self.model.eval()
 
     def step(self, loss: Tensor) -> None:
+        self._stash = None
         self.optimizer.zero_grad(set_to_none=True)
         loss.backward()
         if self.grad_clip > 0:
@@ -80,7 +84,15 @@ class LocalEngine:
         self.optimizer.step()
 
     def output_rows(self) -> OutputRows:
-        return OutputRows(self.model.output_weight(), self.model.output_bias(), 0, self.model.num_items)
+        """The whole output table. In a training step (grad enabled) it is computed once and reused until
+        ``step``: for a student whose table is a function of other parameters (embedding distillation, NKD)
+        the losses of one step (KD, SLD, ...) then share one forward and one backward of it."""
+        if self._stash is not None:
+            return self._stash
+        rows = OutputRows(self.model.output_weight(), self.model.output_bias(), 0, self.model.num_items)
+        if torch.is_grad_enabled() and self.model.training:
+            self._stash = rows
+        return rows
 
     def linear_loss(self, hidden: Tensor, target: Tensor, teacher_ids: Tensor, teacher_scores: Tensor,
                     teacher_weights: Tensor, rank_weights: Tensor | None = None, **loss_kwargs) -> Tensor:
@@ -94,6 +106,7 @@ class LocalEngine:
         return {"model": self.model.state_dict(), "optimizer": self.optimizer.state_dict()}
 
     def load_state_dict(self, state: dict) -> None:
+        self._stash = None
         self.model.load_state_dict(state["model"])
         self.optimizer.load_state_dict(state["optimizer"])
 

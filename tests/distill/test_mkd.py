@@ -1,7 +1,7 @@
 import torch
 
 from prmkd_dist.distill.embedding import ItemTableExtension, extend_items, is_tied
-from prmkd_dist.distill.mkd import ConsistentPreference, blended_soft_label, teacher_neighbours
+from prmkd_dist.distill.mkd import ConsistentPreference, _merge_repeats, blended_soft_label, teacher_neighbours
 from prmkd_dist.distill.trainer import train_distilled
 from prmkd_dist.models import build_student
 
@@ -68,6 +68,86 @@ def test_blended_soft_label_merges_teachers_and_student():
     teacher = torch.tensor([0.5 * p1[0], 0.5 * p1[1] + 0.5 * p2[0], 0.5 * p2[1]])
     student = torch.softmax(torch.tensor([0.3, -0.2, 1.0]) / tau, 0)
     assert torch.allclose(q, 0.7 * teacher + 0.3 * student, atol=1e-6)
+
+
+def _merge_repeats_pairwise(ids, mass):
+    """The direct form: compare every pair of slots ([B, S, S])."""
+    valid = ids >= 0
+    same = (ids.unsqueeze(-1) == ids.unsqueeze(-2)) & valid.unsqueeze(-1) & valid.unsqueeze(-2)
+    earlier = torch.ones(ids.shape[1], ids.shape[1], dtype=torch.bool).tril(diagonal=-1)
+    first = valid & ~(same & earlier).any(dim=-1)
+    return first, (same.double() @ mass.unsqueeze(-1)).squeeze(-1) * first
+
+
+def test_merge_repeats_matches_the_pairwise_form():
+    g = torch.Generator().manual_seed(0)
+    ids = torch.randint(-1, 12, (64, 30), generator=g)  # many repeats and empty slots
+    ids[0] = -1  # a row with nothing
+    ids[1] = 5  # one id everywhere
+    mass = torch.rand(64, 30, generator=g, dtype=torch.float64) * (ids >= 0)
+    first, merged = _merge_repeats(ids, mass)
+    ref_first, ref_merged = _merge_repeats_pairwise(ids, mass)
+    assert torch.equal(first, ref_first)
+    assert torch.allclose(merged, ref_merged, rtol=1e-12, atol=1e-15)
+    assert first[1].tolist() == [True] + [False] * 29 and not first[0].any()
+
+
+def test_nkd_output_table_and_cpd_preference_match_the_gather_forms():
+    """The weighted-bag forms equal the [C, n, d] / [B, T, K, D] gathers they replace, gradients included."""
+    torch.manual_seed(0)
+    c, n = 40, 6
+    student = build_student("caser", c, dim=8, max_len=3, dropout=0.0)  # untied: its own output table
+    nbr, w = teacher_neighbours(torch.randn(c, 5), n)
+    extend_items(student, ItemTableExtension(8, is_tied(student), None, neighbours=nbr, neighbour_weights=w,
+                                             beta=0.5))
+    base = type(student)._base_output_weight(student)  # the student's own table, under the extension
+    out = student.output_weight()
+    ref = base + 0.5 * (w.unsqueeze(-1) * base[nbr]).sum(dim=1)
+    assert torch.allclose(out, ref, atol=1e-6)
+    g = torch.randn_like(out)
+    params = [p for p in student.parameters() if p.requires_grad]
+    got = torch.autograd.grad(out, params, g, allow_unused=True)
+    want = torch.autograd.grad(ref, params, g, allow_unused=True)
+    for a, b in zip(got, want):
+        assert (a is None) == (b is None) and (a is None or torch.allclose(a, b, atol=1e-5))
+    temb = torch.randn(c, 7, dtype=torch.float64)
+    ids = torch.randint(-1, c, (16, 3, 5))
+    scores = torch.randn(16, 3, 5, dtype=torch.float64)
+    tw = torch.rand(16, 3, dtype=torch.float64)
+    pref, _ = ConsistentPreference.preference(temb, ids, scores, tw, temperature=0.5)
+    p = torch.softmax((scores / 0.5).masked_fill(ids < 0, -torch.inf), -1).nan_to_num(0.0) * (ids >= 0)
+    ref_pref = ((p * tw.unsqueeze(-1)).unsqueeze(-1).double() * temb[ids.clamp(min=0)]).sum(dim=(1, 2))
+    assert torch.allclose(pref.double(), ref_pref, rtol=1e-6, atol=1e-6)
+
+
+def test_local_engine_builds_the_extended_output_table_once_per_step():
+    from prmkd_dist.train.engine import LocalEngine
+
+    torch.manual_seed(0)
+    student = build_student("sasrec", 20, dim=8, max_len=4, dropout=0.0)
+    nbr, w = teacher_neighbours(torch.randn(20, 5), 3)
+    extend_items(student, ItemTableExtension(8, is_tied(student), None, neighbours=nbr, neighbour_weights=w, beta=0.5))
+    calls = []
+    inner = type(student).output_weight
+    type(student).output_weight = lambda self: calls.append(1) or inner(self)
+    try:
+        engine = LocalEngine(student, lr=1e-2)
+        engine.train()
+        user = torch.randn(4, 8)
+        target = torch.tensor([1, 2, 3, 4])
+        empty = (torch.empty(4, 0, 0, dtype=torch.long), torch.empty(4, 0, 0), torch.empty(4, 0))
+        loss = engine.linear_loss(user, target, *empty) + engine.linear_loss(user, target, *empty)
+        assert len(calls) == 1  # two losses of one step: one table
+        before = student.item_table_weight().detach().clone()
+        engine.step(loss)
+        assert not torch.equal(before, student.item_table_weight())
+        engine.linear_loss(user, target, *empty)
+        assert len(calls) == 2  # a new step: the updated table
+        engine.eval()
+        engine.output_rows(); engine.output_rows()
+        assert len(calls) == 4  # evaluation: no reuse
+    finally:
+        type(student).output_weight = inner
 
 
 def test_mkd_trains_with_all_three_parts(small_split, shards, embeddings, tmp_path):
