@@ -18,8 +18,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
-import platform
 import statistics
 import sys
 import time
@@ -32,7 +30,7 @@ from prmkd_dist.distill.trainer import build_objective, prepare_student
 from prmkd_dist.train.config import load_config
 from prmkd_dist.train.engine import LocalEngine
 from prmkd_dist.train.trainer import load_split_for
-from prmkd_dist.train.utils import seed_everything
+from prmkd_dist.train.utils import machine_description, seed_everything
 
 
 def default_variants(embeddings: str | None) -> dict[str, list[str]]:
@@ -93,16 +91,6 @@ def table(results: dict[str, dict]) -> str:
     return "\n".join(lines)
 
 
-def _machine() -> str:
-    model = platform.machine()
-    try:
-        model = next(line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
-                     if line.startswith("model name"))
-    except (OSError, StopIteration):
-        pass
-    return f"{os.cpu_count()}-core {model}"
-
-
 def _variant(spec: str) -> tuple[str, list[str]]:
     name, sep, body = spec.partition("=")
     if not sep or not name.strip():
@@ -119,7 +107,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--steps", type=int, default=15)
     ap.add_argument("--warmup", type=int, default=3)
     ap.add_argument("--threads", type=int, default=1)
-    ap.add_argument("--machine", default=_machine())
+    ap.add_argument("--machine", default=machine_description())
     ap.add_argument("--out", type=Path, default=None)
     args = ap.parse_args(argv)
     if args.steps < 1 or args.warmup < 0:

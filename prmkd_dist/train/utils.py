@@ -69,3 +69,16 @@ def format_table(rows: dict[str, dict[str, float]], columns: list[str] | None = 
                 cells.append(f"{v:.{precision}f}")
         lines.append(f"| {name} | " + " | ".join(cells) + " |")
     return "\n".join(lines)
+
+
+def machine_description() -> str:
+    """"<cores>-core <CPU model>" of this machine (Linux /proc/cpuinfo; else the architecture), for benchmark JSON."""
+    import platform
+
+    model = platform.machine()
+    try:
+        with open("/proc/cpuinfo") as f:
+            model = next(line.split(":", 1)[1].strip() for line in f if line.startswith("model name"))
+    except (OSError, StopIteration):
+        pass
+    return f"{os.cpu_count()}-core {model}"
