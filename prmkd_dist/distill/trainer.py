@@ -107,6 +107,25 @@ def chunked_importance_weights(engine: Engine, user: Tensor, teacher_ids: Tensor
     return torch.cat(out) if out else teacher_scores.new_zeros(teacher_ids.shape)
 
 
+def with_pseudo_teacher(ids: Tensor, scores: Tensor, w: Tensor, rho: Tensor | None, extra_ids: Tensor,
+                        extra_scores: Tensor, extra_weight: float) -> tuple[Tensor, Tensor, Tensor, Tensor | None]:
+    """The teacher lists [N, T, K] with one more teacher appended ([N, 1, S] lists, teacher weight
+    ``extra_weight``, no ranking weight): [N, T + 1, max(K, S)], empty slots padded. By the loss contract the
+    KD terms of the teachers add (``lambda_kd * tau^2 * sum_t w_t KL_t``) and a teacher with all-zero ranking
+    weights has no ranking term, so one loss over these lists equals the loss over the T teachers plus
+    ``lambda_kd * extra_weight * tau^2 * KL_extra``, computed in one pass over the catalog."""
+    width = max(ids.shape[-1], extra_ids.shape[-1])
+
+    def pad(x: Tensor, value) -> Tensor:
+        return torch.nn.functional.pad(x, (0, width - x.shape[-1]), value=value)
+
+    out_ids = torch.cat([pad(ids, PAD_ID), pad(extra_ids, PAD_ID)], dim=1)
+    out_scores = torch.cat([pad(scores, 0.0), pad(extra_scores.to(scores.dtype), 0.0)], dim=1)
+    out_w = torch.cat([w, w.new_full((w.shape[0], 1), float(extra_weight))], dim=1)
+    out_rho = None if rho is None else torch.cat([pad(rho, 0.0), rho.new_zeros(rho.shape[0], 1, width)], dim=1)
+    return out_ids, out_scores, out_w, out_rho
+
+
 def scaled_teacher_weights(w: Tensor, selected: tuple[str, ...], scale: dict[str, float]) -> Tensor:
     """``w`` [B, T] (the strategy's teacher weights) with column t multiplied by ``distill.teacher_scale``'s factor
     for teacher ``selected[t]`` (absent = 1). A name that is not a distilled teacher is a config error: a typo
@@ -158,7 +177,7 @@ class DistillLoss:
         n = max(self._sums["batches"], 1)
         if self.d.mkd.cpd > 0:
             out["loss_cpd"] = self._sums["loss_cpd"] / n
-        if self.d.mkd.sld > 0:
+        if self.d.mkd.sld > 0 and self.d.lambda_kd == 0:  # otherwise SLD is a teacher of the KD term, not apart
             out["loss_sld"] = self._sums["loss_sld"] / n
         self._sums = {"loss_cpd": 0.0, "loss_sld": 0.0, "batches": 0}
         if self.curriculum is not None:
@@ -206,18 +225,25 @@ class DistillLoss:
                 gamma_consistency=d.gamma_consistency, student_topk=d.student_topk or self.k)
         self.last = {"teacher_weights": w, "rank_weights": rho, "keep": keep, "target": target,
                      "teacher_ids": ids, "teacher_scores": scores}
-        loss = engine.linear_loss(user, target, ids, scores, w, rho, temperature=d.temperature,
+        loss_lists = (ids, scores, w, rho)
+        sld_separate = None
+        if d.mkd.sld > 0:
+            with torch.no_grad():
+                sl_ids, sl_scores = blended_soft_label(logits_at(engine, user.detach(), ids), ids, scores, w,
+                                                       d.mkd.sld_beta, d.temperature)
+            if d.lambda_kd > 0:  # one more teacher of the KD term: one pass over the catalog, not two
+                loss_lists = with_pseudo_teacher(ids, scores, w, rho, sl_ids, sl_scores, d.mkd.sld / d.lambda_kd)
+            else:
+                sld_separate = (sl_ids, sl_scores)
+        loss = engine.linear_loss(user, target, *loss_lists, temperature=d.temperature,
                                   lambda_ce=d.lambda_ce, lambda_kd=d.lambda_kd, lambda_rank=d.lambda_rank)
         if d.mkd.cpd > 0:
             cpd = engine.model.cpd.loss(user, self.teacher_emb, ids, scores, w, d.temperature)
             loss = loss + d.mkd.cpd * cpd
             self._sums["loss_cpd"] += float(cpd.detach())
-        if d.mkd.sld > 0:
-            with torch.no_grad():
-                sl_ids, sl_scores = blended_soft_label(logits_at(engine, user.detach(), ids), ids, scores, w,
-                                                       d.mkd.sld_beta, d.temperature)
+        if sld_separate is not None:
             no_target = torch.full_like(target, PAD_ID)
-            sld = engine.linear_loss(user, no_target, sl_ids, sl_scores, torch.ones_like(w[:, :1]), None,
+            sld = engine.linear_loss(user, no_target, *sld_separate, torch.ones_like(w[:, :1]), None,
                                      temperature=d.temperature, lambda_ce=0.0, lambda_kd=1.0, lambda_rank=0.0)
             loss = loss + d.mkd.sld * sld
             self._sums["loss_sld"] += float(sld.detach())
@@ -343,4 +369,5 @@ def train_distilled(cfg: TrainConfig, split: LeaveOneOutSplit | None = None,
 
 
 __all__ = ["DistillLoss", "DistillObjective", "standardise_scores", "train_distilled", "prepare_student",
-           "build_objective", "select_teachers", "chunked_importance_weights", "logits_at", "LOGIT_CHUNK_ELEMENTS"]
+           "build_objective", "select_teachers", "with_pseudo_teacher", "chunked_importance_weights", "logits_at",
+           "LOGIT_CHUNK_ELEMENTS"]

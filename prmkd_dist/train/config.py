@@ -150,7 +150,7 @@ class MKDConfig:
     nkd_neighbours: int = 10
     nkd_beta: float = 0.5  # weight of the neighbour average added to each item row
     cpd: float = 0.0  # weight of the consistent-preference loss; 0 = off
-    sld: float = 0.0  # weight of the blended soft-label loss; 0 = off
+    sld: float = 0.0  # weight of the blended soft-label KD term; 0 = off (with lambda_kd > 0: one more teacher of the KD loss)
     sld_beta: float = 0.5  # share of the teachers in the blended soft label (rest: the student's own)
 
     def problems(self) -> dict[str, str]:

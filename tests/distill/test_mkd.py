@@ -1,3 +1,4 @@
+import pytest
 import torch
 
 from prmkd_dist.distill.embedding import ItemTableExtension, extend_items, is_tied
@@ -150,6 +151,40 @@ def test_local_engine_builds_the_extended_output_table_once_per_step():
         type(student).output_weight = inner
 
 
+@pytest.mark.parametrize("lambda_rank", [0.0, 0.7])
+def test_soft_label_as_one_more_teacher_equals_its_own_loss(lambda_rank):
+    """SLD folded into the KD term (one catalog pass) = the KD loss + a separate SLD loss, value and gradients."""
+    from prmkd_dist.distill.loss import kd_loss_linear
+    from prmkd_dist.distill.trainer import with_pseudo_teacher
+
+    g = torch.Generator().manual_seed(3)
+    n, c, d, t, k, tau, lam_kd, sld = 6, 30, 5, 2, 4, 1.7, 0.6, 0.45
+    h = torch.randn(n, d, generator=g, dtype=torch.float64, requires_grad=True)
+    table = torch.randn(c, d, generator=g, dtype=torch.float64, requires_grad=True)
+    target = torch.randint(0, c, (n,), generator=g)
+    target[0] = -1
+    ids = torch.stack([torch.randperm(c, generator=g)[:t * k] for _ in range(n)]).view(n, t, k)
+    ids[1, 0, 2:] = -1
+    scores = torch.randn(n, t, k, generator=g, dtype=torch.float64)
+    w = torch.rand(n, t, generator=g, dtype=torch.float64)
+    rho = torch.rand(n, t, k, generator=g, dtype=torch.float64) if lambda_rank else None
+    with torch.no_grad():
+        s_logits = torch.einsum("nd,nsd->ns", h, table[ids.clamp(min=0).view(n, -1)]).view(n, t, k)
+    sl_ids, sl_scores = blended_soft_label(s_logits, ids, scores, w, beta=0.6, temperature=tau)
+    kw = dict(temperature=tau, lambda_ce=1.0, lambda_rank=lambda_rank)
+    folded = kd_loss_linear(h, table, target, *with_pseudo_teacher(ids, scores, w, rho, sl_ids,
+                                                                   sl_scores.double(), sld / lam_kd),
+                            lambda_kd=lam_kd, backend="reference", **kw)
+    apart = kd_loss_linear(h, table, target, ids, scores, w, rho, lambda_kd=lam_kd, backend="reference", **kw) + \
+        sld * kd_loss_linear(h, table, torch.full_like(target, -1), sl_ids, sl_scores.double(),
+                             torch.ones(n, 1, dtype=torch.float64), None, temperature=tau, lambda_ce=0.0,
+                             lambda_kd=1.0, lambda_rank=0.0, backend="reference")
+    assert torch.allclose(folded, apart, rtol=1e-12, atol=1e-12)
+    g1 = torch.autograd.grad(folded, (h, table))
+    g2 = torch.autograd.grad(apart, (h, table))
+    assert all(torch.allclose(a, b, rtol=1e-10, atol=1e-12) for a, b in zip(g1, g2))
+
+
 def test_mkd_trains_with_all_three_parts(small_split, shards, embeddings, tmp_path):
     cfg = distill_cfg(tmp_path, shards, distill={
         "teacher_embeddings": [embeddings],
@@ -157,6 +192,6 @@ def test_mkd_trains_with_all_three_parts(small_split, shards, embeddings, tmp_pa
     cfg.optim.epochs = 1
     res = train_distilled(cfg, small_split)
     h = res.history
-    assert h[0]["loss_cpd"] > 0 and h[0]["loss_sld"] > 0
+    assert h[0]["loss_cpd"] > 0 and "loss_sld" not in h[0]  # SLD rides in the KD term (lambda_kd > 0)
     assert type(res).__name__ == "TrainResult" and res.epochs_run == 1
     assert res.valid["NDCG@10"] > 3 * random_init_ndcg(cfg, small_split) + 0.004
