@@ -90,6 +90,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--baseline-from", metavar="JSON",
                     help="take the no-distillation runs of these seeds from an earlier report of this script (same "
                          "dataset and config) instead of training them again")
+    ap.add_argument("--resume", action="store_true",
+                    help="keep the finished runs of an unfinished report at --out (same dataset, config, shards, "
+                         "teacher embeddings and --set) and run only the rest")
     ap.add_argument("--progress", action="store_true")
     args = ap.parse_args(argv)
 
@@ -120,9 +123,15 @@ def main(argv: list[str] | None = None) -> int:
         results[BASELINE] = earlier_baseline(args.baseline_from, split.data.name, base,
                                              list(range(args.first_seed, args.first_seed + args.seeds)))
         plan.pop(BASELINE)
+    done = (finished_runs(args.out, split.data.name, base, shards, embeddings, args.set)
+            if args.resume and Path(args.out).exists() else {})
     for name, overrides in plan.items():
         runs = []
         for seed in range(args.first_seed, args.first_seed + args.seeds):
+            if seed in done.get(name, {}):
+                runs.append(done[name][seed])
+                print(f"[quality] {name} seed {seed}: kept from {args.out}", flush=True)
+                continue
             run_dir = out_root / name.replace(" ", "_").replace(",", "").replace("+", "plus") / f"seed{seed}"
             cfg = load_config(base, [f"data.dataset={args.dataset}", f"distill.shards={shards}", *emb_set, *overrides,
                                      *args.set, f"run.seed={seed}", f"run.out_dir={run_dir}", "run.tensorboard=false"])
@@ -182,6 +191,20 @@ def earlier_baseline(path: str, dataset: str, config: str, seeds: list[int]) -> 
         raise ValueError(f"{path}: no {BASELINE!r} run for seed(s) {missing} (it has {sorted(by_seed)})")
     runs = [by_seed[s] for s in seeds]
     return {"overrides": earlier["overrides"], "runs": runs, "summary": summarise(runs), "from": path}
+
+
+def finished_runs(path: str, dataset: str, config: str, shards: str, embeddings: list[str],
+                  overrides: list[str]) -> dict[str, dict[int, dict]]:
+    """``{variant: {seed: run}}`` of the runs an earlier (maybe unfinished) report at ``path`` finished, for
+    ``--resume``; ValueError naming the file and the field when it was made with other settings, whose runs would
+    not be comparable with the ones still to come."""
+    report = json.loads(Path(path).read_text())
+    for key, want in (("dataset", dataset), ("config", config), ("shards", shards),
+                      ("teacher_embeddings", embeddings), ("overrides", overrides)):
+        if report.get(key) != want:
+            raise ValueError(f"{path}: cannot resume, its {key} is {report.get(key)!r}, this run's is {want!r}")
+    return {name: {r["seed"]: r for r in res["runs"]}
+            for name, res in report.get("results", {}).items() if "from" not in res}
 
 
 def _write(args, split, base, shards, teachers, embeddings, results, t_all, table) -> None:

@@ -36,3 +36,31 @@ def test_earlier_baseline_refuses_a_mismatch(tmp_path, dataset, config, seeds, m
     with pytest.raises(ValueError, match=message) as err:
         q.earlier_baseline(str(path), dataset, config, seeds)
     assert str(path) in str(err.value)
+
+
+def _unfinished(path: Path, **changes) -> Path:
+    report = {"dataset": "ml-latest-small", "config": "distill-caser-ml", "shards": "s", "teacher_embeddings": [],
+              "overrides": ["optim.lr=2e-3"], "complete": False, "table": None,
+              "results": {"no distillation": {"runs": [{"seed": 0}], "from": "earlier.json"},
+                          "conf+cons": {"runs": [{"seed": 0, "best_epoch": 3}, {"seed": 1, "best_epoch": 7}]}}}
+    report.update(changes)
+    path.write_text(json.dumps(report))
+    return path
+
+
+def test_resume_keeps_finished_runs_but_not_a_borrowed_baseline(tmp_path, load_benchmark):
+    q = load_benchmark("quality")
+    got = q.finished_runs(str(_unfinished(tmp_path / "r.json")), "ml-latest-small", "distill-caser-ml", "s", [],
+                          ["optim.lr=2e-3"])
+    assert set(got) == {"conf+cons"}  # the baseline came from another report: --baseline-from decides it again
+    assert got["conf+cons"][1]["best_epoch"] == 7 and sorted(got["conf+cons"]) == [0, 1]
+
+
+@pytest.mark.parametrize("field, value", [("shards", "other"), ("overrides", ["optim.lr=1e-3"]),
+                                          ("teacher_embeddings", ["e"]), ("config", "distill-sasrec-ml")])
+def test_resume_refuses_a_report_made_with_other_settings(tmp_path, field, value, load_benchmark):
+    q = load_benchmark("quality")
+    path = _unfinished(tmp_path / "r.json", **{field: value})
+    with pytest.raises(ValueError, match=f"cannot resume, its {field} is") as err:
+        q.finished_runs(str(path), "ml-latest-small", "distill-caser-ml", "s", [], ["optim.lr=2e-3"])
+    assert str(path) in str(err.value)
