@@ -125,26 +125,27 @@ def main(argv: list[str] | None = None) -> int:
         plan.pop(BASELINE)
     done = (finished_runs(args.out, split.data.name, base, shards, embeddings, args.set)
             if args.resume and Path(args.out).exists() else {})
+    seeds = list(range(args.first_seed, args.first_seed + args.seeds))
     for name, overrides in plan.items():
-        runs = []
-        for seed in range(args.first_seed, args.first_seed + args.seeds):
-            if seed in done.get(name, {}):
-                runs.append(done[name][seed])
-                print(f"[quality] {name} seed {seed}: kept from {args.out}", flush=True)
-                continue
+        def train_one(seed: int, name=name, overrides=overrides) -> dict:
             run_dir = out_root / name.replace(" ", "_").replace(",", "").replace("+", "plus") / f"seed{seed}"
             cfg = load_config(base, [f"data.dataset={args.dataset}", f"distill.shards={shards}", *emb_set, *overrides,
                                      *args.set, f"run.seed={seed}", f"run.out_dir={run_dir}", "run.tensorboard=false"])
             cfg.run.progress = args.progress
             t0 = time.perf_counter()
             res = train_distilled(cfg, split)
-            runs.append({"seed": seed, "valid": res.valid, "test": res.test, "best_epoch": res.best_epoch,
-                         "epochs_run": res.epochs_run, "train_seconds": res.train_seconds})
             print(f"[quality] {name} seed {seed}: valid NDCG@10 {res.valid['NDCG@10']:.4f} test NDCG@10 "
                   f"{res.test['NDCG@10']:.4f} (epoch {res.best_epoch}, {time.perf_counter() - t0:.0f}s)", flush=True)
+            return {"seed": seed, "valid": res.valid, "test": res.test, "best_epoch": res.best_epoch,
+                    "epochs_run": res.epochs_run, "train_seconds": res.train_seconds}
+
+        def partial(runs: list[dict], name=name, overrides=overrides) -> None:
             # partial results after every run, so a run cut short by a timeout keeps what it finished
             results[name] = {"overrides": overrides, "runs": runs, "summary": summarise(runs)}
             _write(args, split, base, shards, teachers, embeddings, results, t_all, table=None)
+
+        runs = run_variant(name, seeds, done.get(name, {}), train_one, partial, kept_from=args.out)
+        results[name] = {"overrides": overrides, "runs": runs, "summary": summarise(runs)}
 
     base10 = results[BASELINE]["summary"]["test NDCG@10"]["mean"]
     base20 = results[BASELINE]["summary"]["test NDCG@20"]["mean"]
@@ -191,6 +192,20 @@ def earlier_baseline(path: str, dataset: str, config: str, seeds: list[int]) -> 
         raise ValueError(f"{path}: no {BASELINE!r} run for seed(s) {missing} (it has {sorted(by_seed)})")
     runs = [by_seed[s] for s in seeds]
     return {"overrides": earlier["overrides"], "runs": runs, "summary": summarise(runs), "from": path}
+
+
+def run_variant(name: str, seeds: list[int], kept: dict[int, dict], train_one, after_run, kept_from: str = "") -> list[dict]:
+    """One variant's runs in seed order: a kept run (``--resume``) as it was, the others trained by
+    ``train_one(seed)``, with ``after_run(runs so far)`` after each trained one."""
+    runs = []
+    for seed in seeds:
+        if seed in kept:
+            runs.append(kept[seed])
+            print(f"[quality] {name} seed {seed}: kept from {kept_from}", flush=True)
+            continue
+        runs.append(train_one(seed))
+        after_run(runs)
+    return runs
 
 
 def finished_runs(path: str, dataset: str, config: str, shards: str, embeddings: list[str],

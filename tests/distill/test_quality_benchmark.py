@@ -64,3 +64,22 @@ def test_resume_refuses_a_report_made_with_other_settings(tmp_path, field, value
     with pytest.raises(ValueError, match=f"cannot resume, its {field} is") as err:
         q.finished_runs(str(path), "ml-latest-small", "distill-caser-ml", "s", [], ["optim.lr=2e-3"])
     assert str(path) in str(err.value)
+
+
+def test_run_variant_trains_only_what_was_not_kept(load_benchmark):
+    q = load_benchmark("quality")
+    trained, snapshots = [], []
+
+    def train_one(seed):
+        trained.append(seed)
+        return {"seed": seed, "new": True}
+
+    runs = q.run_variant("v", [0, 1, 2], {1: {"seed": 1, "new": False}}, train_one,
+                         lambda rs: snapshots.append([r["seed"] for r in rs]))
+    assert trained == [0, 2]
+    assert [(r["seed"], r["new"]) for r in runs] == [(0, True), (1, False), (2, True)]
+    assert snapshots == [[0], [0, 1, 2]]  # the partial report is written after each trained run
+    # every seed kept: nothing trained, the runs still come back (they were dropped from the report once)
+    assert q.run_variant("v", [0, 1], {0: {"seed": 0}, 1: {"seed": 1}}, train_one, snapshots.append) == [
+        {"seed": 0}, {"seed": 1}]
+    assert trained == [0, 2]
