@@ -7,7 +7,10 @@ A user's scores are x_user @ B with x_user the binary indicator of the history's
 Cost: G and B are dense C x C float32 (ml-latest-small: 9.7k^2 = 0.38 GB; amazon-games: 23.7k^2 = 2.2 GB,
 and the Cholesky inverse is O(C^3): minutes on a 2-core CPU). Scores are computed with an
 ``embedding_bag`` over the history rows of B (O(L*C) per user), never a dense [B, C] x [C, C] product.
-The order of the history does not matter to EASE, and it has no maximum history length.
+The order of the history does not matter to EASE, and by default it reads the whole history. ``recent=N`` makes
+it read only the N most recent positions (its ``max_len``): on ml-latest-small, whose histories run to thousands of
+items, the last 10 beat the whole history by a third on validation NDCG@10 (benchmarks/RESULTS.md, issue 2). Items
+before those N are still excluded from the candidates, as the evaluation excludes every seen item.
 """
 from __future__ import annotations
 
@@ -77,19 +80,30 @@ class EASE(Teacher):
     kind = "ease"
     score_semantics = "similarity"  # a linear reconstruction, not a softmax logit: a KD softmax needs a temperature
 
-    def __init__(self, num_items: int, item_fingerprint: str, name: str | None = None, l2: float = 500.0):
+    def __init__(self, num_items: int, item_fingerprint: str, name: str | None = None, l2: float = 500.0,
+                 recent: int | None = None):
         super().__init__(num_items, item_fingerprint, name)
         self.l2 = float(l2)
+        if recent is not None and (isinstance(recent, bool) or not isinstance(recent, int) or recent < 1):
+            raise TeacherError(f"EASE recent must be a positive int (the most recent positions read) or None, got {recent!r}")
+        self.recent = recent
         # uninitialised until fit() or load_teacher() fills it: at C = 24k a zero-fill alone would write
         # 2.2 GB that is overwritten at once
         self.register_buffer("B", torch.empty(num_items, num_items))
 
     def config(self) -> dict:
-        return {"l2": self.l2}
+        return {"l2": self.l2, "recent": self.recent}
+
+    @property
+    def max_len(self) -> int | None:
+        return self.recent
 
     def score(self, history: torch.Tensor) -> torch.Tensor:
-        """[B, L] -> [B, C] = sum of B's rows over the distinct items of each history."""
+        """[B, L] -> [B, C] = sum of B's rows over the distinct items of each history (its last ``recent``
+        positions when set; histories are left-padded, the most recent item last)."""
         history = history.to(torch.int64)
+        if self.recent is not None:
+            history = history[:, -self.recent:]
         # a repeated item counts once (X is binary): keep only its first occurrence in sorted order
         sorted_hist, _ = torch.sort(history, dim=1)
         dup = torch.zeros_like(sorted_hist, dtype=torch.bool)
@@ -99,12 +113,15 @@ class EASE(Teacher):
 
     def additive_rows(self) -> torch.Tensor:
         """``score(h)`` is the sum of these rows over h's distinct items: the exporter scores a user's
-        consecutive prefixes incrementally (``teachers.export.score_topk``)."""
+        consecutive prefixes incrementally (``teachers.export.score_topk``). Not with ``recent``: a window
+        that slides drops items too (the exporter then scores each example's last ``recent`` items)."""
+        if self.recent is not None:
+            raise TeacherError(f"{self.name}: EASE with recent={self.recent} is not additive over whole prefixes")
         return self.B
 
     @classmethod
     def fit(cls, split: LeaveOneOutSplit, l2: float = 500.0, name: str | None = None,
-            gram: list[torch.Tensor] | torch.Tensor | None = None) -> "EASE":
+            gram: list[torch.Tensor] | torch.Tensor | None = None, recent: int | None = None) -> "EASE":
         """Closed-form EASE on the training split, one block per ``item_blocks(split)``; ``gram``: the blocks'
         precomputed ``gram_matrix`` (a list in block order, or the one matrix of a single-block dataset)."""
         t0 = time.perf_counter()
@@ -112,7 +129,7 @@ class EASE(Teacher):
         grams = [gram] if isinstance(gram, torch.Tensor) else gram
         if grams is not None and len(grams) != len(blocks):
             raise TeacherError(f"EASE.fit: {len(grams)} Gram block(s) for the {len(blocks)} item block(s) of {split.data.name}")
-        teacher = cls(split.data.num_items, split.data.fingerprint, name, l2=l2)
+        teacher = cls(split.data.num_items, split.data.fingerprint, name, l2=l2, recent=recent)
         if len(blocks) == 1:
             teacher.B = ease_weights(grams[0] if grams else gram_matrix(split), l2)  # no C x C copy
         else:
@@ -125,7 +142,8 @@ class EASE(Teacher):
 
     @classmethod
     def fit_select(cls, split: LeaveOneOutSplit, grid: Sequence[float] = DEFAULT_L2_GRID,
-                   evaluate_fn: Callable[["EASE"], float] | None = None, name: str | None = None) -> "EASE":
+                   evaluate_fn: Callable[["EASE"], float] | None = None, name: str | None = None,
+                   recent: int | None = None) -> "EASE":
         """Fit one EASE per ``l2`` in ``grid`` and keep the best by ``evaluate_fn`` (default: full-ranking
         validation NDCG@10). The Gram matrix is computed once. ``info['l2_grid']`` records every score."""
         if not grid:
@@ -134,13 +152,14 @@ class EASE(Teacher):
             from prmkd_dist.train.evaluate import evaluate
 
             def evaluate_fn(t: EASE) -> float:
-                return evaluate(t, split, "valid", ks=(10,), max_len=_longest_history(split), progress=False)["NDCG@10"]
+                return evaluate(t, split, "valid", ks=(10,), max_len=t.recent or _longest_history(split),
+                                progress=False)["NDCG@10"]
 
         t0 = time.perf_counter()
         gram = [gram_matrix(split, block) for block in item_blocks(split)]
         best, best_score, scores = None, -np.inf, {}
         for l2 in grid:
-            teacher = cls.fit(split, l2, name, gram=gram)
+            teacher = cls.fit(split, l2, name, gram=gram, recent=recent)
             scores[str(float(l2))] = s = float(evaluate_fn(teacher))
             if s > best_score:
                 best, best_score = teacher, s

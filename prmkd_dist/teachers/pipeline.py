@@ -7,7 +7,8 @@ Teacher configs (``prmkd_dist/configs/teachers/<kind>-<ml|games>.yaml``)::
     name: id-transformer          # teacher name = shard column prefix (letters, digits, _ -)
     kind: id_transformer          # unisrec | id_transformer | ease
     dataset: ml-latest-small      # for `teachers train`; the pipeline passes its own dataset
-    hparams: {dim: 256, ...}      # constructor keywords (ease: l2, or l2_grid to pick the best on validation)
+    hparams: {dim: 256, ...}      # constructor keywords (ease: l2, or l2_grid to pick the best on validation;
+                                  #   recent: N reads only the N most recent items)
     train: {lr: 1.0e-3, ...}      # fit_teacher keywords (neural teachers only)
     export: {k: 50, max_history: 200, batch_size: 512}
     fast: {hparams: {...}, train: {...}, export: {...}}   # overrides for --fast (a smoke run)
@@ -136,10 +137,11 @@ def train_teacher(cfg: TeacherConfig, split: LeaveOneOutSplit, progress: bool = 
         if cfg.kind == "ease":
             hp = dict(cfg.hparams)
             grid = hp.pop("l2_grid", None)
+            recent = hp.pop("recent", None)
             if set(hp) - {"l2"}:
-                raise TeacherConfigError(f"{cfg.source}: EASE hparams are l2 or l2_grid, got {sorted(cfg.hparams)}")
-            teacher = (EASE.fit_select(split, grid=grid, name=cfg.name) if grid
-                       else EASE.fit(split, l2=float(hp.get("l2", 500.0)), name=cfg.name))
+                raise TeacherConfigError(f"{cfg.source}: EASE hparams are l2 or l2_grid, and recent; got {sorted(cfg.hparams)}")
+            teacher = (EASE.fit_select(split, grid=grid, name=cfg.name, recent=recent) if grid
+                       else EASE.fit(split, l2=float(hp.get("l2", 500.0)), name=cfg.name, recent=recent))
         else:
             cls = UniSRecTeacher if cfg.kind == "unisrec" else IDTransformerTeacher
             teacher = cls.from_data(data, name=cfg.name, **cfg.hparams)

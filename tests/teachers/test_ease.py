@@ -83,3 +83,23 @@ def test_fit_select_keeps_best_and_round_trips(tmp_path):
     assert torch.equal(loaded.score(h), best.score(h))
     with pytest.raises(TeacherError, match="l2 must be > 0"):
         EASE.fit(split, l2=0.0)
+
+
+def test_recent_reads_the_last_positions_and_round_trips(tmp_path):
+    split = tiny_split()
+    teacher = EASE.fit(split, l2=1.0, recent=2)
+    b = numpy_ease(1.0)
+    history = torch.tensor([[PAD_ID, 0, 3, 5], [1, 4, 2, 2], [PAD_ID, PAD_ID, PAD_ID, 4]])
+    expected = np.stack([b[3] + b[5], b[2], b[4]])  # the last two positions; a repeat counts once
+    np.testing.assert_allclose(teacher.score(history).numpy(), expected, rtol=1e-4, atol=1e-5)
+    ids, _ = teacher.topk(history, 2)
+    assert 0 not in ids[0].tolist()  # read or not, a seen item is no candidate
+    assert teacher.max_len == 2 and teacher.config() == {"l2": 1.0, "recent": 2}
+    teacher.save(tmp_path / "e")
+    loaded = load_teacher(tmp_path / "e", fingerprint=split.data.fingerprint)
+    assert loaded.recent == 2 and torch.equal(loaded.score(history), teacher.score(history))
+    with pytest.raises(TeacherError, match="not additive"):
+        teacher.additive_rows()
+    for bad in (0, -3, 2.5, True):
+        with pytest.raises(TeacherError, match="recent must be a positive int"):
+            EASE(6, split.data.fingerprint, recent=bad)

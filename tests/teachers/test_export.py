@@ -297,21 +297,56 @@ def test_cli_export_in_process(tiny, tmp_path, capsys):
     assert rc == 2 and "fingerprint" in capsys.readouterr().err
 
 
+def _repeats_split(tiny) -> LeaveOneOutSplit:
+    """Three real users over a compact catalog (EASE's C x C inverse stays cheap), the third re-watching two
+    items (MovieLens has no repeats)."""
+    seqs = [tiny.train_sequence(u).tolist() for u in range(3)]
+    seqs[2] = seqs[2][:6] + [seqs[2][1], seqs[2][3]] + seqs[2][6:]
+    items, compact = np.unique(np.concatenate(seqs), return_inverse=True)
+    cuts = np.cumsum([len(x) for x in seqs])[:-1]
+    seqs = [c.tolist() for c in np.split(compact, cuts)]
+    data = InteractionData.from_sequences([x + [0, 1] for x in seqs], len(items), name="rep")
+    split = LeaveOneOutSplit.of(data)
+    assert split.train_sequence(2)[6] == split.train_sequence(2)[1]
+    return split
+
+
+def test_recent_ease_export_scores_the_last_items_and_merges(tiny, tmp_path):
+    """EASE reading its last 3 items: every listed id carries sum(B rows of the distinct items among the
+    prefix's last 3 positions), no item of the whole prefix is listed (the target excepted), the shard history
+    is the usual max_history, so it merges with a whole-history EASE export of the same examples."""
+    from prmkd_dist.teachers import EASE
+
+    split = _repeats_split(tiny)
+    recent = EASE.fit(split, l2=5.0, recent=3, name="ease3")
+    whole = EASE.fit(split, l2=5.0)
+    b = recent.B.numpy().astype(np.float64)
+    a = export_teacher_shards(recent, split, tmp_path / "recent", name="ease3", k=15, progress=False, embeddings=False,
+                              max_history=200, batch_size=11)
+    table = read_all(a["out_dir"])
+    checked = 0
+    for key, hist, ids_, sc in zip(table.column("example_key").to_pylist(), lists(table, "history"),
+                                   lists(table, "teacher.ease3.ids"), lists(table, "teacher.ease3.scores")):
+        prefix = hist[hist != PAD_ID]
+        target = split.train_items[key]
+        expected = b[np.unique(prefix[-3:])].sum(axis=0) if len(prefix) else np.zeros(split.data.num_items)
+        assert np.allclose(expected[ids_], sc, rtol=1e-4, atol=1e-4)
+        assert not (set(ids_.tolist()) & set(prefix.tolist())) - {int(target)}
+        checked += len(prefix) > 3  # the shard keeps more history than the teacher read
+    assert checked > 20
+    w = export_teacher_shards(whole, split, tmp_path / "whole", name="ease", k=15, progress=False, embeddings=False,
+                              max_history=200, batch_size=11)
+    merge_teacher_shards([w["out_dir"], a["out_dir"]], str(tmp_path / "merged"))
+    assert list(ShardSet.open(str(tmp_path / "merged")).meta.teacher_names) == ["ease", "ease3"]
+
+
 def test_prefix_additive_export_equals_direct_scoring(tiny, tmp_path):
     """EASE's incremental prefix scores (one row per step along a user's prefixes) equal its direct scores,
     with repeated items counted once, batches cutting users anywhere, and the whole exported shards equal."""
     from prmkd_dist.teachers import EASE
     from prmkd_dist.teachers.export import _history_scores, _prefix_additive_scores, example_index, first_occurrences
 
-    # a real user with items repeated in the prefix (MovieLens has none): the 3rd user re-watches twice
-    seqs = [tiny.train_sequence(u).tolist() for u in range(3)]
-    seqs[2] = seqs[2][:6] + [seqs[2][1], seqs[2][3]] + seqs[2][6:]
-    # their items renumbered 0..n-1: a small catalog keeps EASE's C x C inverse cheap
-    items, compact = np.unique(np.concatenate(seqs), return_inverse=True)
-    cuts = np.cumsum([len(x) for x in seqs])[:-1]
-    seqs = [c.tolist() for c in np.split(compact, cuts)]
-    data = InteractionData.from_sequences([x + [0, 1] for x in seqs], len(items), name="rep")
-    split = LeaveOneOutSplit.of(data)
+    split = _repeats_split(tiny)
     teacher = EASE.fit(split, l2=5.0)
     keys, users, starts, _ = example_index(split)
     first = first_occurrences(split)
