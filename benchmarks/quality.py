@@ -119,13 +119,12 @@ def main(argv: list[str] | None = None) -> int:
         plan = {k: v for k, v in plan.items() if k in args.only or k == BASELINE}
     out_root = Path(args.run_dir) / Path(args.out).stem
     results: dict[str, dict] = {}
+    seeds = list(range(args.first_seed, args.first_seed + args.seeds))
     if args.baseline_from:
-        results[BASELINE] = earlier_baseline(args.baseline_from, split.data.name, base,
-                                             list(range(args.first_seed, args.first_seed + args.seeds)))
+        results[BASELINE] = earlier_baseline(args.baseline_from, split.data.name, base, seeds)
         plan.pop(BASELINE)
     done = (finished_runs(args.out, split.data.name, base, shards, embeddings, args.set)
             if args.resume and Path(args.out).exists() else {})
-    seeds = list(range(args.first_seed, args.first_seed + args.seeds))
     for name, overrides in plan.items():
         def train_one(seed: int, name=name, overrides=overrides) -> dict:
             run_dir = out_root / name.replace(" ", "_").replace(",", "").replace("+", "plus") / f"seed{seed}"

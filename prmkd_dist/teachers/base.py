@@ -42,6 +42,7 @@ import json
 import os
 from typing import Any, Iterator
 
+import numpy as np
 import torch
 from safetensors.torch import load_model, save_model
 from torch import nn
@@ -87,6 +88,12 @@ def check_history(history: torch.Tensor, num_items: int, who: str = "history") -
         raise TeacherError(
             f"{who}: row {row}, position {col} holds id {int(history[row, col])}; expected 0..{num_items - 1} or PAD_ID={PAD_ID}"
         )
+
+
+def eval_history_len(teacher, split) -> int:
+    """History length to evaluate ``teacher`` on ``split`` with: its own ``max_len``, else the longest test input
+    (a whole-history teacher such as EASE: the training prefix + the validation item)."""
+    return int(getattr(teacher, "max_len", None) or np.diff(split.train_offsets).max() + 1)
 
 
 class Teacher(nn.Module, abc.ABC):

@@ -23,7 +23,7 @@ import torch.nn.functional as F
 
 from prmkd_dist.constants import PAD_ID
 from prmkd_dist.data.dataset import LeaveOneOutSplit
-from prmkd_dist.teachers.base import Teacher, TeacherError, register_teacher
+from prmkd_dist.teachers.base import Teacher, TeacherError, eval_history_len, register_teacher
 
 DEFAULT_L2_GRID = (10.0, 30.0, 100.0, 300.0, 1000.0)  # ml-latest-small picks 30-50 (see report)
 
@@ -152,8 +152,7 @@ class EASE(Teacher):
             from prmkd_dist.train.evaluate import evaluate
 
             def evaluate_fn(t: EASE) -> float:
-                return evaluate(t, split, "valid", ks=(10,), max_len=t.recent or _longest_history(split),
-                                progress=False)["NDCG@10"]
+                return evaluate(t, split, "valid", ks=(10,), max_len=eval_history_len(t, split), progress=False)["NDCG@10"]
 
         t0 = time.perf_counter()
         gram = [gram_matrix(split, block) for block in item_blocks(split)]
@@ -168,7 +167,3 @@ class EASE(Teacher):
         best.info.update({"l2_grid": scores, "valid_NDCG@10": best_score, "fit_seconds": time.perf_counter() - t0})
         return best
 
-
-def _longest_history(split: LeaveOneOutSplit) -> int:
-    """EASE uses the whole history: evaluate it with the longest test input (+1 for the validation item)."""
-    return int(np.diff(split.train_offsets).max()) + 1

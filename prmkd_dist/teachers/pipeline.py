@@ -37,7 +37,7 @@ from prmkd_dist.data.dataset import LeaveOneOutSplit, left_pad
 from prmkd_dist.data.merge import merge_teacher_shards
 from prmkd_dist.data.paths import artifacts_root
 from prmkd_dist.data.shards import validate_shards
-from prmkd_dist.teachers.base import Teacher, TeacherError, load_teacher
+from prmkd_dist.teachers.base import Teacher, TeacherError, eval_history_len, load_teacher
 
 CONFIG_DIR = Path(__file__).resolve().parents[1] / "configs" / "teachers"
 KINDS = ("unisrec", "id_transformer", "ease")
@@ -140,8 +140,11 @@ def train_teacher(cfg: TeacherConfig, split: LeaveOneOutSplit, progress: bool = 
             recent = hp.pop("recent", None)
             if set(hp) - {"l2"}:
                 raise TeacherConfigError(f"{cfg.source}: EASE hparams are l2 or l2_grid, and recent; got {sorted(cfg.hparams)}")
-            teacher = (EASE.fit_select(split, grid=grid, name=cfg.name, recent=recent) if grid
-                       else EASE.fit(split, l2=float(hp.get("l2", 500.0)), name=cfg.name, recent=recent))
+            try:
+                teacher = (EASE.fit_select(split, grid=grid, name=cfg.name, recent=recent) if grid
+                           else EASE.fit(split, l2=float(hp.get("l2", 500.0)), name=cfg.name, recent=recent))
+            except TeacherError as e:  # a closed form fails only on its hparams (l2 <= 0, recent, empty grid)
+                raise TeacherConfigError(f"{cfg.source}: {e}") from None
         else:
             cls = UniSRecTeacher if cfg.kind == "unisrec" else IDTransformerTeacher
             teacher = cls.from_data(data, name=cfg.name, **cfg.hparams)
@@ -155,18 +158,13 @@ def train_teacher(cfg: TeacherConfig, split: LeaveOneOutSplit, progress: bool = 
 
 
 # ---- measure ----------------------------------------------------------------------------------------
-def _eval_len(teacher, split: LeaveOneOutSplit) -> int:
-    """History length to evaluate with: the teacher's own max_len, else the longest test input."""
-    return int(getattr(teacher, "max_len", None) or np.diff(split.train_offsets).max() + 1)
-
-
 def inference_ms_per_1k_users(teacher, split: LeaveOneOutSplit, users: int = 1024, batch_size: int = 256,
                               k: int = 10) -> float:
     """Wall milliseconds to score the catalog and take the top-``k`` for 1,000 users' validation
     histories (batches of ``batch_size``, after one warm-up batch), at the current torch thread count."""
     ids = split.eval_users("valid")
     ids = np.resize(ids, users) if len(ids) else ids  # small datasets: repeat users to fill the sample
-    hist = torch.from_numpy(left_pad([split.history(u, "valid") for u in ids], _eval_len(teacher, split)))
+    hist = torch.from_numpy(left_pad([split.history(u, "valid") for u in ids], eval_history_len(teacher, split)))
     module = teacher if isinstance(teacher, torch.nn.Module) else None
     was_training = module.training if module is not None else False
     if module is not None:
@@ -189,7 +187,7 @@ def measure_teacher(teacher, split: LeaveOneOutSplit, progress: bool = False, co
     inference cost measured on ``cost_users`` validation histories."""
     from prmkd_dist.train.evaluate import evaluate
 
-    kw = dict(ks=(10, 20), max_len=_eval_len(teacher, split), batch_size=256, progress=progress)
+    kw = dict(ks=(10, 20), max_len=eval_history_len(teacher, split), batch_size=256, progress=progress)
     params = teacher.num_parameters() if hasattr(teacher, "num_parameters") else sum(
         t.numel() for t in teacher.state_dict().values())
     return {"valid": evaluate(teacher, split, "valid", **kw), "test": evaluate(teacher, split, "test", **kw),

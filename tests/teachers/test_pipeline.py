@@ -64,6 +64,17 @@ def test_config_errors(tmp_path):
         load_teacher_config("no-such-teacher")
 
 
+def test_bad_ease_hparams_name_the_config(tmp_path, ml_small_split):
+    from prmkd_dist.teachers.pipeline import train_teacher
+
+    bad = tmp_path / "ease-bad.yaml"
+    for hparams, message in (("{l2: 50.0, recent: 0}", "recent must be a positive int"),
+                             ("{l2: -1.0}", "l2 must be > 0")):
+        bad.write_text(f"name: ease\nkind: ease\ndataset: ml-latest-small\nhparams: {hparams}\n")
+        with pytest.raises(TeacherConfigError, match=f"ease-bad.yaml: .*{message}"):
+            train_teacher(load_teacher_config(bad), ml_small_split)
+
+
 def test_pipeline_fast_three_teachers(tiny_dir, tmp_path, capsys):
     from prmkd_dist.cli import main
 
