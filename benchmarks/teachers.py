@@ -44,6 +44,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--patience", type=int, default=5)
     p.add_argument("--eval-every", type=int, default=2)
     p.add_argument("--threads", type=int, default=0)
+    p.add_argument("--seed", type=int, default=0, help="initial weights and training")
     args = p.parse_args(argv)
 
     data, split = load_split(args.dataset)
@@ -56,12 +57,12 @@ def main(argv: list[str] | None = None) -> int:
     else:
         common = dict(dim=args.dim, num_layers=args.layers, num_heads=args.heads, max_len=args.max_len, dropout=args.dropout)
         if args.kind == "id-transformer":
-            teacher = IDTransformerTeacher.from_data(data, name=name, **common)
+            teacher = IDTransformerTeacher.from_data(data, name=name, seed=args.seed, **common)
         else:
-            teacher = UniSRecTeacher.from_data(data, name=name, num_experts=args.experts,
+            teacher = UniSRecTeacher.from_data(data, name=name, seed=args.seed, num_experts=args.experts,
                                                use_id_embedding=not args.no_id, **common)
         fit_teacher(teacher, split, lr=args.lr, batch_size=args.batch_size, epochs=args.epochs, patience=args.patience,
-                    eval_every=args.eval_every, num_threads=args.threads, progress=False)
+                    eval_every=args.eval_every, num_threads=args.threads, seed=args.seed, progress=False)
     seconds = time.perf_counter() - t0
     teacher.save(out)
     row = {"dataset": data.name, "teacher": name, "kind": args.kind, "parameters": teacher.num_parameters(),

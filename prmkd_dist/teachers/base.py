@@ -96,6 +96,15 @@ def eval_history_len(teacher, split) -> int:
     return int(getattr(teacher, "max_len", None) or np.diff(split.train_offsets).max() + 1)
 
 
+def seed_init(seed: int | None) -> None:
+    """Seed torch's RNG (when ``seed`` is given) right before a teacher's network is built. Without it the
+    initial weights depend on whatever drew from the RNG earlier in the process: another teacher's training
+    in the pipeline, or the text encoder on a text-cache miss but not on a hit, so the same config trained
+    alone and inside the pipeline (or twice) started from different weights."""
+    if seed is not None:
+        torch.manual_seed(int(seed))
+
+
 class Teacher(nn.Module, abc.ABC):
     """Base class of every teacher. Subclasses set ``kind`` and implement ``score`` and ``config``."""
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from prmkd_dist.data.dataset import InteractionData
 from prmkd_dist.models.sasrec import SASRec
-from prmkd_dist.teachers.base import SequentialModelTeacher, register_teacher
+from prmkd_dist.teachers.base import SequentialModelTeacher, register_teacher, seed_init
 
 
 @register_teacher
@@ -26,6 +26,9 @@ class IDTransformerTeacher(SequentialModelTeacher):
         return dict(self.model.hparams)
 
     @classmethod
-    def from_data(cls, data: InteractionData, name: str | None = None, **hparams) -> "IDTransformerTeacher":
-        """A fresh (untrained) teacher over ``data``'s items."""
+    def from_data(cls, data: InteractionData, name: str | None = None, seed: int | None = None,
+                  **hparams) -> "IDTransformerTeacher":
+        """A fresh (untrained) teacher over ``data``'s items; ``seed`` (if given) seeds torch's RNG right
+        before the network is built, so its initial weights depend on the seed alone (see ``seed_init``)."""
+        seed_init(seed)
         return cls(data.num_items, data.fingerprint, name, **hparams)

@@ -147,7 +147,8 @@ def train_teacher(cfg: TeacherConfig, split: LeaveOneOutSplit, progress: bool = 
                 raise TeacherConfigError(f"{cfg.source}: {e}") from None
         else:
             cls = UniSRecTeacher if cfg.kind == "unisrec" else IDTransformerTeacher
-            teacher = cls.from_data(data, name=cfg.name, **cfg.hparams)
+            # the train seed also fixes the initial weights (fit_teacher seeds only the training that follows)
+            teacher = cls.from_data(data, name=cfg.name, seed=int(cfg.train.get("seed", 0)), **cfg.hparams)
             fit_teacher(teacher, split, progress=progress, out_dir=work_dir, **cfg.train)
     except TypeError as e:  # an hparam the constructor does not take
         raise TeacherConfigError(f"{cfg.source}: {e}") from None

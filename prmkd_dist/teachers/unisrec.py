@@ -20,7 +20,7 @@ from prmkd_dist.constants import PAD_ID
 from prmkd_dist.data.dataset import InteractionData
 from prmkd_dist.models.base import lookup_padded
 from prmkd_dist.models.sasrec import SASRec
-from prmkd_dist.teachers.base import SequentialModelTeacher, TeacherError, register_teacher
+from prmkd_dist.teachers.base import SequentialModelTeacher, TeacherError, register_teacher, seed_init
 from prmkd_dist.teachers.text_encoder import DEFAULT_MODEL, EMBEDDING_DIM, item_text_embeddings
 
 
@@ -133,9 +133,11 @@ class UniSRecTeacher(SequentialModelTeacher):
 
     @classmethod
     def from_data(cls, data: InteractionData, text_embeddings: torch.Tensor | None = None, name: str | None = None,
-                  allow_missing_text: bool = False, cache_dir: str | None = None, **hparams) -> "UniSRecTeacher":
+                  allow_missing_text: bool = False, cache_dir: str | None = None, seed: int | None = None,
+                  **hparams) -> "UniSRecTeacher":
         """A fresh (untrained) teacher over ``data``'s items, with their text embedded by ``text_model``
-        (or the given ``text_embeddings`` [C, text_dim])."""
+        (or the given ``text_embeddings`` [C, text_dim]); ``seed`` (if given) seeds torch's RNG after the text
+        is embedded and right before the network is built (see ``seed_init``)."""
         if text_embeddings is None:
             text_embeddings = item_text_embeddings(data, model=hparams.get("text_model", DEFAULT_MODEL),
                                                    cache_dir=cache_dir, allow_missing=allow_missing_text)
@@ -143,6 +145,7 @@ class UniSRecTeacher(SequentialModelTeacher):
             raise TeacherError(f"UniSRec: {text_embeddings.shape[0]} text embeddings for {data.num_items} items of {data.name!r}")
         if hparams.setdefault("text_dim", int(text_embeddings.shape[1])) != text_embeddings.shape[1]:
             raise TeacherError(f"UniSRec: text_dim={hparams['text_dim']} but the text embeddings are {text_embeddings.shape[1]}-d")
+        seed_init(seed)
         teacher = cls(data.num_items, data.fingerprint, name, **hparams)
         teacher.model.text_emb.copy_(text_embeddings)
         return teacher

@@ -134,3 +134,29 @@ def test_cli_train_one_teacher(tiny_dir, tmp_path, capsys):
     assert teacher.info["pipeline_config"]["kind"] == "id_transformer" and teacher.info["epochs_run"] == 1
     rc = main(["teachers", "train", "--config", str(tmp_path / "missing.yaml"), "--no-progress"])
     assert rc == 2 and "no such teacher config" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("config", ["id_transformer-ml", "unisrec-ml"])
+def test_initial_weights_depend_on_the_train_seed_alone(config, tiny_dir, monkeypatch):
+    """The same config starts from the same weights whatever drew from torch's RNG before (another teacher's
+    training in the pipeline, a text-cache miss), and from other weights with another seed."""
+    import dataclasses
+
+    import torch
+
+    from prmkd_dist.data.prepare import load_split
+    from prmkd_dist.teachers import pipeline, training
+
+    monkeypatch.setattr(training, "fit_teacher", lambda *a, **k: None)  # the built network, untrained
+    _, split = load_split(str(tiny_dir))
+    cfg = load_teacher_config(config, fast=True)
+
+    def initial_weights(draws: int, seed: int = 0) -> dict:
+        torch.rand(draws)  # what ran earlier in the process
+        c = dataclasses.replace(cfg, train={**cfg.train, "seed": seed})
+        return {k: v.clone() for k, v in pipeline.train_teacher(c, split).state_dict().items()}
+
+    first, second, other = initial_weights(1), initial_weights(1000), initial_weights(1, seed=1)
+    assert first.keys() == second.keys()
+    assert all(torch.equal(first[k], second[k]) for k in first)
+    assert not all(torch.equal(first[k], other[k]) for k in first)
