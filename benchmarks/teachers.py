@@ -1,6 +1,7 @@
 """Train (or fit) one built-in teacher on a dataset and report validation/test metrics and timings.
 
     .venv/bin/python benchmarks/teachers.py ease --dataset ml-latest-small
+    .venv/bin/python benchmarks/teachers.py transition --dataset amazon-games --window 10 --decay 2 --l2-grid 50 200
     .venv/bin/python benchmarks/teachers.py id-transformer --dataset ml-latest-small --dim 256 --layers 4
     .venv/bin/python benchmarks/teachers.py unisrec --dataset ml-latest-small --dim 256 --layers 2
 
@@ -19,7 +20,7 @@ import torch
 
 from prmkd_dist.data.paths import artifacts_root
 from prmkd_dist.data.prepare import load_split
-from prmkd_dist.teachers import EASE, IDTransformerTeacher, UniSRecTeacher
+from prmkd_dist.teachers import EASE, IDTransformerTeacher, ItemTransition, UniSRecTeacher
 from prmkd_dist.teachers.ease import DEFAULT_L2_GRID
 from prmkd_dist.teachers.training import fit_teacher
 from prmkd_dist.train.evaluate import evaluate
@@ -27,10 +28,12 @@ from prmkd_dist.train.evaluate import evaluate
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("kind", choices=["ease", "id-transformer", "unisrec"])
+    p.add_argument("kind", choices=["ease", "transition", "id-transformer", "unisrec"])
     p.add_argument("--dataset", default="ml-latest-small")
     p.add_argument("--name", default=None, help="output name (default: the kind)")
-    p.add_argument("--l2-grid", type=float, nargs="+", default=None, help="default: EASE DEFAULT_L2_GRID")
+    p.add_argument("--l2-grid", type=float, nargs="+", default=None, help="EASE/transition (default: EASE DEFAULT_L2_GRID)")
+    p.add_argument("--window", type=int, default=10, help="transition: previous items a position reads")
+    p.add_argument("--decay", type=float, default=2.0, help="transition: positions over which a weight falls by e")
     p.add_argument("--dim", type=int, default=256)
     p.add_argument("--layers", type=int, default=4)
     p.add_argument("--heads", type=int, default=4)
@@ -54,6 +57,10 @@ def main(argv: list[str] | None = None) -> int:
     if args.kind == "ease":
         teacher = EASE.fit_select(split, grid=args.l2_grid or DEFAULT_L2_GRID, name=name)
         teacher.info["test"] = evaluate(teacher, split, "test", ks=(10, 20), max_len=int(data.lengths().max()), progress=False)
+    elif args.kind == "transition":
+        teacher = ItemTransition.fit_select(split, grid=args.l2_grid or DEFAULT_L2_GRID, window=args.window,
+                                            decay=args.decay, name=name)
+        teacher.info["test"] = evaluate(teacher, split, "test", ks=(10, 20), max_len=teacher.max_len, progress=False)
     else:
         common = dict(dim=args.dim, num_layers=args.layers, num_heads=args.heads, max_len=args.max_len, dropout=args.dropout)
         if args.kind == "id-transformer":

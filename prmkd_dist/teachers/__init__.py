@@ -2,6 +2,7 @@
 built-in heterogeneous teachers:
 
 - ``EASE``: closed-form item-item linear autoencoder (Steck 2019);
+- ``ItemTransition``: closed-form item -> next-item ridge regression over a decayed recent window (SLIT of SLIST);
 - ``IDTransformerTeacher``: a large ID-based SASRec (several times the student's width and depth);
 - ``UniSRecTeacher``: text-based (frozen MiniLM item-text embeddings + MoE adaptor + transformer).
 
@@ -18,6 +19,7 @@ from prmkd_dist.teachers.base import (
 )
 from prmkd_dist.teachers.ease import EASE
 from prmkd_dist.teachers.id_transformer import IDTransformerTeacher
+from prmkd_dist.teachers.transition import ItemTransition
 from prmkd_dist.teachers.unisrec import UniSRecTeacher
 
 __all__ = [
@@ -25,6 +27,7 @@ __all__ = [
     "EASE",
     "FingerprintMismatchError",
     "IDTransformerTeacher",
+    "ItemTransition",
     "SequentialModelTeacher",
     "Teacher",
     "TeacherError",

@@ -8,11 +8,11 @@ import json
 import numpy as np
 import pytest
 
-from prmkd_dist.data.dataset import InteractionData
+from prmkd_dist.data.dataset import InteractionData, LeaveOneOutSplit
 from prmkd_dist.data.loader import TeacherShardDataset
 from prmkd_dist.data.shards import ShardSet
-from prmkd_dist.teachers.pipeline import (CONFIG_DIR, DATASET_TEACHERS, TeacherConfigError, load_teacher_config,
-                                          run_teacher_pipeline)
+from prmkd_dist.teachers.pipeline import (CONFIG_DIR, DATASET_TEACHERS, EXTRA_TEACHERS, TeacherConfigError,
+                                          load_teacher_config, run_teacher_pipeline)
 
 ML_TEACHERS = list(DATASET_TEACHERS["ml-latest-small"])
 
@@ -38,13 +38,13 @@ def tiny_dir(ml_small, tmp_path_factory):
 
 
 def test_builtin_configs_load():
-    for name in [*DATASET_TEACHERS["ml-latest-small"], *DATASET_TEACHERS["amazon-games"]]:
+    packaged = [name for sets in (DATASET_TEACHERS, EXTRA_TEACHERS) for names in sets.values() for name in names]
+    for name in packaged:
         for fast in (False, True):
             cfg = load_teacher_config(name, fast=fast)
             assert name.startswith(cfg.kind) and cfg.dataset in ("ml-latest-small", "amazon-games")
             assert cfg.export["k"] >= 1
-    assert sorted(p.stem for p in CONFIG_DIR.glob("*.yaml")) == sorted(
-        [*DATASET_TEACHERS["ml-latest-small"], *DATASET_TEACHERS["amazon-games"]])
+    assert sorted(p.stem for p in CONFIG_DIR.glob("*.yaml")) == sorted(packaged)
     full, fast = load_teacher_config("id_transformer-ml"), load_teacher_config("id_transformer-ml", fast=True)
     assert full.hparams["dim"] == 256 and fast.hparams["dim"] == 16 and fast.hparams["dropout"] == full.hparams["dropout"]
 
@@ -69,7 +69,8 @@ def test_bad_ease_hparams_name_the_config(tmp_path, ml_small_split):
 
     bad = tmp_path / "ease-bad.yaml"
     for hparams, message in (("{l2: 50.0, recent: 0}", "recent must be a positive int"),
-                             ("{l2: -1.0}", "l2 must be > 0")):
+                             ("{l2: -1.0}", "l2 must be > 0"),
+                             ("{l2: 50.0, l2_grid: [10.0, 50.0]}", "both l2 and l2_grid")):
         bad.write_text(f"name: ease\nkind: ease\ndataset: ml-latest-small\nhparams: {hparams}\n")
         with pytest.raises(TeacherConfigError, match=f"ease-bad.yaml: .*{message}"):
             train_teacher(load_teacher_config(bad), ml_small_split)
@@ -160,3 +161,34 @@ def test_initial_weights_depend_on_the_train_seed_alone(config, tiny_dir, monkey
     assert first.keys() == second.keys()
     assert all(torch.equal(first[k], second[k]) for k in first)
     assert not all(torch.equal(first[k], other[k]) for k in first)
+
+
+def test_pipeline_with_the_transition_teacher(tiny_dir, tmp_path, capsys):
+    """The closed-form transition teacher through the pipeline's train, export and merge (its config's fast form),
+    next to EASE; and its bad hparams are refused naming the config."""
+    from prmkd_dist.cli import main
+    from prmkd_dist.teachers import ItemTransition, load_teacher
+    from prmkd_dist.teachers.pipeline import train_teacher
+
+    out = tmp_path / "teachers"
+    report = run_teacher_pipeline(str(tiny_dir), out, fast=True, teachers=["transition-ml", "ease-ml"], progress=False,
+                                  log=lambda *_: None)
+    assert list(report["teachers"]) == ["transition", "ease"]
+    t = report["teachers"]["transition"]
+    assert t["how"] == "trained" and t["score_semantics"] == "similarity" and t["export"]["num_rows"] == report["shards"]["rows"]
+    teacher = load_teacher(out / "models" / "transition")
+    assert type(teacher) is ItemTransition and teacher.config() == {"l2": 200.0, "window": 10, "decay": 2.0}
+    data = InteractionData.load(str(tiny_dir))
+    meta = ShardSet.open(str(out / "shards"), item_fingerprint=data.fingerprint).meta
+    assert meta.teacher_names == ("transition", "ease")
+
+    bad = tmp_path / "transition-bad.yaml"
+    for hparams, message in (("{l2: 50.0, window: 0}", "window must be a positive int"),
+                             ("{l2: 50.0, lags: 3}", "transition hparams are l2 or l2_grid, window and decay"),
+                             ("{l2: 50.0, l2_grid: [10.0]}", "both l2 and l2_grid")):
+        bad.write_text(f"name: t\nkind: transition\ndataset: ml-latest-small\nhparams: {hparams}\n")
+        with pytest.raises(TeacherConfigError, match=f"transition-bad.yaml: .*{message}"):
+            train_teacher(load_teacher_config(bad), LeaveOneOutSplit.of(data))
+    bad.write_text("name: t\nkind: transition\ndataset: d\ntrain: {epochs: 3}\n")
+    with pytest.raises(TeacherConfigError, match="transition has a closed form"):
+        load_teacher_config(bad)
