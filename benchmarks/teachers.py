@@ -2,6 +2,7 @@
 
     .venv/bin/python benchmarks/teachers.py ease --dataset ml-latest-small
     .venv/bin/python benchmarks/teachers.py transition --dataset amazon-games --window 10 --decay 2 --l2-grid 50 200
+    .venv/bin/python benchmarks/teachers.py transition --dataset amazon-games --alpha 0.5 --l2-grid 200   # SLIST
     .venv/bin/python benchmarks/teachers.py id-transformer --dataset ml-latest-small --dim 256 --layers 4
     .venv/bin/python benchmarks/teachers.py unisrec --dataset ml-latest-small --dim 256 --layers 2
 
@@ -34,6 +35,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--l2-grid", type=float, nargs="+", default=None, help="EASE/transition (default: EASE DEFAULT_L2_GRID)")
     p.add_argument("--window", type=int, default=10, help="transition: previous items a position reads")
     p.add_argument("--decay", type=float, default=2.0, help="transition: positions over which a weight falls by e")
+    p.add_argument("--alpha", type=float, default=0.0, help="transition: weight of SLIST's SLIS half (0 = SLIT)")
     p.add_argument("--dim", type=int, default=256)
     p.add_argument("--layers", type=int, default=4)
     p.add_argument("--heads", type=int, default=4)
@@ -59,7 +61,7 @@ def main(argv: list[str] | None = None) -> int:
         teacher.info["test"] = evaluate(teacher, split, "test", ks=(10, 20), max_len=int(data.lengths().max()), progress=False)
     elif args.kind == "transition":
         teacher = ItemTransition.fit_select(split, grid=args.l2_grid or DEFAULT_L2_GRID, window=args.window,
-                                            decay=args.decay, name=name)
+                                            decay=args.decay, name=name, alpha=args.alpha)
         teacher.info["test"] = evaluate(teacher, split, "test", ks=(10, 20), max_len=teacher.max_len, progress=False)
     else:
         common = dict(dim=args.dim, num_layers=args.layers, num_heads=args.heads, max_len=args.max_len, dropout=args.dropout)

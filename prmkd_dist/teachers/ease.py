@@ -37,9 +37,9 @@ def item_blocks(split: LeaveOneOutSplit) -> list[tuple[int, int]]:
     return [(0, split.data.num_items)]
 
 
-def gram_matrix(split: LeaveOneOutSplit, items: tuple[int, int] | None = None) -> torch.Tensor:
-    """G = X^T X float32 of the binary training matrix (duplicates in a sequence count once), over the items
-    [lo, hi) of ``items`` ([C, C] for the whole catalog, the default)."""
+def user_item_matrix(split: LeaveOneOutSplit, items: tuple[int, int] | None = None):
+    """X: scipy CSR float32 [U, hi - lo], the binary training user-item matrix over the items [lo, hi) of ``items``
+    (default: the catalog); a re-consumed item is still one interaction."""
     from scipy import sparse
 
     lo, hi = items if items is not None else (0, split.data.num_items)
@@ -48,7 +48,14 @@ def gram_matrix(split: LeaveOneOutSplit, items: tuple[int, int] | None = None) -
     x = sparse.csr_matrix((np.ones(int(keep.sum()), np.float32), (rows[keep], split.train_items[keep] - lo)),
                           shape=(split.data.num_users, hi - lo))
     x.sum_duplicates()
-    x.data[:] = 1.0  # binary: a re-consumed item is still one interaction for EASE
+    x.data[:] = 1.0
+    return x
+
+
+def gram_matrix(split: LeaveOneOutSplit, items: tuple[int, int] | None = None) -> torch.Tensor:
+    """G = X^T X float32 of the binary training matrix (``user_item_matrix``), dense [hi - lo, hi - lo] over the
+    items of ``items`` ([C, C] for the whole catalog, the default)."""
+    x = user_item_matrix(split, items)
     g = (x.T @ x).toarray()
     return torch.from_numpy(np.ascontiguousarray(g, dtype=np.float32))
 

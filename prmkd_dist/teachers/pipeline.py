@@ -2,14 +2,14 @@
 examples, merge the exports into the training shards, validate them, and measure every teacher
 (validation/test full-ranking metrics, parameters, inference cost) side by side.
 
-Teacher configs (``prmkd_dist/configs/teachers/<kind>-<ml|games>.yaml``)::
+Teacher configs (``prmkd_dist/configs/teachers/<kind>[_variant]-<ml|games>.yaml``)::
 
     name: id-transformer          # teacher name = shard column prefix (letters, digits, _ -)
     kind: id_transformer          # unisrec | id_transformer | ease | transition
     dataset: ml-latest-small      # for `teachers train`; the pipeline passes its own dataset
     hparams: {dim: 256, ...}      # constructor keywords (ease: l2, or l2_grid to pick the best on validation;
                                   #   recent: N reads only the N most recent items; transition: l2 or l2_grid,
-                                  #   window, decay)
+                                  #   window, decay, alpha > 0 for SLIST)
     train: {lr: 1.0e-3, ...}      # fit_teacher keywords (neural teachers only)
     export: {k: 50, max_history: 200, batch_size: 512}
     fast: {hparams: {...}, train: {...}, export: {...}}   # overrides for --fast (a smoke run)
@@ -48,11 +48,12 @@ DATASET_TEACHERS = {
     "ml-latest-small": ("unisrec-ml", "id_transformer-ml", "ease-ml"),
     "amazon-games": ("id_transformer-games", "ease-games"),
 }
-# Packaged configs outside the default sets, for `--teachers`: the item-transition teacher (strongest on both datasets,
-# benchmarks/RESULTS.md) stays out of the defaults until the default distillation recipes are measured with it.
+# Packaged configs outside the default sets, for `--teachers`: the item-transition teachers, SLIT and SLIST (the
+# strongest on both datasets, benchmarks/RESULTS.md), stay out of the defaults until the default distillation recipes
+# are measured with them.
 EXTRA_TEACHERS = {
-    "ml-latest-small": ("transition-ml",),
-    "amazon-games": ("transition-games",),
+    "ml-latest-small": ("transition-ml", "transition_slist-ml"),
+    "amazon-games": ("transition-games", "transition_slist-games"),
 }
 _SECTIONS = {"name", "kind", "dataset", "hparams", "train", "export", "fast"}
 _TRAIN_KEYS = {"lr", "batch_size", "epochs", "patience", "eval_every", "weight_decay", "grad_clip", "seed", "num_threads",
@@ -160,9 +161,9 @@ def train_teacher(cfg: TeacherConfig, split: LeaveOneOutSplit, progress: bool = 
             grid = hp.pop("l2_grid", None)
             if grid is not None and "l2" in hp:
                 raise TeacherConfigError(f"{cfg.source}: transition hparams give both l2 and l2_grid; keep one")
-            if set(hp) - {"l2", "window", "decay"}:
-                raise TeacherConfigError(f"{cfg.source}: transition hparams are l2 or l2_grid, window and decay; got {sorted(cfg.hparams)}")
-            shape = {k: hp[k] for k in ("window", "decay") if k in hp}
+            if set(hp) - {"l2", "window", "decay", "alpha"}:
+                raise TeacherConfigError(f"{cfg.source}: transition hparams are l2 or l2_grid, window, decay and alpha; got {sorted(cfg.hparams)}")
+            shape = {k: hp[k] for k in ("window", "decay", "alpha") if k in hp}
             try:
                 teacher = (ItemTransition.fit_select(split, grid=grid, name=cfg.name, **shape) if grid
                            else ItemTransition.fit(split, l2=float(hp.get("l2", 100.0)), name=cfg.name, **shape))

@@ -7,6 +7,7 @@ import json
 
 import numpy as np
 import pytest
+import torch
 
 from prmkd_dist.data.dataset import InteractionData, LeaveOneOutSplit
 from prmkd_dist.data.loader import TeacherShardDataset
@@ -171,21 +172,24 @@ def test_pipeline_with_the_transition_teacher(tiny_dir, tmp_path, capsys):
     from prmkd_dist.teachers.pipeline import train_teacher
 
     out = tmp_path / "teachers"
-    report = run_teacher_pipeline(str(tiny_dir), out, fast=True, teachers=["transition-ml", "ease-ml"], progress=False,
-                                  log=lambda *_: None)
-    assert list(report["teachers"]) == ["transition", "ease"]
+    report = run_teacher_pipeline(str(tiny_dir), out, fast=True, teachers=["transition-ml", "transition_slist-ml", "ease-ml"],
+                                  progress=False, log=lambda *_: None)
+    assert list(report["teachers"]) == ["transition", "slist", "ease"]
     t = report["teachers"]["transition"]
     assert t["how"] == "trained" and t["score_semantics"] == "similarity" and t["export"]["num_rows"] == report["shards"]["rows"]
     teacher = load_teacher(out / "models" / "transition")
-    assert type(teacher) is ItemTransition and teacher.config() == {"l2": 200.0, "window": 10, "decay": 2.0}
+    assert type(teacher) is ItemTransition and teacher.config() == {"l2": 200.0, "window": 10, "decay": 2.0, "alpha": 0.0}
+    slist = load_teacher(out / "models" / "slist")  # SLIST: the same kind with its SLIS half (alpha > 0)
+    assert slist.alpha > 0 and torch.all(slist.B.diagonal() == 0) and not torch.equal(slist.B, teacher.B)
     data = InteractionData.load(str(tiny_dir))
     meta = ShardSet.open(str(out / "shards"), item_fingerprint=data.fingerprint).meta
-    assert meta.teacher_names == ("transition", "ease")
+    assert meta.teacher_names == ("transition", "slist", "ease")
 
     bad = tmp_path / "transition-bad.yaml"
     for hparams, message in (("{l2: 50.0, window: 0}", "window must be a positive int"),
-                             ("{l2: 50.0, lags: 3}", "transition hparams are l2 or l2_grid, window and decay"),
-                             ("{l2: 50.0, l2_grid: [10.0]}", "both l2 and l2_grid")):
+                             ("{l2: 50.0, lags: 3}", "transition hparams are l2 or l2_grid, window, decay and alpha"),
+                             ("{l2: 50.0, l2_grid: [10.0]}", "both l2 and l2_grid"),
+                             ("{l2: 50.0, alpha: 1.5}", r"alpha must be a number in \[0, 1\)")):
         bad.write_text(f"name: t\nkind: transition\ndataset: ml-latest-small\nhparams: {hparams}\n")
         with pytest.raises(TeacherConfigError, match=f"transition-bad.yaml: .*{message}"):
             train_teacher(load_teacher_config(bad), LeaveOneOutSplit.of(data))
