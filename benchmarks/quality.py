@@ -190,7 +190,9 @@ def earlier_baseline(path: str, dataset: str, config: str, seeds: list[int]) -> 
     if missing:
         raise ValueError(f"{path}: no {BASELINE!r} run for seed(s) {missing} (it has {sorted(by_seed)})")
     runs = [by_seed[s] for s in seeds]
-    return {"overrides": earlier["overrides"], "runs": runs, "summary": summarise(runs), "from": path}
+    # reports written before quality.py recorded per-variant overrides: the baseline's are fixed (variants())
+    overrides = earlier.get("overrides", variants([], False, 0.0, 0)[BASELINE])
+    return {"overrides": overrides, "runs": runs, "summary": summarise(runs), "from": path}
 
 
 def run_variant(name: str, seeds: list[int], kept: dict[int, dict], train_one, after_run, kept_from: str = "") -> list[dict]:

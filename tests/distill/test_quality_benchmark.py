@@ -83,3 +83,15 @@ def test_run_variant_trains_only_what_was_not_kept(load_benchmark):
     assert q.run_variant("v", [0, 1], {0: {"seed": 0}, 1: {"seed": 1}}, train_one, snapshots.append) == [
         {"seed": 0}, {"seed": 1}]
     assert trained == [0, 2]
+
+
+def test_earlier_baseline_without_recorded_overrides(tmp_path, load_benchmark):
+    """Reports written before quality.py recorded the baseline's overrides (hand-assembled JSON of earlier sessions)
+    get the baseline variant's own overrides."""
+    q = load_benchmark("quality")
+    path = _report(tmp_path / "r.json")
+    report = json.loads(path.read_text())
+    del report["results"]["no distillation"]["overrides"]
+    path.write_text(json.dumps(report))
+    got = q.earlier_baseline(str(path), "amazon-games", "distill-sasrec-games", [0])
+    assert got["overrides"] == ["distill.lambda_kd=0", "distill.lambda_rank=0"] and [r["seed"] for r in got["runs"]] == [0]
