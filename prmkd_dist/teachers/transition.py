@@ -45,8 +45,8 @@ def _check_hparams(window, decay) -> None:
         raise TeacherError(f"transition: decay must be a finite number > 0 (the positions over which a weight falls by e), got {decay!r}")
 
 
-# above this fraction of nonzeros the right-hand side is multiplied into P as a dense matrix (module doc of
-# transition_weights; a sparse product costs nnz * C on one thread, a dense one 2 C^3 on all)
+# above this fraction of nonzeros the right-hand side is multiplied into P as a dense matrix (see transition_weights:
+# a sparse product costs nnz * C on one thread, a dense one 2 C^3 on all)
 DENSE_RHS_DENSITY = 0.05
 
 
@@ -100,7 +100,8 @@ def transition_weights(s, y, x, l2: float, alpha: float = 0.0) -> torch.Tensor:
     _check_alpha(alpha)
     if alpha > 0 and x is None:
         raise TeacherError("transition: alpha > 0 needs the user-item matrix x (the SLIS half)")
-    gram = (s.T @ s) if alpha == 0 else (1 - alpha) * (s.T @ s) + alpha * (x.T @ x)
+    xtx = alpha * (x.T @ x) if alpha > 0 else None  # in both the Gram matrix and the right-hand side
+    gram = (s.T @ s) if alpha == 0 else (1 - alpha) * (s.T @ s) + xtx
     g = torch.from_numpy(np.ascontiguousarray(gram.toarray(), dtype=np.float32))
     del gram
     g.diagonal().add_(l2)
@@ -111,7 +112,8 @@ def transition_weights(s, y, x, l2: float, alpha: float = 0.0) -> torch.Tensor:
     # B^T = R^T P (P symmetric), R = the right-hand side, then one transposing copy into row-major (scoring gathers
     # rows of B). A sparse R is multiplied on the sparse side (scipy CSR, one thread; torch's sparse mm was >10x
     # slower here); a dense-ish one (SLIST's X^T X on ml-latest-small: 28 % of C^2) as a dense GEMM on every thread.
-    rhs_t = ((y.T @ s) if alpha == 0 else (1 - alpha) * (y.T @ s) + alpha * (x.T @ x)).tocsr()
+    rhs_t = ((y.T @ s) if alpha == 0 else (1 - alpha) * (y.T @ s) + xtx).tocsr()
+    del xtx
     if rhs_t.nnz > DENSE_RHS_DENSITY * rhs_t.shape[0] * rhs_t.shape[1]:
         bt = torch.from_numpy(np.ascontiguousarray(rhs_t.toarray(), dtype=np.float32)) @ p
     else:

@@ -32,26 +32,8 @@ def split_of(sequences, num_items=6, domains=None) -> LeaveOneOutSplit:
     return LeaveOneOutSplit.of(data)
 
 
-def numpy_slit(split: LeaveOneOutSplit, l2: float, window: int, decay: float) -> np.ndarray:
-    c = split.data.num_items
-    src, tgt = [], []
-    for u in range(split.data.num_users):
-        seq = split.train_sequence(u)
-        for t in range(1, len(seq)):
-            row = np.zeros(c)
-            for d in range(1, min(window, t) + 1):
-                row[seq[t - d]] += np.exp(-(d - 1) / decay)
-            y = np.zeros(c)
-            y[seq[t]] = 1.0
-            src.append(row)
-            tgt.append(y)
-    s, y = np.array(src), np.array(tgt)
-    return np.linalg.solve(s.T @ s + l2 * np.eye(c), s.T @ y)
-
-
-def numpy_slist(split: LeaveOneOutSplit, l2: float, window: int, decay: float, alpha: float) -> np.ndarray:
-    """SLIST column by column: column j minimises alpha ||X_j - X b||^2 + (1 - alpha) ||Y_j - S b||^2 + l2 ||b||^2
-    over b with b_j = 0, i.e. a ridge solve over the other C - 1 items (no Lagrange multiplier)."""
+def numpy_transition_rows(split: LeaveOneOutSplit, window: int, decay: float) -> tuple[np.ndarray, np.ndarray]:
+    """(S, Y) dense float64, one row per training position with an earlier item (module doc of transition.py)."""
     c = split.data.num_items
     src, tgt = [], []
     for u in range(split.data.num_users):
@@ -62,7 +44,19 @@ def numpy_slist(split: LeaveOneOutSplit, l2: float, window: int, decay: float, a
                 row[seq[t - d]] += np.exp(-(d - 1) / decay)
             src.append(row)
             tgt.append(np.eye(c)[seq[t]])
-    s, y = np.array(src), np.array(tgt)
+    return np.array(src), np.array(tgt)
+
+
+def numpy_slit(split: LeaveOneOutSplit, l2: float, window: int, decay: float) -> np.ndarray:
+    s, y = numpy_transition_rows(split, window, decay)
+    return np.linalg.solve(s.T @ s + l2 * np.eye(split.data.num_items), s.T @ y)
+
+
+def numpy_slist(split: LeaveOneOutSplit, l2: float, window: int, decay: float, alpha: float) -> np.ndarray:
+    """SLIST column by column: column j minimises alpha ||X_j - X b||^2 + (1 - alpha) ||Y_j - S b||^2 + l2 ||b||^2
+    over b with b_j = 0, i.e. a ridge solve over the other C - 1 items (no Lagrange multiplier)."""
+    c = split.data.num_items
+    s, y = numpy_transition_rows(split, window, decay)
     x = np.zeros((split.data.num_users, c))
     for u in range(split.data.num_users):
         x[u, split.train_sequence(u)] = 1.0  # binary: a repeat is one interaction
