@@ -48,6 +48,9 @@ def variants(teachers: list[str], have_embeddings: bool, rank: float, curriculum
         out[f"teacher {t} alone"] = [f"distill.teachers=[{t}]", "distill.strategy=uniform", "distill.lambda_rank=0"]
     out["all teachers, uniform"] = ["distill.strategy=uniform", "distill.lambda_rank=0"]
     out["all teachers, conf+cons"] = [*cc, "distill.lambda_rank=0"]
+    # confidence alone: per example, the teachers that rank the ground truth higher count more (PRM-KD's
+    # confidence term without the overlap term, which cannot tell two teachers with full top-K lists apart)
+    out["all teachers, confidence"] = ["distill.strategy=confidence", "distill.lambda_rank=0"]
     out["+ ranking distillation"] = [*cc, f"distill.lambda_rank={rank}"]
     if have_embeddings:
         out["+ embedding distillation"] = [*cc, f"distill.lambda_rank={rank}", "distill.embedding.enabled=true"]

@@ -95,3 +95,21 @@ def test_earlier_baseline_without_recorded_overrides(tmp_path, load_benchmark):
     path.write_text(json.dumps(report))
     got = q.earlier_baseline(str(path), "amazon-games", "distill-sasrec-games", [0])
     assert got["overrides"] == ["distill.lambda_kd=0", "distill.lambda_rank=0"] and [r["seed"] for r in got["runs"]] == [0]
+
+
+@pytest.mark.parametrize("student", ["sasrec", "gru4rec", "caser"])
+def test_every_variant_is_a_valid_config(student, load_benchmark):
+    """Each variant's overrides load into the student's config (a mistyped key or strategy fails here, not an
+    hour into a quality run), and the strategies differ where the names say they do."""
+    from prmkd_dist.train.config import load_config
+
+    q = load_benchmark("quality")
+    plan = q.variants(["a", "b"], have_embeddings=True, rank=0.5, curriculum_epochs=3)
+    cfgs = {name: load_config(f"distill-{student}-ml", ["distill.shards=x", "distill.teacher_embeddings=[e]", *ov]) for name, ov in plan.items()}
+    assert cfgs["no distillation"].distill.lambda_kd == 0
+    assert cfgs["teacher a alone"].distill.teachers == ("a",)
+    assert cfgs["all teachers, uniform"].distill.strategy == "uniform"
+    assert cfgs["all teachers, conf+cons"].distill.strategy == "confidence_consistency"
+    assert cfgs["all teachers, confidence"].distill.strategy == "confidence"
+    assert cfgs["+ ranking distillation"].distill.lambda_rank == 0.5
+    assert cfgs["+ curriculum"].distill.curriculum.kind == "disagreement"
