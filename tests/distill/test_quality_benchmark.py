@@ -105,7 +105,8 @@ def test_every_variant_is_a_valid_config(student, load_benchmark):
 
     q = load_benchmark("quality")
     plan = q.variants(["a", "b"], have_embeddings=True, rank=0.5, curriculum_epochs=3)
-    cfgs = {name: load_config(f"distill-{student}-ml", ["distill.shards=x", "distill.teacher_embeddings=[e]", *ov]) for name, ov in plan.items()}
+    base = ["distill.shards=x", "distill.teacher_embeddings=[e]"]
+    cfgs = {name: load_config(f"distill-{student}-ml", [*base, *ov]) for name, ov in plan.items()}
     assert cfgs["no distillation"].distill.lambda_kd == 0
     assert cfgs["teacher a alone"].distill.teachers == ("a",)
     assert cfgs["all teachers, uniform"].distill.strategy == "uniform"
