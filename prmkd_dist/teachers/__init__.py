@@ -4,7 +4,8 @@ built-in heterogeneous teachers:
 - ``EASE``: closed-form item-item linear autoencoder (Steck 2019);
 - ``ItemTransition``: closed-form item -> next-item ridge regression over a decayed recent window (SLIT of SLIST);
 - ``IDTransformerTeacher``: a large ID-based SASRec (several times the student's width and depth);
-- ``UniSRecTeacher``: text-based (frozen MiniLM item-text embeddings + MoE adaptor + transformer).
+- ``UniSRecTeacher``: text-based (frozen MiniLM item-text embeddings + MoE adaptor + transformer);
+- ``StudentTeacher``: a trained sequential student checkpoint (born-again distillation, a neural second teacher).
 
 ``load_teacher(dir, fingerprint=data.fingerprint)`` rebuilds any saved teacher.
 """
@@ -19,6 +20,7 @@ from prmkd_dist.teachers.base import (
 )
 from prmkd_dist.teachers.ease import EASE
 from prmkd_dist.teachers.id_transformer import IDTransformerTeacher
+from prmkd_dist.teachers.student import StudentTeacher
 from prmkd_dist.teachers.transition import ItemTransition
 from prmkd_dist.teachers.unisrec import UniSRecTeacher
 
@@ -29,6 +31,7 @@ __all__ = [
     "IDTransformerTeacher",
     "ItemTransition",
     "SequentialModelTeacher",
+    "StudentTeacher",
     "Teacher",
     "TeacherError",
     "UniSRecTeacher",

@@ -62,6 +62,26 @@ def cmd_export(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_from_student(args: argparse.Namespace) -> int:
+    from prmkd_dist.data.prepare import load_split
+    from prmkd_dist.teachers.pipeline import measure_teacher
+    from prmkd_dist.teachers.student import StudentTeacher
+
+    try:
+        teacher = StudentTeacher.from_checkpoint(args.checkpoint, name=args.name)
+        if args.dataset:
+            data, split = load_split(args.dataset)
+            teacher.check_compatible(data.fingerprint)
+    except _user_errors() as e:
+        return _user_error(e)
+    teacher.save(args.out)
+    print(f"{teacher.name} ({teacher.kind}: {teacher.model_name}, {teacher.num_parameters():,} weights) from "
+          f"{args.checkpoint} -> {args.out}")
+    if args.dataset:
+        _print_measure(teacher.name, measure_teacher(teacher, split, progress=not args.no_progress))
+    return 0
+
+
 def _print_measure(name: str, m: dict) -> None:
     from prmkd_dist.train.utils import format_table
 
@@ -130,6 +150,14 @@ def register(subparsers) -> None:
     e.add_argument("--overwrite", action="store_true", help="discard a previous export in --out instead of resuming")
     e.add_argument("--no-progress", action="store_true")
     e.set_defaults(func=cmd_export)
+
+    s = sub.add_parser("from-student", help="save a trained student checkpoint as a teacher (born-again distillation)")
+    s.add_argument("--checkpoint", required=True, help="student checkpoint directory (model.pt, config.yaml, meta.json)")
+    s.add_argument("--out", required=True, help="teacher directory to write")
+    s.add_argument("--name", default=None, help="teacher name in the shards (default: student-<model>)")
+    s.add_argument("--dataset", default=None, help="also check the item space and print the teacher's metrics and cost")
+    s.add_argument("--no-progress", action="store_true")
+    s.set_defaults(func=cmd_from_student)
 
     v = sub.add_parser("eval", help="full-ranking metrics, parameters and inference cost of a saved teacher")
     v.add_argument("--teacher", required=True)
