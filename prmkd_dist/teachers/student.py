@@ -3,7 +3,7 @@
 
 Two uses: a neural sequence model as a second teacher of another kind beside a closed-form one (SLIST), and
 born-again distillation (a distilled student teaching the next student). Data-bound students (DeepFM, DCN-v2,
-LightGCN) score users, not histories, so they cannot be wrapped: ``from_checkpoint`` refuses them.
+LightGCN) score users, not histories, so they cannot be wrapped: the constructor refuses them.
 """
 from __future__ import annotations
 
@@ -44,9 +44,6 @@ class StudentTeacher(SequentialModelTeacher):
             student, cfg, meta = load_checkpoint(directory)
         except (CheckpointError, FileNotFoundError) as e:
             raise TeacherError(str(e)) from e
-        if getattr(student, "needs_users", False):
-            raise TeacherError(f"{directory}: student {cfg.model.name!r} scores users, not histories: "
-                               f"it cannot be a teacher")
         teacher = cls(int(meta["num_items"]), meta["item_fingerprint"], name or f"student-{cfg.model.name}",
                       model=cfg.model.name, hparams=student.hparams)
         teacher.model.load_state_dict(student.state_dict())
