@@ -12,6 +12,9 @@ Teacher configs (``prmkd_dist/configs/teachers/<kind>[_variant]-<ml|games>.yaml`
                                   #   window, decay, alpha > 0 for SLIST)
     train: {lr: 1.0e-3, ...}      # fit_teacher keywords (neural teachers only)
     export: {k: 50, max_history: 200, batch_size: 512}
+    distill: {teacher: slist, temperature: 2.0, ...}   # optional, neural teachers: also learn from another teacher
+                                  #   of the same pipeline (its export = the distill shards; it is trained and
+                                  #   exported first); the other keys are the trainer's `distill` section
     fast: {hparams: {...}, train: {...}, export: {...}}   # overrides for --fast (a smoke run)
 
 Layout of the pipeline's output directory (default ``artifacts/teachers/<dataset>``)::
@@ -48,7 +51,7 @@ CLOSED_FORM = ("ease", "transition")  # fitted, not trained: no train section
 # student there, SLIST is 9 % above it (benchmarks/RESULTS.md, teachers amazon-games).
 DATASET_TEACHERS = {
     "ml-latest-small": ("unisrec-ml", "id_transformer-ml", "ease-ml"),
-    "amazon-games": ("id_transformer-games", "transition_slist-games"),
+    "amazon-games": ("transition_slist-games", "id_transformer-games"),  # the ID transformer distils from SLIST
 }
 # Packaged configs outside the default sets, for `--teachers`: on ml the item-transition teachers, SLIT and SLIST (the
 # strongest there), stay out of the default set until the default multi-teacher recipe is measured with them.
@@ -56,7 +59,7 @@ EXTRA_TEACHERS = {
     "ml-latest-small": ("transition-ml", "transition_slist-ml"),
     "amazon-games": ("transition-games", "ease-games"),
 }
-_SECTIONS = {"name", "kind", "dataset", "hparams", "train", "export", "fast"}
+_SECTIONS = {"name", "kind", "dataset", "hparams", "train", "export", "distill", "fast"}
 _TRAIN_KEYS = {"lr", "batch_size", "epochs", "patience", "eval_every", "weight_decay", "grad_clip", "seed", "num_threads",
                "windows"}
 _EXPORT_KEYS = {"k", "max_history", "batch_size", "rows_per_file"}
@@ -76,10 +79,30 @@ class TeacherConfig:
     train: dict = field(default_factory=dict)
     export: dict = field(default_factory=dict)
     source: str = ""
+    distill: dict = field(default_factory=dict)  # {teacher: <name>, <DistillConfig keys>}; {} = CE only
+
+    @property
+    def distill_from(self) -> str | None:
+        """The name of the teacher this one is distilled from (None: trained on the CE target alone)."""
+        return self.distill.get("teacher") if self.distill else None
+
+    def distill_config(self, shards: str | os.PathLike):
+        """The trainer's DistillConfig for this teacher, reading ``shards`` (the source teacher's export)."""
+        from prmkd_dist.train.config import ConfigError, DistillConfig, _build
+
+        raw = {k: v for k, v in self.distill.items() if k != "teacher"}
+        raw["shards"] = str(shards)
+        try:
+            return _build(DistillConfig, raw, "distill", self.source)
+        except ConfigError as e:
+            raise TeacherConfigError(str(e)) from None
 
     def resolved(self) -> dict:
         """What decides the trained weights (a saved teacher with the same record is reused)."""
-        return {"name": self.name, "kind": self.kind, "hparams": self.hparams, "train": self.train}
+        out = {"name": self.name, "kind": self.kind, "hparams": self.hparams, "train": self.train}
+        if self.distill:
+            out["distill"] = self.distill
+        return out
 
 
 def teacher_config_path(name_or_path: str | os.PathLike) -> Path:
@@ -129,15 +152,66 @@ def load_teacher_config(name_or_path: str | os.PathLike, fast: bool = False) -> 
         raise TeacherConfigError(f"{path}: fast.{sorted(bad_fast)[0]}: only hparams, train and export can be overridden")
     if raw["kind"] in CLOSED_FORM and sections["train"]:
         raise TeacherConfigError(f"{path}: {raw['kind']} has a closed form; 'train' must be empty")
-    return TeacherConfig(raw["name"], raw["kind"], raw["dataset"], sections["hparams"], sections["train"],
-                         sections["export"], str(path))
+    distill = copy.deepcopy(raw.get("distill") or {})
+    if distill:
+        if raw["kind"] in CLOSED_FORM:
+            raise TeacherConfigError(f"{path}: {raw['kind']} has a closed form; only neural teachers take 'distill'")
+        if not isinstance(distill, dict) or not isinstance(distill.get("teacher"), str) or not distill["teacher"]:
+            raise TeacherConfigError(f"{path}: distill: expected a mapping whose 'teacher' names the teacher to "
+                                     "distil from (another teacher of the same pipeline)")
+        if distill["teacher"] == raw["name"]:
+            raise TeacherConfigError(f"{path}: distill.teacher: a teacher cannot distil from itself")
+        if "shards" in distill:
+            raise TeacherConfigError(f"{path}: distill.shards: set by the pipeline (the source teacher's export); "
+                                     "name the teacher in distill.teacher instead")
+    cfg = TeacherConfig(raw["name"], raw["kind"], raw["dataset"], sections["hparams"], sections["train"],
+                        sections["export"], str(path), distill)
+    if distill:
+        cfg.distill_config("<source export>")  # keys and ranges checked now, not after the source's training
+    return cfg
+
+
+def source_export_dir(cfg: TeacherConfig, exports_root: str | os.PathLike) -> Path:
+    """The export directory ``cfg`` distils from (``<exports_root>/<distill.teacher>``); it must exist."""
+    path = Path(exports_root) / cfg.distill_from
+    if not (path / "_manifest.json").is_file() and not any(path.glob("*.parquet")):
+        raise TeacherConfigError(f"{cfg.source}: distill.teacher {cfg.distill_from!r}: no export at {path} (train and "
+                                 f"export that teacher first, e.g. `prmkd-dist teachers pipeline` does both in order)")
+    return path
+
+
+def dependency_order(configs: list[TeacherConfig]) -> list[TeacherConfig]:
+    """``configs`` with every distillation source before the teachers distilled from it (otherwise in the given
+    order); a source outside the list or a cycle is an error naming the config."""
+    by_name = {c.name: c for c in configs}
+    done: list[TeacherConfig] = []
+    visiting: set[str] = set()
+
+    def visit(c: TeacherConfig) -> None:
+        if any(d.name == c.name for d in done):
+            return
+        if c.name in visiting:
+            raise TeacherConfigError(f"{c.source}: distill.teacher forms a cycle through {c.name!r}")
+        visiting.add(c.name)
+        if c.distill_from is not None:
+            if c.distill_from not in by_name:
+                raise TeacherConfigError(f"{c.source}: distill.teacher {c.distill_from!r} is not a teacher of this "
+                                         f"pipeline ({sorted(by_name)})")
+            visit(by_name[c.distill_from])
+        visiting.discard(c.name)
+        done.append(c)
+
+    for c in configs:
+        visit(c)
+    return done
 
 
 # ---- train ------------------------------------------------------------------------------------------
 def train_teacher(cfg: TeacherConfig, split: LeaveOneOutSplit, progress: bool = False,
-                  work_dir: str | os.PathLike | None = None) -> Teacher:
+                  work_dir: str | os.PathLike | None = None, exports_root: str | os.PathLike | None = None) -> Teacher:
     """Build and train (or fit) the teacher ``cfg`` describes on ``split``; ``info`` records the config,
-    the training summary and ``train_seconds_total``."""
+    the training summary and ``train_seconds_total``. A config with ``distill`` reads its source teacher's
+    export under ``exports_root`` (default ``artifacts/teachers/<dataset>/exports``)."""
     from prmkd_dist.teachers import EASE, IDTransformerTeacher, ItemTransition, UniSRecTeacher
     from prmkd_dist.teachers.training import fit_teacher
 
@@ -173,8 +247,12 @@ def train_teacher(cfg: TeacherConfig, split: LeaveOneOutSplit, progress: bool = 
         else:
             cls = UniSRecTeacher if cfg.kind == "unisrec" else IDTransformerTeacher
             # the train seed also fixes the initial weights (fit_teacher seeds only the training that follows)
+            distill = None
+            if cfg.distill:
+                root = exports_root if exports_root is not None else artifacts_root() / "teachers" / data.name / "exports"
+                distill = cfg.distill_config(source_export_dir(cfg, root))
             teacher = cls.from_data(data, name=cfg.name, seed=int(cfg.train.get("seed", 0)), **cfg.hparams)
-            fit_teacher(teacher, split, progress=progress, out_dir=work_dir, **cfg.train)
+            fit_teacher(teacher, split, progress=progress, out_dir=work_dir, distill=distill, **cfg.train)
     except TypeError as e:  # an hparam the constructor does not take
         raise TeacherConfigError(f"{cfg.source}: {e}") from None
     teacher.info["pipeline_config"] = cfg.resolved()
@@ -256,7 +334,8 @@ def _trained_teacher(cfg: TeacherConfig, split: LeaveOneOutSplit, model_dir: Pat
         info = meta.get("info") or {}
         if info.get("pipeline_config") == cfg.resolved() and meta.get("item_fingerprint") == fp:
             return load_teacher(model_dir, fingerprint=fp), "reused"
-    teacher = train_teacher(cfg, split, progress=progress, work_dir=model_dir.parent / f".{cfg.name}-run")
+    teacher = train_teacher(cfg, split, progress=progress, work_dir=model_dir.parent / f".{cfg.name}-run",
+                            exports_root=model_dir.parent.parent / "exports")
     teacher.save(model_dir)
     return teacher, "trained"
 
@@ -286,6 +365,7 @@ def run_teacher_pipeline(dataset: str, out_dir: str | os.PathLike | None = None,
     dup = {c.name for c in configs if [d.name for d in configs].count(c.name) > 1}
     if dup:
         raise TeacherConfigError(f"teacher names must differ, {sorted(dup)} used twice")
+    configs = dependency_order(configs)  # a distillation source is trained and exported before its pupils
     pretrained = dict(pretrained or {})
     unknown = set(pretrained) - {c.name for c in configs}
     if unknown:

@@ -9,19 +9,24 @@ from pathlib import Path
 
 from prmkd_dist.data.dataset import LeaveOneOutSplit
 from prmkd_dist.teachers.base import SequentialModelTeacher, TeacherError
-from prmkd_dist.train.config import DataConfig, EvalConfig, ModelConfig, OptimConfig, RunConfig, TrainConfig
+from prmkd_dist.train.config import (DataConfig, DistillConfig, EvalConfig, ModelConfig, OptimConfig, RunConfig,
+                                     TrainConfig)
 from prmkd_dist.train.trainer import TrainResult, train
 
 
 def fit_teacher(teacher: SequentialModelTeacher, split: LeaveOneOutSplit, *, lr: float = 1e-3,
                 batch_size: int = 128, epochs: int = 200, patience: int = 5, eval_every: int = 1,
                 weight_decay: float = 0.0, grad_clip: float = 0.0, seed: int = 0, num_threads: int = 0,
-                windows: str = "last", out_dir: str | Path | None = None, progress: bool = False,
-                tensorboard: bool = False) -> TrainResult:
+                windows: str = "last", distill: DistillConfig | None = None, out_dir: str | Path | None = None,
+                progress: bool = False, tensorboard: bool = False) -> TrainResult:
     """Train ``teacher`` in place on ``split``'s training prefixes; returns the trainer's TrainResult and
     stores its summary (best epoch, validation/test metrics, seconds) in ``teacher.info``.
     ``windows``: the trainer's ``data.windows`` ("all" trains on every training interaction of long
     histories, see ``prmkd_dist.train.trainer.training_examples``).
+    ``distill``: train on the CE target plus another teacher's exported top-K (``distill.shards``), through the
+    students' distillation trainer (``prmkd_dist.distill.trainer.train_distilled``): a teacher distilled from a
+    stronger one (on Games the large ID transformer learns from SLIST, issue 4). Plain KD/ranking terms only:
+    the item-table extensions of embedding distillation and MKD would change the teacher's network.
 
     ``out_dir``: where the trainer writes its checkpoint/results (default: a temporary directory)."""
     teacher.check_compatible(split.data.fingerprint)
@@ -35,9 +40,21 @@ def fit_teacher(teacher: SequentialModelTeacher, split: LeaveOneOutSplit, *, lr:
         eval=EvalConfig(ks=(10, 20)),
         run=RunConfig(seed=seed, out_dir="", num_threads=num_threads, tensorboard=tensorboard, progress=progress),
     )
+    if distill is not None:
+        if not distill.enabled:
+            raise TeacherError(f"teacher {teacher.name!r}: distill.shards names no shard directory")
+        if distill.embedding.enabled or distill.mkd.nkd or distill.mkd.cpd > 0:
+            raise TeacherError(f"teacher {teacher.name!r}: a teacher distils with the KD and ranking terms only "
+                               "(embedding distillation and MKD change the network; turn them off)")
+        cfg.distill = distill
     with tempfile.TemporaryDirectory(prefix=f"teacher-{teacher.kind}-") as tmp:
         cfg.run.out_dir = str(out_dir) if out_dir is not None else tmp
-        result = train(cfg, split, model=teacher.model)
+        if distill is not None:
+            from prmkd_dist.distill.trainer import train_distilled
+
+            result = train_distilled(cfg, split, model=teacher.model)
+        else:
+            result = train(cfg, split, model=teacher.model)
     teacher.eval()
     teacher.info.update({
         "dataset": split.data.name,
@@ -49,4 +66,6 @@ def fit_teacher(teacher: SequentialModelTeacher, split: LeaveOneOutSplit, *, lr:
         "optim": {"lr": lr, "batch_size": batch_size, "epochs": epochs, "patience": patience,
                   "weight_decay": weight_decay, "seed": seed, "windows": windows},
     })
+    if distill is not None:
+        teacher.info["distilled_from"] = distill.shards
     return result

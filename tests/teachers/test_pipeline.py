@@ -196,3 +196,72 @@ def test_pipeline_with_the_transition_teacher(tiny_dir, tmp_path, capsys):
     bad.write_text("name: t\nkind: transition\ndataset: d\ntrain: {epochs: 3}\n")
     with pytest.raises(TeacherConfigError, match="transition has a closed form"):
         load_teacher_config(bad)
+
+
+def test_pipeline_teacher_distilled_from_another(tiny_dir, tmp_path):
+    """A neural teacher with a `distill` section (the Games ID transformer learns from SLIST): listed first, it is
+    still trained after its source, reads the source's export, and its training differs from CE alone."""
+    import dataclasses
+
+    from prmkd_dist.data.prepare import load_split
+    from prmkd_dist.teachers import load_teacher
+    from prmkd_dist.teachers.pipeline import train_teacher
+
+    out = tmp_path / "teachers"
+    report = run_teacher_pipeline(str(tiny_dir), out, fast=True, teachers=["id_transformer-games", "transition_slist-ml"],
+                                  progress=False, log=lambda *_: None)
+    assert list(report["teachers"]) == ["slist", "id-transformer"]  # the source first
+    assert report["shards"]["teachers"] == ["slist", "id-transformer"]
+    pupil = load_teacher(out / "models" / "id-transformer")
+    assert pupil.info["distilled_from"] == str(out / "exports" / "slist")
+    assert pupil.info["pipeline_config"]["distill"]["teacher"] == "slist"
+    # the same config, seed and initial weights on the CE target alone ends elsewhere: the KD terms did train it
+    cfg = load_teacher_config("id_transformer-games", fast=True)
+    _, split = load_split(str(tiny_dir))
+    plain = train_teacher(dataclasses.replace(cfg, distill={}), split)
+    again = train_teacher(cfg, split, exports_root=out / "exports")
+    assert all(torch.equal(v, again.state_dict()[k]) for k, v in pupil.state_dict().items())  # deterministic
+    assert not all(torch.equal(v, plain.state_dict()[k]) for k, v in pupil.state_dict().items())
+    # reused on a second run (same config, same data)
+    report = run_teacher_pipeline(str(tiny_dir), out, fast=True, teachers=["transition_slist-ml", "id_transformer-games"],
+                                  progress=False, log=lambda *_: None)
+    assert report["teachers"]["id-transformer"]["how"] == "reused"
+
+
+def test_distill_section_errors(tiny_dir, tmp_path, capsys):
+    from prmkd_dist.cli import main
+    from prmkd_dist.data.prepare import load_split
+    from prmkd_dist.teachers.pipeline import train_teacher
+
+    bad = tmp_path / "idt-bad.yaml"
+    head = "name: idt\nkind: id_transformer\ndataset: d\nhparams: {dim: 16, num_layers: 1, num_heads: 2, max_len: 20}\n"
+    for distill, message in (("{temperature: 2.0}", "'teacher' names the teacher to distil from"),
+                             ("{teacher: idt}", "cannot distil from itself"),
+                             ("{teacher: slist, shards: /x}", "distill.shards: set by the pipeline"),
+                             ("{teacher: slist, temperature: -1.0}", "distill.temperature=-1.0: expected a value > 0"),
+                             ("{teacher: slist, lambda: 1.0}", "unknown key distill.lambda")):
+        bad.write_text(head + f"distill: {distill}\n")
+        with pytest.raises(TeacherConfigError, match=f"idt-bad.yaml.*{message}"):
+            load_teacher_config(bad)
+    bad.write_text("name: e\nkind: ease\ndataset: d\ndistill: {teacher: slist}\n")
+    with pytest.raises(TeacherConfigError, match="only neural teachers take 'distill'"):
+        load_teacher_config(bad)
+    # the source must be in the pipeline, and no cycle
+    bad.write_text(head + "distill: {teacher: nobody}\n")
+    with pytest.raises(TeacherConfigError, match="distill.teacher 'nobody' is not a teacher of this pipeline"):
+        run_teacher_pipeline(str(tiny_dir), tmp_path / "t", fast=True, teachers=[str(bad), "ease-ml"], progress=False,
+                             log=lambda *_: None)
+    other = tmp_path / "other.yaml"
+    other.write_text(head.replace("idt", "other") + "distill: {teacher: idt}\n")
+    bad.write_text(head + "distill: {teacher: other}\n")
+    with pytest.raises(TeacherConfigError, match="forms a cycle"):
+        run_teacher_pipeline(str(tiny_dir), tmp_path / "t", fast=True, teachers=[str(bad), str(other)], progress=False,
+                             log=lambda *_: None)
+    # alone (`teachers train`), its source's export must exist already
+    bad.write_text(head + "distill: {teacher: slist}\n")
+    _, split = load_split(str(tiny_dir))
+    with pytest.raises(TeacherConfigError, match=f"distill.teacher 'slist': no export at {tmp_path / 'none' / 'slist'}"):
+        train_teacher(load_teacher_config(bad), split, exports_root=tmp_path / "none")
+    rc = main(["teachers", "train", "--config", str(bad), "--dataset", str(tiny_dir), "--no-progress",
+               "--out", str(tmp_path / "idt")])
+    assert rc == 2 and "no export at" in capsys.readouterr().err
