@@ -262,6 +262,7 @@ def export_teacher_shards(
     domain_id: int | None = None,
     score_semantics: str | None = None,
     resume: bool = True,
+    replace_stale: bool = False,
     progress: bool = True,
     rows_per_file: int = DEFAULT_ROWS_PER_FILE,
     rows_per_row_group: int = 8192,
@@ -276,6 +277,8 @@ def export_teacher_shards(
     (or pass ``name``). ``score_semantics``: default the teacher's ``score_semantics`` attribute, else
     "logit". ``resume=True`` continues an interrupted export made with the same teacher and settings
     (finished parts are kept); ``resume=False`` deletes any previous export in ``out_dir`` first.
+    ``replace_stale``: with ``resume``, an export of another teacher or other settings in ``out_dir`` is replaced
+    rather than refused (the teacher pipeline owns its export directories: a retrained teacher's old lists are stale).
     ``on_part(part_index, part_entry)`` is called after each part is finished (a progress hook)."""
     t0 = time.perf_counter()
     out_dir = os.fspath(out_dir)
@@ -303,6 +306,9 @@ def export_teacher_shards(
 
     os.makedirs(out_dir, exist_ok=True)
     state = _read_progress(out_dir) if resume else None
+    if state is not None and state["settings"] != settings and replace_stale:
+        state = None
+        _clear(out_dir)
     if state is not None and state["settings"] != settings:
         raise ExportError(f"{out_dir}: holds an export with other settings ({'; '.join(_settings_diff(state['settings'], settings))}); "
                           "pass resume=False (--overwrite) to replace it")

@@ -180,6 +180,16 @@ def source_export_dir(cfg: TeacherConfig, exports_root: str | os.PathLike) -> Pa
     return path
 
 
+def export_record(export_dir: str | os.PathLike) -> dict:
+    """What identifies an export made by ``teachers export`` (teacher weights digest, K, history length, rows), read
+    from its progress file; {} for shards written by another tool (then a pupil is reused on its config alone)."""
+    path = Path(export_dir) / "_export_progress.json"
+    if not path.is_file():
+        return {}
+    settings = json.loads(path.read_text()).get("settings") or {}
+    return {k: settings.get(k) for k in ("teacher_digest", "k", "max_history", "num_examples", "item_fingerprint")}
+
+
 def dependency_order(configs: list[TeacherConfig]) -> list[TeacherConfig]:
     """``configs`` with every distillation source before the teachers distilled from it (otherwise in the given
     order); a source outside the list or a cycle is an error naming the config."""
@@ -250,12 +260,15 @@ def train_teacher(cfg: TeacherConfig, split: LeaveOneOutSplit, progress: bool = 
             distill = None
             if cfg.distill:
                 root = exports_root if exports_root is not None else artifacts_root() / "teachers" / data.name / "exports"
-                distill = cfg.distill_config(source_export_dir(cfg, root))
+                source = source_export_dir(cfg, root)
+                distill = cfg.distill_config(source)
             teacher = cls.from_data(data, name=cfg.name, seed=int(cfg.train.get("seed", 0)), **cfg.hparams)
             fit_teacher(teacher, split, progress=progress, out_dir=work_dir, distill=distill, **cfg.train)
     except TypeError as e:  # an hparam the constructor does not take
         raise TeacherConfigError(f"{cfg.source}: {e}") from None
     teacher.info["pipeline_config"] = cfg.resolved()
+    if cfg.distill:  # a pupil is stale once its source's lists change (pipeline reuse check)
+        teacher.info["distill_source"] = export_record(source)
     teacher.info["dataset_fingerprint"] = data.fingerprint
     teacher.info["train_seconds_total"] = round(time.perf_counter() - t0, 2)
     return teacher
@@ -332,7 +345,9 @@ def _trained_teacher(cfg: TeacherConfig, split: LeaveOneOutSplit, model_dir: Pat
     if (model_dir / "teacher.json").is_file():
         meta = json.loads((model_dir / "teacher.json").read_text())
         info = meta.get("info") or {}
-        if info.get("pipeline_config") == cfg.resolved() and meta.get("item_fingerprint") == fp:
+        same_source = (not cfg.distill or info.get("distill_source")
+                       == export_record(model_dir.parent.parent / "exports" / cfg.distill_from))
+        if info.get("pipeline_config") == cfg.resolved() and meta.get("item_fingerprint") == fp and same_source:
             return load_teacher(model_dir, fingerprint=fp), "reused"
     teacher = train_teacher(cfg, split, progress=progress, work_dir=model_dir.parent / f".{cfg.name}-run",
                             exports_root=model_dir.parent.parent / "exports")
@@ -386,7 +401,7 @@ def run_teacher_pipeline(dataset: str, out_dir: str | os.PathLike | None = None,
         log(f"[teachers] {cfg.name}: {how}; export top-{cfg.export.get('k', 50)}")
         t0 = time.perf_counter()
         exp = export_teacher_shards(teacher, split, out / "exports" / cfg.name, name=cfg.name, progress=progress,
-                                    **cfg.export)
+                                    replace_stale=True, **cfg.export)
         stage[f"export {cfg.name}"] = time.perf_counter() - t0
         exports.append(exp["out_dir"])
         log(f"[teachers] {cfg.name}: {exp['num_rows']} rows; evaluate")

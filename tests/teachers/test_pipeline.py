@@ -226,6 +226,24 @@ def test_pipeline_teacher_distilled_from_another(tiny_dir, tmp_path):
     report = run_teacher_pipeline(str(tiny_dir), out, fast=True, teachers=["transition_slist-ml", "id_transformer-games"],
                                   progress=False, log=lambda *_: None)
     assert report["teachers"]["id-transformer"]["how"] == "reused"
+    # a changed source (another l2): retrained, its stale export replaced, and the pupil retrained on the new lists
+    changed = tmp_path / "slist-l2.yaml"
+    changed.write_text(_with_l2(CONFIG_DIR / "transition_slist-ml.yaml", 7.0))
+    report = run_teacher_pipeline(str(tiny_dir), out, fast=True, teachers=[str(changed), "id_transformer-games"],
+                                  progress=False, log=lambda *_: None)
+    assert [t["how"] for t in report["teachers"].values()] == ["trained", "trained"]
+    assert load_teacher(out / "models" / "slist").config()["l2"] == 7.0
+
+
+def _with_l2(config, l2: float) -> str:
+    """A teacher config's text with hparams.l2 replaced (in its fast form too)."""
+    import yaml
+
+    raw = yaml.safe_load(config.read_text())
+    for section in (raw, raw.get("fast") or {}):
+        if "l2" in (section.get("hparams") or {}):
+            section["hparams"]["l2"] = l2
+    return yaml.safe_dump(raw)
 
 
 def test_distill_section_errors(tiny_dir, tmp_path, capsys):
