@@ -172,9 +172,10 @@ def load_teacher_config(name_or_path: str | os.PathLike, fast: bool = False) -> 
 
 
 def source_export_dir(cfg: TeacherConfig, exports_root: str | os.PathLike) -> Path:
-    """The export directory ``cfg`` distils from (``<exports_root>/<distill.teacher>``); it must exist."""
+    """The export directory ``cfg`` distils from (``<exports_root>/<distill.teacher>``); it must be complete (the
+    manifest is written last, so an interrupted export has none)."""
     path = Path(exports_root) / cfg.distill_from
-    if not (path / "_manifest.json").is_file() and not any(path.glob("*.parquet")):
+    if not (path / "_manifest.json").is_file():
         raise TeacherConfigError(f"{cfg.source}: distill.teacher {cfg.distill_from!r}: no export at {path} (train and "
                                  f"export that teacher first, e.g. `prmkd-dist teachers pipeline` does both in order)")
     return path
@@ -337,6 +338,7 @@ def _trained_teacher(cfg: TeacherConfig, split: LeaveOneOutSplit, model_dir: Pat
                      progress: bool) -> tuple[Teacher, str]:
     """(teacher, how): given (``pretrained`` dir), reused (saved here with the same config) or trained."""
     fp = split.data.fingerprint
+    exports = model_dir.parent.parent / "exports"  # <pipeline out>/exports: where a distillation source's lists lie
     if pretrained:
         teacher = load_teacher(pretrained, fingerprint=fp)
         if teacher.name != cfg.name:
@@ -345,12 +347,11 @@ def _trained_teacher(cfg: TeacherConfig, split: LeaveOneOutSplit, model_dir: Pat
     if (model_dir / "teacher.json").is_file():
         meta = json.loads((model_dir / "teacher.json").read_text())
         info = meta.get("info") or {}
-        same_source = (not cfg.distill or info.get("distill_source")
-                       == export_record(model_dir.parent.parent / "exports" / cfg.distill_from))
+        same_source = not cfg.distill or info.get("distill_source") == export_record(exports / cfg.distill_from)
         if info.get("pipeline_config") == cfg.resolved() and meta.get("item_fingerprint") == fp and same_source:
             return load_teacher(model_dir, fingerprint=fp), "reused"
     teacher = train_teacher(cfg, split, progress=progress, work_dir=model_dir.parent / f".{cfg.name}-run",
-                            exports_root=model_dir.parent.parent / "exports")
+                            exports_root=exports)
     teacher.save(model_dir)
     return teacher, "trained"
 
