@@ -13,6 +13,9 @@ on validation NDCG@10 (early stopping) and the test split is read once, at the e
     + curriculum                 disagreement curriculum, linear pacing
     MKD                          conf+cons + NKD + CPD + SLD (needs teacher item embeddings)
 
+The "+" rows are cumulative, as the issue lists them (embedding and curriculum keep the ranking term);
+MKD starts again from conf+cons, without the ranking term.
+
 Reports mean and std over seeds of validation and test metrics and the relative test improvement over
 "no distillation"; prints markdown and writes JSON. Shards come from ``--shards`` (with
 ``--teacher-embeddings``) or from running the teacher pipeline on ``--dataset`` (``--fast-teachers``
