@@ -10,6 +10,9 @@ on validation NDCG@10 (early stopping) and the test split is read once, at the e
     all teachers, conf+cons      strategy "confidence_consistency"
     + ranking distillation       lambda_rank > 0 (importance-aware, DLLM2Rec)
     + embedding distillation     collaborative embedding distillation (needs teacher item embeddings)
+    teacher <name> alone + embedding distillation
+                                 its control: one teacher's lists, the same ranking term and item embeddings
+                                 (the embeddings are every teacher's that has them, as above)
     + curriculum                 disagreement curriculum, linear pacing
     MKD                          conf+cons + NKD + CPD + SLD (needs teacher item embeddings)
 
@@ -57,6 +60,11 @@ def variants(teachers: list[str], have_embeddings: bool, rank: float, curriculum
     out["+ ranking distillation"] = [*cc, f"distill.lambda_rank={rank}"]
     if have_embeddings:
         out["+ embedding distillation"] = [*cc, f"distill.lambda_rank={rank}", "distill.embedding.enabled=true"]
+        # its control: one teacher's lists with the same ranking term and the same item embeddings, so that
+        # "multi-teacher above the best single teacher" is judged with the embeddings on both sides
+        for t in teachers:
+            out[f"teacher {t} alone + embedding distillation"] = [
+                f"distill.teachers=[{t}]", *cc, f"distill.lambda_rank={rank}", "distill.embedding.enabled=true"]
     out["+ curriculum"] = [*cc, f"distill.lambda_rank={rank}", "distill.curriculum.kind=disagreement",
                            f"distill.curriculum.epochs={curriculum_epochs}"]
     if have_embeddings:
@@ -118,6 +126,7 @@ def main(argv: list[str] | None = None) -> int:
     base = args.config or f"distill-{args.student}-ml"
     emb_set = [f"distill.teacher_embeddings=[{','.join(embeddings)}]"] if embeddings else []
     plan = variants(teachers, bool(embeddings), args.rank, args.curriculum_epochs)
+    order = list(plan)
     if args.only:
         unknown = [v for v in args.only if v not in plan]
         if unknown:
@@ -131,6 +140,8 @@ def main(argv: list[str] | None = None) -> int:
         plan.pop(BASELINE)
     done = (finished_runs(args.out, split.data.name, base, shards, embeddings, args.set)
             if args.resume and Path(args.out).exists() else {})
+    if done:
+        results.update(carried_over(args.out, done, [*plan, *results]))
     for name, overrides in plan.items():
         def train_one(seed: int, name=name, overrides=overrides) -> dict:
             run_dir = out_root / name.replace(" ", "_").replace(",", "").replace("+", "plus") / f"seed{seed}"
@@ -151,6 +162,7 @@ def main(argv: list[str] | None = None) -> int:
 
         runs = run_variant(name, seeds, done.get(name, {}), train_one, partial, kept_from=args.out)
         results[name] = {"overrides": overrides, "runs": runs, "summary": summarise(runs)}
+    results = {k: results[k] for k in sorted(results, key=lambda k: order.index(k) if k in order else len(order))}
 
     base10 = results[BASELINE]["summary"]["test NDCG@10"]["mean"]
     base20 = results[BASELINE]["summary"]["test NDCG@20"]["mean"]
@@ -227,6 +239,18 @@ def finished_runs(path: str, dataset: str, config: str, shards: str, embeddings:
             raise ValueError(f"{path}: cannot resume, its {key} is {report.get(key)!r}, this run's is {want!r}")
     return {name: {r["seed"]: r for r in res["runs"]}
             for name, res in report.get("results", {}).items() if "from" not in res}
+
+
+def carried_over(path: str, done: dict[str, dict[int, dict]], running: list[str]) -> dict[str, dict]:
+    """The variants of the resumed report at ``path`` that this call does not run (not in ``running``): kept as
+    they were, so that one report can be filled by several ``--only`` calls."""
+    earlier = json.loads(Path(path).read_text())["results"]
+    out = {}
+    for name, by_seed in done.items():
+        if name not in running:
+            runs = [by_seed[s] for s in sorted(by_seed)]
+            out[name] = {**earlier[name], "runs": runs, "summary": summarise(runs)}
+    return out
 
 
 def _write(args, split, base, shards, teachers, embeddings, results, t_all, table) -> None:

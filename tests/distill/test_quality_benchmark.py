@@ -114,3 +114,37 @@ def test_every_variant_is_a_valid_config(student, load_benchmark):
     assert cfgs["all teachers, confidence"].distill.strategy == "confidence"
     assert cfgs["+ ranking distillation"].distill.lambda_rank == 0.5
     assert cfgs["+ curriculum"].distill.curriculum.kind == "disagreement"
+
+
+def test_resume_carries_over_the_variants_this_call_does_not_run(tmp_path, load_benchmark):
+    """--resume with --only: the report keeps the other variants' finished runs (one report, several calls)."""
+    q = load_benchmark("quality")
+    path = _unfinished(tmp_path / "r.json")
+    report = json.loads(path.read_text())
+    metrics = {m: 0.1 for m in q.METRICS}
+    for r in report["results"]["conf+cons"]["runs"]:
+        r.update(valid=metrics, test={**metrics, "NDCG@20": 0.1 * (r["seed"] + 1)}, train_seconds=5.0)
+    report["results"]["conf+cons"]["overrides"] = ["distill.strategy=confidence_consistency"]
+    path.write_text(json.dumps(report))
+    done = q.finished_runs(str(path), "ml-latest-small", "distill-caser-ml", "s", [], ["optim.lr=2e-3"])
+    got = q.carried_over(str(path), done, ["no distillation", "MKD"])
+    assert list(got) == ["conf+cons"]
+    assert got["conf+cons"]["overrides"] == ["distill.strategy=confidence_consistency"]
+    assert [r["seed"] for r in got["conf+cons"]["runs"]] == [0, 1]
+    assert got["conf+cons"]["summary"]["test NDCG@20"]["mean"] == pytest.approx(0.15)
+    # a variant this call runs is not carried over: run_variant keeps its finished seeds itself
+    assert q.carried_over(str(path), done, ["conf+cons"]) == {}
+
+
+def test_single_teacher_embedding_control_is_a_valid_config(load_benchmark):
+    """"teacher X alone + embedding distillation" is "+ embedding distillation" with one teacher's lists."""
+    from prmkd_dist.train.config import load_config
+
+    q = load_benchmark("quality")
+    plan = q.variants(["a", "b"], have_embeddings=True, rank=0.5, curriculum_epochs=3)
+    base = ["distill.shards=x", "distill.teacher_embeddings=[e]"]
+    ctl = load_config("distill-caser-ml", [*base, *plan["teacher b alone + embedding distillation"]]).distill
+    mix = load_config("distill-caser-ml", [*base, *plan["+ embedding distillation"]]).distill
+    assert ctl.teachers == ("b",) and mix.teachers != ("b",)
+    assert (ctl.strategy, ctl.lambda_rank, ctl.embedding.enabled) == (mix.strategy, mix.lambda_rank, True)
+    assert "teacher a alone + embedding distillation" not in q.variants(["a"], False, 0.5, 3)

@@ -53,6 +53,23 @@ def test_goal_picks_are_made_on_validation_not_test(tmp_path, load_benchmark):
     assert got["student_vs_best_teacher_pct"] == pytest.approx(-37.0)
 
 
+def test_the_single_teacher_embedding_control_counts_as_single(tmp_path, load_benchmark):
+    """One teacher's lists + item embeddings is the single-teacher side of the goal, even when it beats the mix."""
+    g = load_benchmark("quality_grid")
+    path = _report(tmp_path / "r.json", {
+        "no distillation": _runs([0.04], [0.05]),
+        "teacher a alone": _runs([0.05], [0.06]),
+        "+ embedding distillation": _runs([0.07], [0.08]),
+        "teacher a alone + embedding distillation": _runs([0.09], [0.088]),
+    })
+    col = g.column(path, g.load_report(path), "test NDCG@20")
+    assert col["best_single"] == "teacher a alone + embedding distillation"
+    assert col["best_multi"] == "+ embedding distillation"
+    got = g.goals(col, {})
+    assert got["multi_vs_single_pct"] == pytest.approx(-100 / 11) and not got["multi_above_single"]
+    assert g.is_single_teacher("teacher a alone") and not g.is_single_teacher("all teachers, uniform")
+
+
 def test_main_prints_the_grid_and_writes_json(tmp_path, load_benchmark, capsys):
     g = load_benchmark("quality_grid")
     first = _grid_report(tmp_path / "caser.json")
