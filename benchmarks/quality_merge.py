@@ -1,0 +1,68 @@
+"""Merge ``benchmarks/quality.py`` reports of the same experiment that were filled by separate processes.
+
+On a small machine one grid is run in lanes side by side (each lane its own ``--out``, one intra-op thread);
+this joins them into one report for ``quality_grid.py`` and the RESULTS tables. Reports merge only when their
+runs are comparable: the same dataset, config, shards, teacher embeddings, ``--set`` overrides and seeds; a
+variant may appear in more than one report only with the same runs (a borrowed baseline, say). Anything else
+is an error naming the file and the field.
+
+    .venv/bin/python benchmarks/quality_merge.py lane-a.json lane-b.json --out grid.json
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+SAME = ("dataset", "config", "shards", "teacher_embeddings", "overrides", "seeds", "teachers")
+
+
+def merge(paths: list[str]) -> dict:
+    reports = []
+    for p in paths:
+        try:
+            r = json.loads(Path(p).read_text())
+        except (OSError, json.JSONDecodeError) as e:
+            raise ValueError(f"{p}: cannot read a quality.py report ({e})") from e
+        missing = [k for k in (*SAME, "results") if k not in r]
+        if missing:
+            raise ValueError(f"{p}: no {missing[0]!r} field; expected a report written by benchmarks/quality.py")
+        reports.append(r)
+    first = reports[0]
+    for p, r in zip(paths[1:], reports[1:]):
+        for key in SAME:
+            if r[key] != first[key]:
+                raise ValueError(f"{p}: its {key} is {r[key]!r}, {paths[0]}'s is {first[key]!r}: runs not comparable")
+    results: dict[str, dict] = {}
+    source: dict[str, str] = {}
+    for p, r in zip(paths, reports):
+        for name, res in r["results"].items():
+            if name in results:
+                if results[name]["runs"] != res["runs"]:
+                    raise ValueError(f"{p}: variant {name!r} is also in {source[name]} with other runs")
+                continue
+            results[name], source[name] = res, p
+    return {**{k: first[k] for k in SAME}, "results": results, "table": None,
+            "complete": all(r.get("complete", False) for r in reports),
+            "seconds": sum(r.get("seconds", 0.0) for r in reports),
+            "command": [r.get("command", "") for r in reports], "merged_from": list(paths)}
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("reports", nargs="+", help="quality.py reports (the first one's variant order comes first)")
+    ap.add_argument("--out", required=True)
+    args = ap.parse_args(argv)
+    try:
+        merged = merge(args.reports)
+    except ValueError as e:
+        ap.error(str(e))
+    Path(args.out).write_text(json.dumps(merged, indent=2))
+    print(f"wrote {args.out}: {len(merged['results'])} variants from {len(args.reports)} reports "
+          f"({'complete' if merged['complete'] else 'some unfinished'})")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
