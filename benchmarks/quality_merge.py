@@ -15,6 +15,8 @@ import json
 import sys
 from pathlib import Path
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # quality.py beside this script
+
 SAME = ("dataset", "config", "shards", "teacher_embeddings", "overrides", "seeds", "teachers")
 
 
@@ -43,6 +45,11 @@ def merge(paths: list[str]) -> dict:
                     raise ValueError(f"{p}: variant {name!r} is also in {source[name]} with other runs")
                 continue
             results[name], source[name] = res, p
+    # the report order of quality.py's variants (lanes finish in any order), unknown names last as they came
+    from quality import variants
+
+    order = list(variants(first["teachers"], bool(first["teacher_embeddings"]), 0.0, 0))
+    results = {k: results[k] for k in sorted(results, key=lambda k: order.index(k) if k in order else len(order))}
     return {**{k: first[k] for k in SAME}, "results": results, "table": None,
             "complete": all(r.get("complete", False) for r in reports),
             "seconds": sum(r.get("seconds", 0.0) for r in reports),
@@ -51,7 +58,7 @@ def merge(paths: list[str]) -> dict:
 
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("reports", nargs="+", help="quality.py reports (the first one's variant order comes first)")
+    ap.add_argument("reports", nargs="+", help="quality.py reports (variants come out in quality.py's order)")
     ap.add_argument("--out", required=True)
     args = ap.parse_args(argv)
     try:

@@ -20,12 +20,14 @@ def _lane(path: Path, variants: dict[str, list[int]], complete=True, **changes) 
 
 def test_merge_joins_lanes_in_order(tmp_path, load_benchmark):
     m = load_benchmark("quality_merge")
-    a = _lane(tmp_path / "a.json", {"+ embedding distillation": [0, 1]})
+    a = _lane(tmp_path / "a.json", {"+ embedding distillation": [0, 1], "a name of its own": [0]})
     b = _lane(tmp_path / "b.json", {"all teachers, uniform": [0]}, complete=False)
     out = tmp_path / "grid.json"
     assert m.main([a, b, "--out", str(out)]) == 0
     got = json.loads(out.read_text())
-    assert list(got["results"]) == ["no distillation", "+ embedding distillation", "all teachers, uniform"]
+    # quality.py's report order, whichever lane ran what; a name it does not know comes last
+    assert list(got["results"]) == ["no distillation", "all teachers, uniform", "+ embedding distillation",
+                                    "a name of its own"]
     assert got["results"]["all teachers, uniform"]["runs"] == [{"seed": 0}]
     assert not got["complete"] and got["merged_from"] == [a, b] and got["seconds"] == 20.0
     assert got["shards"] == "s" and got["overrides"] == ["run.num_threads=1"]
