@@ -31,11 +31,13 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shlex
 import sys
 import time
 from pathlib import Path
 
 import numpy as np
+import torch
 
 from prmkd_dist.data.prepare import load_split
 from prmkd_dist.distill.trainer import train_distilled
@@ -109,6 +111,8 @@ def main(argv: list[str] | None = None) -> int:
                          "teacher embeddings and --set) and run only the rest")
     ap.add_argument("--progress", action="store_true")
     args = ap.parse_args(argv)
+    # the call as a shell line (variant names hold spaces), whether from the shell or from main(argv)
+    args.command = shlex.join(["benchmarks/quality.py", *(sys.argv[1:] if argv is None else argv)])
 
     t_all = time.perf_counter()
     _, split = load_split(args.dataset)
@@ -142,6 +146,7 @@ def main(argv: list[str] | None = None) -> int:
             if args.resume and Path(args.out).exists() else {})
     if done:
         results.update(carried_over(args.out, done, [*plan, *results]))
+    args.commands = earlier_commands(args.out) if args.resume and Path(args.out).exists() else []
     for name, overrides in plan.items():
         def train_one(seed: int, name=name, overrides=overrides) -> dict:
             run_dir = out_root / name.replace(" ", "_").replace(",", "").replace("+", "plus") / f"seed{seed}"
@@ -152,8 +157,9 @@ def main(argv: list[str] | None = None) -> int:
             res = train_distilled(cfg, split)
             print(f"[quality] {name} seed {seed}: valid NDCG@10 {res.valid['NDCG@10']:.4f} test NDCG@10 "
                   f"{res.test['NDCG@10']:.4f} (epoch {res.best_epoch}, {time.perf_counter() - t0:.0f}s)", flush=True)
+            # the intra-op thread count the run trained with: runs repeat exactly only at the same count
             return {"seed": seed, "valid": res.valid, "test": res.test, "best_epoch": res.best_epoch,
-                    "epochs_run": res.epochs_run, "train_seconds": res.train_seconds}
+                    "epochs_run": res.epochs_run, "train_seconds": res.train_seconds, "threads": torch.get_num_threads()}
 
         def partial(runs: list[dict], name=name, overrides=overrides) -> None:
             # partial results after every run, so a run cut short by a timeout keeps what it finished
@@ -253,6 +259,12 @@ def carried_over(path: str, done: dict[str, dict[int, dict]], running: list[str]
     return out
 
 
+def earlier_commands(path: str) -> list[str]:
+    """The commands that filled the report at ``path`` so far (a resumed report is filled by several calls)."""
+    report = json.loads(Path(path).read_text())
+    return list(report.get("commands") or ([report["command"]] if report.get("command") else []))
+
+
 def _write(args, split, base, shards, teachers, embeddings, results, t_all, table) -> None:
     """The JSON report; ``complete`` is false (and ``table`` null) while runs are still to come."""
     os.makedirs(os.path.dirname(args.out) or ".", exist_ok=True)
@@ -260,7 +272,8 @@ def _write(args, split, base, shards, teachers, embeddings, results, t_all, tabl
         "dataset": split.data.name, "config": base, "seeds": list(range(args.first_seed, args.first_seed + args.seeds)),
         "shards": shards, "teachers": teachers, "teacher_embeddings": embeddings, "overrides": args.set,
         "results": results, "table": table, "complete": table is not None,
-        "seconds": time.perf_counter() - t_all, "command": " ".join(sys.argv)}, indent=2))
+        "seconds": time.perf_counter() - t_all, "command": args.command,
+        "commands": [*getattr(args, "commands", []), args.command]}, indent=2))
 
 
 if __name__ == "__main__":

@@ -1,10 +1,14 @@
-"""benchmarks/quality.py reuses an earlier report's no-distillation runs only where they match this run."""
+"""benchmarks/quality.py: borrowed baselines, resumed reports (one report filled by several calls), the variants."""
 from __future__ import annotations
 
 import json
+import sys
 from pathlib import Path
 
 import pytest
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # --import-mode=importlib: not importable otherwise
+from test_distill_trainer import shards, small_split  # noqa: E402,F401  (the real slice and its teacher shards)
 
 
 def _report(path: Path, dataset="amazon-games", config="distill-sasrec-games", seeds=(0, 1, 2)):
@@ -148,3 +152,38 @@ def test_single_teacher_embedding_control_is_a_valid_config(load_benchmark):
     assert ctl.teachers == ("b",) and mix.teachers != ("b",)
     assert (ctl.strategy, ctl.lambda_rank, ctl.embedding.enabled) == (mix.strategy, mix.lambda_rank, True)
     assert "teacher a alone + embedding distillation" not in q.variants(["a"], False, 0.5, 3)
+
+
+def test_a_resumed_report_keeps_the_commands_that_filled_it(tmp_path, load_benchmark):
+    q = load_benchmark("quality")
+    old = _unfinished(tmp_path / "old.json", command="quality.py --only a")  # written before "commands" existed
+    assert q.earlier_commands(str(old)) == ["quality.py --only a"]
+    new = _unfinished(tmp_path / "new.json", command="quality.py --only b",
+                      commands=["quality.py --only a", "quality.py --only b"])
+    assert q.earlier_commands(str(new)) == ["quality.py --only a", "quality.py --only b"]
+    assert q.earlier_commands(str(_unfinished(tmp_path / "none.json"))) == []
+
+
+def test_two_resumed_calls_fill_one_report(small_split, shards, tmp_path, monkeypatch, load_benchmark):
+    """End to end with the real trainer (one epoch on a 150-user slice and its real teacher shards): a second
+    ``--resume --only`` call adds its variant and keeps the first call's, and the report records both commands and
+    each run's thread count."""
+    q = load_benchmark("quality")
+    monkeypatch.setattr(q, "load_split", lambda name: (None, small_split))
+    trained, real_train = [], q.train_distilled
+    monkeypatch.setattr(q, "train_distilled", lambda cfg, split: trained.append(cfg.distill.teachers) or real_train(cfg, split))
+    out = tmp_path / "report.json"
+    common = ["--dataset", "ml-latest-small", "--student", "gru4rec", "--seeds", "1", "--shards", shards,
+              "--set", "optim.epochs=1", "--set", "optim.batch_size=64", "--set", "run.num_threads=1",
+              "--out", str(out), "--run-dir", str(tmp_path / "runs"), "--resume"]
+    assert q.main([*common, "--only", "teacher pop alone"]) == 0
+    first = json.loads(out.read_text())
+    assert len(trained) == 2  # no distillation + pop alone
+    assert q.main([*common, "--only", "all teachers, uniform"]) == 0
+    assert len(trained) == 3  # only the new variant trained: the first call's runs are kept
+    got = json.loads(out.read_text())
+    assert list(got["results"]) == ["no distillation", "teacher pop alone", "all teachers, uniform"]
+    assert got["results"]["teacher pop alone"]["runs"] == first["results"]["teacher pop alone"]["runs"]
+    assert got["results"]["no distillation"]["runs"] == first["results"]["no distillation"]["runs"]
+    assert len(got["commands"]) == 2 and "uniform" in got["commands"][1] and got["complete"]
+    assert all(r["threads"] == 1 for res in got["results"].values() for r in res["runs"])
