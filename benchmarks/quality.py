@@ -168,7 +168,7 @@ def main(argv: list[str] | None = None) -> int:
 
         runs = run_variant(name, seeds, done.get(name, {}), train_one, partial, kept_from=args.out)
         results[name] = {"overrides": overrides, "runs": runs, "summary": summarise(runs)}
-    results = {k: results[k] for k in sorted(results, key=lambda k: order.index(k) if k in order else len(order))}
+    results = in_report_order(results, order)
 
     base10 = results[BASELINE]["summary"]["test NDCG@10"]["mean"]
     base20 = results[BASELINE]["summary"]["test NDCG@20"]["mean"]
@@ -245,6 +245,11 @@ def finished_runs(path: str, dataset: str, config: str, shards: str, embeddings:
             raise ValueError(f"{path}: cannot resume, its {key} is {report.get(key)!r}, this run's is {want!r}")
     return {name: {r["seed"]: r for r in res["runs"]}
             for name, res in report.get("results", {}).items() if "from" not in res}
+
+
+def in_report_order(results: dict[str, dict], order: list[str]) -> dict[str, dict]:
+    """``results`` in variants() order (calls and lanes finish in any order); names it does not know last, as they came."""
+    return {k: results[k] for k in sorted(results, key=lambda k: order.index(k) if k in order else len(order))}
 
 
 def carried_over(path: str, done: dict[str, dict[int, dict]], running: list[str]) -> dict[str, dict]:

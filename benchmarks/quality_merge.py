@@ -45,15 +45,13 @@ def merge(paths: list[str]) -> dict:
                     raise ValueError(f"{p}: variant {name!r} is also in {source[name]} with other runs")
                 continue
             results[name], source[name] = res, p
-    # the report order of quality.py's variants (lanes finish in any order), unknown names last as they came
-    from quality import variants
+    from quality import earlier_commands, in_report_order, variants
 
     order = list(variants(first["teachers"], bool(first["teacher_embeddings"]), 0.0, 0))
-    results = {k: results[k] for k in sorted(results, key=lambda k: order.index(k) if k in order else len(order))}
-    return {**{k: first[k] for k in SAME}, "results": results, "table": None,
+    return {**{k: first[k] for k in SAME}, "results": in_report_order(results, order), "table": None,
             "complete": all(r.get("complete", False) for r in reports),
             "seconds": sum(r.get("seconds", 0.0) for r in reports),
-            "command": [r.get("command", "") for r in reports], "merged_from": list(paths)}
+            "commands": [c for p in paths for c in earlier_commands(p)], "merged_from": list(paths)}
 
 
 def main(argv: list[str] | None = None) -> int:
