@@ -273,12 +273,15 @@ def earlier_commands(path: str) -> list[str]:
 def _write(args, split, base, shards, teachers, embeddings, results, t_all, table) -> None:
     """The JSON report; ``complete`` is false (and ``table`` null) while runs are still to come."""
     os.makedirs(os.path.dirname(args.out) or ".", exist_ok=True)
-    Path(args.out).write_text(json.dumps({
+    # written beside and renamed over: another lane may read this report (--baseline-from) while runs still come
+    tmp = Path(f"{args.out}.tmp{os.getpid()}")
+    tmp.write_text(json.dumps({
         "dataset": split.data.name, "config": base, "seeds": list(range(args.first_seed, args.first_seed + args.seeds)),
         "shards": shards, "teachers": teachers, "teacher_embeddings": embeddings, "overrides": args.set,
         "results": results, "table": table, "complete": table is not None,
         "seconds": time.perf_counter() - t_all, "command": args.command,
         "commands": [*getattr(args, "commands", []), args.command]}, indent=2))
+    os.replace(tmp, args.out)
 
 
 if __name__ == "__main__":
