@@ -39,6 +39,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from prmkd_dist.data.paths import write_json_atomic
 from prmkd_dist.data.prepare import load_split
 from prmkd_dist.distill.trainer import train_distilled
 from prmkd_dist.train.config import load_config
@@ -273,15 +274,13 @@ def earlier_commands(path: str) -> list[str]:
 def _write(args, split, base, shards, teachers, embeddings, results, t_all, table) -> None:
     """The JSON report; ``complete`` is false (and ``table`` null) while runs are still to come."""
     os.makedirs(os.path.dirname(args.out) or ".", exist_ok=True)
-    # written beside and renamed over: another lane may read this report (--baseline-from) while runs still come
-    tmp = Path(f"{args.out}.tmp{os.getpid()}")
-    tmp.write_text(json.dumps({
+    # atomic: another lane may read this report (--baseline-from) while runs still come
+    write_json_atomic(args.out, {
         "dataset": split.data.name, "config": base, "seeds": list(range(args.first_seed, args.first_seed + args.seeds)),
         "shards": shards, "teachers": teachers, "teacher_embeddings": embeddings, "overrides": args.set,
         "results": results, "table": table, "complete": table is not None,
         "seconds": time.perf_counter() - t_all, "command": args.command,
-        "commands": [*getattr(args, "commands", []), args.command]}, indent=2))
-    os.replace(tmp, args.out)
+        "commands": [*getattr(args, "commands", []), args.command]})
 
 
 if __name__ == "__main__":

@@ -6,6 +6,7 @@ produces (prepared datasets, shards, checkpoints) goes under ``$PRMKD_ARTIFACTS`
 """
 from __future__ import annotations
 
+import json
 import os
 from pathlib import Path
 
@@ -50,3 +51,22 @@ def artifacts_root() -> Path:
     """
     env = os.environ.get(ARTIFACTS_ENV)
     return Path(env).expanduser().resolve() if env else Path.cwd().resolve() / "artifacts"
+
+
+def write_json_atomic(path: str | os.PathLike, obj, **dump_kwargs) -> None:
+    """Write ``obj`` as JSON to ``path`` so that no reader ever sees half a file: written beside it under a name
+    unique to this process, flushed to disk, then renamed over (a manifest marks a finished export; a benchmark
+    report is read by another lane while runs still come). ``dump_kwargs`` go to ``json.dump`` (indent 2 unless
+    given)."""
+    dump_kwargs.setdefault("indent", 2)
+    tmp = f"{os.fspath(path)}.tmp{os.getpid()}"
+    try:
+        with open(tmp, "w") as f:
+            json.dump(obj, f, **dump_kwargs)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+        raise

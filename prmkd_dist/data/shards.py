@@ -25,6 +25,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from prmkd_dist.constants import PAD_ID
+from prmkd_dist.data.paths import write_json_atomic
 
 SCHEMA_VERSION = 1
 FORMAT = "prmkd-dist/teacher-shards"
@@ -371,15 +372,6 @@ def _teacher_lists(name: str, ids, scores, n: int) -> tuple[pa.Array, pa.Array]:
     )
 
 
-def _write_json_atomic(path: str, obj) -> None:
-    tmp = path + ".tmp"
-    with open(tmp, "w") as f:
-        json.dump(obj, f, indent=2)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-
-
 class ShardWriter:
     """Streams Arrow tables of one schema into ``part-NNNNN.parquet`` files with exact row-group and
     file sizes, holding at most one row group in memory. Parts are written under a temporary name and
@@ -491,7 +483,7 @@ class ShardWriter:
             "num_rows": sum(p["rows"] for p in self._parts),
             "parts": self._parts,
         }
-        _write_json_atomic(os.path.join(self.out_dir, MANIFEST), manifest)
+        write_json_atomic(os.path.join(self.out_dir, MANIFEST), manifest)
         return manifest
 
     def abort(self) -> None:

@@ -33,12 +33,12 @@ from tqdm.auto import tqdm
 from prmkd_dist.constants import PAD_ID
 from prmkd_dist.data.dataset import LeaveOneOutSplit, pad_ragged
 from prmkd_dist.data.domains import restrict_to_domains, user_domain_ids
+from prmkd_dist.data.paths import write_json_atomic
 from prmkd_dist.data.shards import (
     MANIFEST,
     ShardMeta,
     TeacherInfo,
     TeacherShardWriter,
-    _write_json_atomic,
     write_teacher_embeddings,
 )
 
@@ -327,7 +327,7 @@ def export_teacher_shards(
     skipped = sorted(int(i) for i in state["parts"])
 
     if not state["complete"]:
-        _write_json_atomic(progress_path, state)
+        write_json_atomic(progress_path, state)
         device = _device_of(teacher)
         module = teacher if isinstance(teacher, torch.nn.Module) else None
         was_training = module.training if module is not None else False
@@ -347,7 +347,7 @@ def export_teacher_shards(
                                                    domain_id, input_len, device, rows_per_row_group, bar, first)
                     state["parts"][str(part)] = entry
                     state["manifest"] = state["manifest"] or {k_: v for k_, v in manifest.items() if k_ not in ("parts", "num_rows")}
-                    _write_json_atomic(progress_path, state)
+                    write_json_atomic(progress_path, state)
                     if on_part is not None:
                         on_part(part, entry)
         finally:
@@ -355,7 +355,7 @@ def export_teacher_shards(
             if module is not None:
                 module.train(was_training)
         _finish(out_dir, meta, state, num_parts)
-        _write_json_atomic(progress_path, state)
+        write_json_atomic(progress_path, state)
 
     emb_dir = None
     emb_fn = getattr(teacher, "item_embeddings", None)
@@ -418,5 +418,5 @@ def _finish(out_dir: str, meta: ShardMeta, state: dict, num_parts: int) -> None:
         parts = [state["parts"][str(i)] for i in range(num_parts)]
         manifest = {**state["manifest"], "num_rows": sum(p["rows"] for p in parts),
                     "parts": [{"file": p["file"], "rows": p["rows"], "row_groups": p["row_groups"]} for p in parts]}
-        _write_json_atomic(os.path.join(out_dir, MANIFEST), manifest)
+        write_json_atomic(os.path.join(out_dir, MANIFEST), manifest)
     state["complete"] = True
