@@ -109,7 +109,8 @@ def main(argv: list[str] | None = None) -> int:
                          "dataset and config) instead of training them again")
     ap.add_argument("--resume", action="store_true",
                     help="keep the finished runs of an unfinished report at --out (same dataset, config, shards, "
-                         "teacher embeddings and --set) and run only the rest")
+                         "teacher embeddings and --set, and the same files there: the report records their content "
+                         "digests) and run only the rest")
     ap.add_argument("--progress", action="store_true")
     args = ap.parse_args(argv)
     # the call as a shell line (variant names hold spaces), whether from the shell or from main(argv)
@@ -127,7 +128,11 @@ def main(argv: list[str] | None = None) -> int:
         embeddings = [t["export"]["embeddings"] for t in report["teachers"].values() if t["export"].get("embeddings")]
     from prmkd_dist.data.shards import ShardSet
 
-    teachers = list(ShardSet.open(shards).meta.teacher_names)
+    shard_set = ShardSet.open(shards)
+    teachers = list(shard_set.meta.teacher_names)
+    # what the runs distil from, by content: the paths alone cannot tell a rebuilt teacher pipeline from the old one
+    args.digests = {"shards": shard_set.content_digest(),
+                    "teacher_embeddings": [ShardSet.open(e, kind="embeddings").content_digest() for e in embeddings]}
     base = args.config or f"distill-{args.student}-ml"
     emb_set = [f"distill.teacher_embeddings=[{','.join(embeddings)}]"] if embeddings else []
     plan = variants(teachers, bool(embeddings), args.rank, args.curriculum_epochs)
@@ -143,11 +148,15 @@ def main(argv: list[str] | None = None) -> int:
     if args.baseline_from:
         results[BASELINE] = earlier_baseline(args.baseline_from, split.data.name, base, seeds)
         plan.pop(BASELINE)
-    done = (finished_runs(args.out, split.data.name, base, shards, embeddings, args.set)
+    done = (finished_runs(args.out, split.data.name, base, shards, embeddings, args.set, args.digests)
             if args.resume and Path(args.out).exists() else {})
     if done:
         results.update(carried_over(args.out, done, [*plan, *results]))
     args.commands = earlier_commands(args.out) if args.resume and Path(args.out).exists() else []
+    # a resumed report that recorded no digests cannot vouch for one content: its earlier runs may have seen others
+    resumed_legacy = (args.resume and Path(args.out).exists()
+                      and json.loads(Path(args.out).read_text()).get("content_digests") is None)
+    args.report_digests = None if resumed_legacy else args.digests
     for name, overrides in plan.items():
         def train_one(seed: int, name=name, overrides=overrides) -> dict:
             run_dir = out_root / name.replace(" ", "_").replace(",", "").replace("+", "plus") / f"seed{seed}"
@@ -235,15 +244,28 @@ def run_variant(name: str, seeds: list[int], kept: dict[int, dict], train_one, a
 
 
 def finished_runs(path: str, dataset: str, config: str, shards: str, embeddings: list[str],
-                  overrides: list[str]) -> dict[str, dict[int, dict]]:
+                  overrides: list[str], digests: dict | None = None) -> dict[str, dict[int, dict]]:
     """``{variant: {seed: run}}`` of the runs an earlier (maybe unfinished) report at ``path`` finished, for
     ``--resume``; ValueError naming the file and the field when it was made with other settings, whose runs would
-    not be comparable with the ones still to come."""
+    not be comparable with the ones still to come. ``digests`` (the shards' and embeddings' content digests) must
+    match the report's too; a report written before they were recorded is resumed with a warning on stderr."""
     report = json.loads(Path(path).read_text())
     for key, want in (("dataset", dataset), ("config", config), ("shards", shards),
                       ("teacher_embeddings", embeddings), ("overrides", overrides)):
         if report.get(key) != want:
             raise ValueError(f"{path}: cannot resume, its {key} is {report.get(key)!r}, this run's is {want!r}")
+    if digests is not None:
+        earlier = report.get("content_digests")
+        if earlier is None:
+            print(f"[quality] warning: {path} records no content digests of its shards (written before they were "
+                  f"recorded): cannot check that {shards} still holds the teachers its runs distilled from",
+                  file=sys.stderr, flush=True)
+        else:
+            for key in ("shards", "teacher_embeddings"):
+                if earlier.get(key) != digests.get(key):
+                    raise ValueError(f"{path}: cannot resume, its runs distilled from {key} with content digest "
+                                     f"{earlier.get(key)!r}, the files at the same path now have {digests.get(key)!r} "
+                                     f"(rebuilt teachers: start a new --out)")
     return {name: {r["seed"]: r for r in res["runs"]}
             for name, res in report.get("results", {}).items() if "from" not in res}
 
@@ -278,6 +300,7 @@ def _write(args, split, base, shards, teachers, embeddings, results, t_all, tabl
     write_json_atomic(args.out, {
         "dataset": split.data.name, "config": base, "seeds": list(range(args.first_seed, args.first_seed + args.seeds)),
         "shards": shards, "teachers": teachers, "teacher_embeddings": embeddings, "overrides": args.set,
+        "content_digests": getattr(args, "report_digests", None),
         "results": results, "table": table, "complete": table is not None,
         "seconds": time.perf_counter() - t_all, "command": args.command,
         "commands": [*getattr(args, "commands", []), args.command]})

@@ -3,8 +3,9 @@
 On a small machine one grid is run in lanes side by side (each lane its own ``--out``, one intra-op thread);
 this joins them into one report for ``quality_grid.py`` and the RESULTS tables. Reports merge only when their
 runs are comparable: the same dataset, config, shards, teacher embeddings, ``--set`` overrides and seeds; a
-variant may appear in more than one report only with the same runs (a borrowed baseline, say). Anything else
-is an error naming the file and the field.
+variant may appear in more than one report only with the same runs (a borrowed baseline, say), and reports that
+record the content digests of their shards and embeddings must record the same ones. Anything else is an error
+naming the file and the field.
 
     .venv/bin/python benchmarks/quality_merge.py lane-a.json lane-b.json --out grid.json
 """
@@ -36,6 +37,17 @@ def merge(paths: list[str]) -> dict:
         for key in SAME:
             if r[key] != first[key]:
                 raise ValueError(f"{p}: its {key} is {r[key]!r}, {paths[0]}'s is {first[key]!r}: runs not comparable")
+    # content digests (reports since 2026-12-06): two lanes at one shards path may still have seen other files
+    digests = [(p, r.get("content_digests")) for p, r in zip(paths, reports)]
+    known = [(p, d) for p, d in digests if d is not None]
+    for p, d in known[1:]:
+        if d != known[0][1]:
+            raise ValueError(f"{p}: its content_digests are {d!r}, {known[0][0]}'s are {known[0][1]!r}: "
+                             f"the lanes distilled from different files at the same paths")
+    unchecked = [p for p, d in digests if d is None]
+    if unchecked and len(paths) > 1:
+        print(f"warning: {', '.join(unchecked)} record no content digests: cannot check that every lane "
+              f"distilled from the same files", file=sys.stderr)
     results: dict[str, dict] = {}
     source: dict[str, str] = {}
     for p, r in zip(paths, reports):
@@ -48,7 +60,8 @@ def merge(paths: list[str]) -> dict:
     from quality import earlier_commands, in_report_order, variants
 
     order = list(variants(first["teachers"], bool(first["teacher_embeddings"]), 0.0, 0))
-    return {**{k: first[k] for k in SAME}, "results": in_report_order(results, order), "table": None,
+    return {**{k: first[k] for k in SAME}, "content_digests": None if unchecked else known[0][1],
+            "results": in_report_order(results, order), "table": None,
             "complete": all(r.get("complete", False) for r in reports),
             "seconds": sum(r.get("seconds", 0.0) for r in reports),
             "commands": [c for p in paths for c in earlier_commands(p)], "merged_from": list(paths)}

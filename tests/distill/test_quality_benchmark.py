@@ -70,6 +70,23 @@ def test_resume_refuses_a_report_made_with_other_settings(tmp_path, field, value
     assert str(path) in str(err.value)
 
 
+def test_resume_checks_the_content_digests_of_the_shards(tmp_path, capsys, load_benchmark):
+    """Same paths, other files (a rebuilt teacher pipeline): refused; a report from before digests: a warning."""
+    q = load_benchmark("quality")
+    args = ("ml-latest-small", "distill-caser-ml", "s", [], ["optim.lr=2e-3"])
+    seen = {"shards": "aa", "teacher_embeddings": []}
+    path = _unfinished(tmp_path / "r.json", content_digests=seen)
+    assert set(q.finished_runs(str(path), *args, dict(seen))) == {"conf+cons"}
+    with pytest.raises(ValueError, match="its runs distilled from shards with content digest 'aa'.*now have 'bb'") as err:
+        q.finished_runs(str(path), *args, {"shards": "bb", "teacher_embeddings": []})
+    assert str(path) in str(err.value)
+    with pytest.raises(ValueError, match="teacher_embeddings with content digest"):
+        q.finished_runs(str(path), *args, {"shards": "aa", "teacher_embeddings": ["cc"]})
+    legacy = _unfinished(tmp_path / "legacy.json")
+    assert set(q.finished_runs(str(legacy), *args, dict(seen))) == {"conf+cons"}
+    assert "records no content digests" in capsys.readouterr().err
+
+
 def test_run_variant_trains_only_what_was_not_kept(load_benchmark):
     q = load_benchmark("quality")
     trained, snapshots = [], []
@@ -179,6 +196,11 @@ def test_two_resumed_calls_fill_one_report(small_split, shards, tmp_path, monkey
     assert q.main([*common, "--only", "teacher pop alone"]) == 0
     first = json.loads(out.read_text())
     assert len(trained) == 2  # no distillation + pop alone
+    from prmkd_dist.data.shards import ShardSet
+
+    assert first["content_digests"] == {"shards": ShardSet.open(shards).content_digest(), "teacher_embeddings": []}
+    # as a report from before digests were recorded: the resumed report cannot vouch for one content any more
+    out.write_text(json.dumps({k: v for k, v in first.items() if k != "content_digests"}))
     assert q.main([*common, "--only", "all teachers, uniform"]) == 0
     assert len(trained) == 3  # only the new variant trained: the first call's runs are kept
     got = json.loads(out.read_text())
@@ -187,3 +209,4 @@ def test_two_resumed_calls_fill_one_report(small_split, shards, tmp_path, monkey
     assert got["results"]["no distillation"]["runs"] == first["results"]["no distillation"]["runs"]
     assert len(got["commands"]) == 2 and "uniform" in got["commands"][1] and got["complete"]
     assert all(r["threads"] == 1 for res in got["results"].values() for r in res["runs"])
+    assert got["content_digests"] is None

@@ -54,3 +54,18 @@ def test_merge_refuses_a_variant_with_two_different_run_sets(tmp_path, load_benc
     bad.write_text(json.dumps({"dataset": "ml-latest-small"}))
     with pytest.raises(ValueError, match="bad.json: no 'config' field"):
         m.merge([a, str(bad)])
+
+
+def test_merge_checks_the_content_digests(tmp_path, capsys, load_benchmark):
+    """Lanes at the same paths but over other files are refused; a lane without digests leaves the merge unchecked."""
+    m = load_benchmark("quality_merge")
+    d = {"shards": "aa", "teacher_embeddings": ["ee"]}
+    a = _lane(tmp_path / "a.json", {"x": [0]}, content_digests=d)
+    b = _lane(tmp_path / "b.json", {"y": [0]}, content_digests=dict(d))
+    assert m.merge([a, b])["content_digests"] == d
+    c = _lane(tmp_path / "c.json", {"z": [0]}, content_digests={**d, "shards": "bb"})
+    with pytest.raises(ValueError, match="c.json: its content_digests are .*bb.*a.json's are"):
+        m.merge([a, c])
+    legacy = _lane(tmp_path / "legacy.json", {"z": [0]})
+    assert m.merge([a, legacy])["content_digests"] is None
+    assert "legacy.json record no content digests" in capsys.readouterr().err
