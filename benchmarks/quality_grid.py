@@ -119,15 +119,43 @@ def _cell_text(c: dict | None) -> str:
     return text
 
 
+def row_label(variant: str, teachers: list[str]) -> str:
+    """The row a variant shows in: a single-teacher variant by the teacher's place in its report's teacher list
+    ("teacher #2 alone"), so that columns with other teachers line up (the cell names the teacher)."""
+    if is_single_teacher(variant):
+        name, _, rest = variant[len("teacher "):].partition(" alone")
+        if name in teachers:
+            return f"teacher #{teachers.index(name) + 1} alone{rest}"
+    return variant
+
+
 def render(cols: list[dict], metric: str, goal_rows: list[dict]) -> str:
-    variants: list[str] = []
+    rows: list[str] = []
+    by_row = []  # per column {row label: (variant, cell)}
     for col in cols:
-        variants += [v for v in col["cells"] if v not in variants]
+        cells = {row_label(v, col["teachers"]): (v, c) for v, c in col["cells"].items()}
+        rows += [r for r in cells if r not in rows]
+        by_row.append(cells)
+    # quality.py's report order over teachers #1..#n; names it does not know last, as they came
+    sys.path.insert(0, str(Path(__file__).resolve().parent))
+    from quality import variants
+
+    n = max((len(c["teachers"]) for c in cols), default=0)
+    order = list(variants([f"#{i + 1}" for i in range(n)], True, 0.0, 0))
+    rows.sort(key=lambda r: order.index(r) if r in order else len(order))
+
+    def text(entry) -> str:
+        if entry is None:
+            return "not run"
+        variant, cell = entry
+        named = variant[len("teacher "):].partition(" alone")[0] + ": " if is_single_teacher(variant) else ""
+        return named + _cell_text(cell)
+
     heads = [f"{c['dataset']} {c['student']} ({' + '.join(c['teachers'])})" for c in cols]
     lines = [f"| variant ({metric}, mean ± std, vs no KD) | " + " | ".join(heads) + " |",
              "|---|" + "---:|" * len(cols)]
-    for v in variants:
-        lines.append(f"| {v} | " + " | ".join(_cell_text(c["cells"].get(v)) for c in cols) + " |")
+    for r in rows:
+        lines.append(f"| {r} | " + " | ".join(text(cells.get(r)) for cells in by_row) + " |")
 
     def fmt(x, suffix=" %"):
         return "-" if x is None else f"{x:+.1f}{suffix}"

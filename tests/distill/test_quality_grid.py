@@ -81,7 +81,8 @@ def test_main_prints_the_grid_and_writes_json(tmp_path, load_benchmark, capsys):
     assert g.main([first, second, "--teacher", "ml-latest-small:a=0.06", "--teacher", "ml-latest-small:c=0.5",
                    "--out", str(out)]) == 0
     printed = capsys.readouterr().out
-    assert "| teacher b alone | 0.0700 ± 0.0000 (+40.0 %) | not run |" in printed
+    # single-teacher rows by the teacher's place in each report's list, the cell naming the teacher
+    assert "| teacher #2 alone | b: 0.0700 ± 0.0000 (+40.0 %) | not run |" in printed
     assert "| all teachers, uniform | 0.0630 ± 0.0014 (+26.0 %) | 0.0550 ± 0.0000 (+10.0 %) |" in printed
     report = json.loads(out.read_text())
     assert [c["student"] for c in report["columns"]] == ["caser", "sasrec"]
@@ -103,3 +104,26 @@ def test_bad_input_is_refused_with_the_file_or_spec(tmp_path, load_benchmark):
     with pytest.raises(ValueError, match="has a run without 'test MRR'"):
         path = _grid_report(tmp_path / "r.json")
         g.column(path, g.load_report(path), "test MRR")
+
+
+def test_single_teacher_rows_line_up_across_teacher_sets(tmp_path, capsys, load_benchmark):
+    """Two reports with other second teachers: their "alone" rows share a row, each cell naming its teacher."""
+    g = load_benchmark("quality_grid")
+    ml = _report(tmp_path / "ml.json", {"no distillation": _runs([0.05], [0.05]),
+                                        "teacher slist alone": _runs([0.06], [0.06]),
+                                        "teacher unisrec alone": _runs([0.055], [0.055]),
+                                        "teacher unisrec alone + embedding distillation": _runs([0.07], [0.07])},
+                 seeds=(0,), teachers=("slist", "unisrec"))
+    games = _report(tmp_path / "games.json", {"no distillation": _runs([0.04], [0.04]),
+                                              "teacher id-transformer alone": _runs([0.05], [0.05])},
+                    seeds=(0,), teachers=("slist", "id-transformer"))
+    assert g.main([ml, games]) == 0
+    printed = capsys.readouterr().out
+    assert "| teacher #1 alone | slist: 0.0600 ± 0.0000 (+20.0 %) | not run |" in printed
+    assert "| teacher #2 alone | unisrec: 0.0550 ± 0.0000 (+10.0 %) | id-transformer: 0.0500 ± 0.0000 (+25.0 %) |" in printed
+    assert "| teacher #2 alone + embedding distillation | unisrec: 0.0700" in printed
+    rows = [line.split(" | ")[0] for line in printed.splitlines() if line.startswith("| ")]
+    assert rows[1:5] == ["| no distillation", "| teacher #1 alone", "| teacher #2 alone",
+                         "| teacher #2 alone + embedding distillation"]  # quality.py's order, whichever column has what
+    assert g.row_label("teacher zz alone", ["a"]) == "teacher zz alone"  # not among its teachers: as it is
+    assert g.row_label("all teachers, uniform", ["a"]) == "all teachers, uniform"
