@@ -119,11 +119,17 @@ def _cell_text(c: dict | None) -> str:
     return text
 
 
+def _teacher_and_rest(variant: str) -> tuple[str, str]:
+    """("slist", " + embedding distillation") for "teacher slist alone + embedding distillation"."""
+    name, _, rest = variant[len("teacher "):].partition(" alone")
+    return name, rest
+
+
 def row_label(variant: str, teachers: list[str]) -> str:
     """The row a variant shows in: a single-teacher variant by the teacher's place in its report's teacher list
     ("teacher #2 alone"), so that columns with other teachers line up (the cell names the teacher)."""
     if is_single_teacher(variant):
-        name, _, rest = variant[len("teacher "):].partition(" alone")
+        name, rest = _teacher_and_rest(variant)
         if name in teachers:
             return f"teacher #{teachers.index(name) + 1} alone{rest}"
     return variant
@@ -148,7 +154,7 @@ def render(cols: list[dict], metric: str, goal_rows: list[dict]) -> str:
         if entry is None:
             return "not run"
         variant, cell = entry
-        named = variant[len("teacher "):].partition(" alone")[0] + ": " if is_single_teacher(variant) else ""
+        named = _teacher_and_rest(variant)[0] + ": " if is_single_teacher(variant) else ""
         return named + _cell_text(cell)
 
     heads = [f"{c['dataset']} {c['student']} ({' + '.join(c['teachers'])})" for c in cols]
