@@ -48,6 +48,24 @@ def ml_small_split(ml_small: InteractionData) -> LeaveOneOutSplit:
 
 
 @pytest.fixture(scope="session")
+def ml_tiny(ml_small: InteractionData) -> InteractionData:
+    """The first 12 real users of ml-latest-small over only the items they interacted with (1,004; ids 0..C'-1 in
+    raw-id order): closed-form teachers fit in well under a second. Do not mutate its arrays."""
+    import numpy as np
+
+    num_users = 12
+    end = int(ml_small.offsets[num_users])
+    kept = np.unique(ml_small.items[:end])
+    remap = np.full(ml_small.num_items, -1, dtype=np.int64)
+    remap[kept] = np.arange(len(kept))
+    return InteractionData(name="ml-tiny", num_users=num_users, num_items=len(kept),
+                           offsets=ml_small.offsets[:num_users + 1].copy(), items=remap[ml_small.items[:end]],
+                           timestamps=ml_small.timestamps[:end], item_raw_ids=ml_small.item_raw_ids[kept],
+                           user_raw_ids=ml_small.user_raw_ids[:num_users],
+                           item_text=[ml_small.item_text[i] for i in kept] if ml_small.item_text is not None else None)
+
+
+@pytest.fixture(scope="session")
 def load_benchmark():
     """``load_benchmark("quality")``: the module of ``benchmarks/quality.py`` (benchmarks are scripts, not a package)."""
     import importlib.util

@@ -100,7 +100,10 @@ def _device_of(teacher) -> torch.device:
 
 def teacher_digest(teacher) -> str:
     """sha256 of the teacher's class and weights (state_dict bytes): a resumed export refuses to mix the
-    parts of two different teachers. About a second per GB of weights."""
+    parts of two different teachers. About a second per GB of weights. Precomputed lists give their own
+    ``digest`` (of the lists)."""
+    if isinstance(getattr(teacher, "digest", None), str):
+        return teacher.digest
     h = hashlib.sha256(f"{type(teacher).__module__}.{type(teacher).__qualname__}".encode())
     if isinstance(teacher, torch.nn.Module):
         for name, t in sorted(teacher.state_dict().items()):
@@ -110,9 +113,17 @@ def teacher_digest(teacher) -> str:
     return h.hexdigest()[:16]
 
 
+def _precomputed(teacher) -> Callable | None:
+    """A teacher whose lists were computed elsewhere (``prmkd_dist.teachers.crossfit``) hands them out through
+    ``example_topk(keys, starts, split, k) -> (ids, scores)`` instead of scoring histories."""
+    fn = getattr(teacher, "example_topk", None)
+    return fn if callable(fn) else None
+
+
 def _check_teacher(teacher, split: LeaveOneOutSplit, name: str | None, k: int) -> str:
-    if not callable(getattr(teacher, "score", None)):
-        raise ExportError(f"{type(teacher).__qualname__}: a teacher needs a score(history [B, L]) -> [B, C] method")
+    if not callable(getattr(teacher, "score", None)) and _precomputed(teacher) is None:
+        raise ExportError(f"{type(teacher).__qualname__}: a teacher needs a score(history [B, L]) -> [B, C] method "
+                          "(or example_topk(keys, starts, split, k) for precomputed lists)")
     name = name or getattr(teacher, "name", None)
     if not name:
         raise ExportError(f"{type(teacher).__qualname__} has no `name`: pass name=...")
@@ -186,7 +197,11 @@ def score_topk(teacher, keys: np.ndarray, starts: np.ndarray, split: LeaveOneOut
     """Top-``k`` (ids [n, k] int64, scores [n, k] float32) of examples ``keys`` (module doc for the rule);
     slots beyond a row's candidates: id PAD_ID, score 0.0. A whole-prefix teacher (``input_len`` None) that
     exposes ``additive_rows()`` (score = sum of those rows over the distinct history items) is scored
-    incrementally along each user's prefixes; ``first`` = :func:`first_occurrences` (computed if None)."""
+    incrementally along each user's prefixes; ``first`` = :func:`first_occurrences` (computed if None). Precomputed
+    lists (``example_topk``, e.g. cross-fitted ones) are looked up, not scored."""
+    precomputed = _precomputed(teacher)
+    if precomputed is not None:
+        return precomputed(keys, starts, split, k)
     n = len(keys)
     targets = split.train_items[keys]
     additive = getattr(teacher, "additive_rows", None)

@@ -11,7 +11,8 @@ Teacher configs (``prmkd_dist/configs/teachers/<kind>[_variant]-<ml|games>.yaml`
                                   #   recent: N reads only the N most recent items; transition: l2 or l2_grid,
                                   #   window, decay, alpha > 0 for SLIST)
     train: {lr: 1.0e-3, ...}      # fit_teacher keywords (neural teachers only)
-    export: {k: 50, max_history: 200, batch_size: 512}
+    export: {k: 50, max_history: 200, batch_size: 512}   # + cross_fit: N exports out-of-fold lists: each example's
+                                  #   from one of N teachers fitted without its user (prmkd_dist.teachers.crossfit)
     distill: {teacher: slist, temperature: 2.0, ...}   # optional, neural teachers: also learn from another teacher
                                   #   of the same pipeline (its export = the distill shards; it is trained and
                                   #   exported first); the other keys are the trainer's `distill` section
@@ -57,12 +58,12 @@ DATASET_TEACHERS = {
 # strongest there), stay out of the default set until the default multi-teacher recipe is measured with them.
 EXTRA_TEACHERS = {
     "ml-latest-small": ("transition-ml", "transition_slist-ml"),
-    "amazon-games": ("transition-games", "ease-games"),
+    "amazon-games": ("transition-games", "ease-games", "transition_slist_oof-games"),
 }
 _SECTIONS = {"name", "kind", "dataset", "hparams", "train", "export", "distill", "fast"}
 _TRAIN_KEYS = {"lr", "batch_size", "epochs", "patience", "eval_every", "weight_decay", "grad_clip", "seed", "num_threads",
                "windows"}
-_EXPORT_KEYS = {"k", "max_history", "batch_size", "rows_per_file"}
+_EXPORT_KEYS = {"k", "max_history", "batch_size", "rows_per_file", "cross_fit"}
 COST_COLUMNS = ["NDCG@10", "HR@10", "NDCG@20", "HR@20", "params", "ms/1k users", "train s"]
 
 
@@ -152,7 +153,14 @@ def load_teacher_config(name_or_path: str | os.PathLike, fast: bool = False) -> 
         raise TeacherConfigError(f"{path}: fast.{sorted(bad_fast)[0]}: only hparams, train and export can be overridden")
     if raw["kind"] in CLOSED_FORM and sections["train"]:
         raise TeacherConfigError(f"{path}: {raw['kind']} has a closed form; 'train' must be empty")
+    folds = sections["export"].get("cross_fit")
+    if folds is not None and (isinstance(folds, bool) or not isinstance(folds, int) or folds < 2):
+        raise TeacherConfigError(f"{path}: export.cross_fit must be an int >= 2 (the number of user folds), got {folds!r}")
     distill = copy.deepcopy(raw.get("distill") or {})
+    if distill and folds is not None:
+        # a fold teacher would distil from lists that hold its held-out users' examples: they would not be held out
+        raise TeacherConfigError(f"{path}: export.cross_fit and distill together are not supported (the source's lists "
+                                 "cover the held-out users)")
     if distill:
         if raw["kind"] in CLOSED_FORM:
             raise TeacherConfigError(f"{path}: {raw['kind']} has a closed form; only neural teachers take 'distill'")
@@ -356,6 +364,24 @@ def _trained_teacher(cfg: TeacherConfig, split: LeaveOneOutSplit, model_dir: Pat
     return teacher, "trained"
 
 
+def _cross_fitted(cfg: TeacherConfig, split: LeaveOneOutSplit, teacher, folds: int, out: Path, progress: bool, log):
+    """The out-of-fold lists of ``cfg`` (its fold teachers fitted as the pipeline fits it; finished folds kept in
+    ``exports/.<name>-folds`` and reused while the config is unchanged); embeddings: the full teacher's."""
+    from prmkd_dist.teachers.crossfit import cross_fit_lists
+
+    emb_fn = getattr(teacher, "item_embeddings", None)
+    with torch.no_grad():
+        emb = emb_fn() if callable(emb_fn) else None
+    fit_key = json.dumps(cfg.resolved(), sort_keys=True, default=str)
+    return cross_fit_lists(lambda sub: train_teacher(cfg, sub, progress=progress,
+                                                     work_dir=out / "models" / f".{cfg.name}-fold-run"),
+                           split, name=cfg.name, folds=folds, k=int(cfg.export.get("k", 50)),
+                           max_history=int(cfg.export.get("max_history", 200)),
+                           batch_size=int(cfg.export.get("batch_size", 512)),
+                           work_dir=out / "exports" / f".{cfg.name}-folds", fit_key=fit_key, log=log,
+                           embeddings=None if emb is None else emb.detach().float().cpu())
+
+
 def run_teacher_pipeline(dataset: str, out_dir: str | os.PathLike | None = None, fast: bool = False, *,
                          teachers: list[str] | None = None, pretrained: dict[str, str] | None = None,
                          progress: bool = True, log=print) -> dict:
@@ -399,10 +425,19 @@ def run_teacher_pipeline(dataset: str, out_dir: str | os.PathLike | None = None,
         stage[f"train {cfg.name}"] = time.perf_counter() - t0
         from prmkd_dist.teachers.export import export_teacher_shards
 
-        log(f"[teachers] {cfg.name}: {how}; export top-{cfg.export.get('k', 50)}")
+        export_kw = {k: v for k, v in cfg.export.items() if k != "cross_fit"}
+        folds = cfg.export.get("cross_fit")
+        lists = teacher
+        if folds:
+            log(f"[teachers] {cfg.name}: cross-fit {folds} folds")
+            t0 = time.perf_counter()
+            lists = _cross_fitted(cfg, split, teacher, folds, out, progress, log)
+            stage[f"cross-fit {cfg.name}"] = time.perf_counter() - t0
+        log(f"[teachers] {cfg.name}: {how}; export top-{cfg.export.get('k', 50)}" + (" (out-of-fold)" if folds else ""))
         t0 = time.perf_counter()
-        exp = export_teacher_shards(teacher, split, out / "exports" / cfg.name, name=cfg.name, progress=progress,
-                                    replace_stale=True, **cfg.export)
+        exp = export_teacher_shards(lists, split, out / "exports" / cfg.name, name=cfg.name, progress=progress,
+                                    replace_stale=True, **export_kw)
+        del lists
         stage[f"export {cfg.name}"] = time.perf_counter() - t0
         exports.append(exp["out_dir"])
         log(f"[teachers] {cfg.name}: {exp['num_rows']} rows; evaluate")
@@ -414,7 +449,8 @@ def run_teacher_pipeline(dataset: str, out_dir: str | os.PathLike | None = None,
             "kind": cfg.kind, "config": cfg.source, "model_dir": pretrained.get(cfg.name) or str(out / "models" / cfg.name),
             "how": how, "train_seconds": teacher.info.get("train_seconds_total", teacher.info.get("train_seconds",
                                                                                                teacher.info.get("fit_seconds"))),
-            "score_semantics": exp["score_semantics"], "export": {k: v for k, v in exp.items() if k != "out_dir"},
+            "score_semantics": exp["score_semantics"],
+            "export": {**{k: v for k, v in exp.items() if k != "out_dir"}, "cross_fit": folds},
             "metrics": metrics, "info": teacher.info,
         }
         del teacher  # EASE at C = 24k is 2.2 GB: hold one teacher at a time

@@ -18,23 +18,10 @@ from prmkd_dist.teachers.pipeline import (CONFIG_DIR, DATASET_TEACHERS, EXTRA_TE
 ML_TEACHERS = list(DATASET_TEACHERS["ml-latest-small"])
 
 
-def remapped_subset(data: InteractionData, num_users: int) -> InteractionData:
-    """The first ``num_users`` users over only the items they interacted with (ids 0..C'-1 in raw-id order)."""
-    end = int(data.offsets[num_users])
-    kept = np.unique(data.items[:end])
-    remap = np.full(data.num_items, -1, dtype=np.int64)
-    remap[kept] = np.arange(len(kept))
-    return InteractionData(name="ml-tiny", num_users=num_users, num_items=len(kept),
-                           offsets=data.offsets[:num_users + 1].copy(), items=remap[data.items[:end]],
-                           timestamps=data.timestamps[:end], item_raw_ids=data.item_raw_ids[kept],
-                           user_raw_ids=data.user_raw_ids[:num_users],
-                           item_text=[data.item_text[i] for i in kept] if data.item_text is not None else None)
-
-
 @pytest.fixture(scope="module")
-def tiny_dir(ml_small, tmp_path_factory):
+def tiny_dir(ml_tiny, tmp_path_factory):
     path = tmp_path_factory.mktemp("ml-tiny")
-    remapped_subset(ml_small, 12).save(str(path))
+    ml_tiny.save(str(path))
     return path
 
 

@@ -1,0 +1,160 @@
+"""Cross-fitted (out-of-fold) teacher lists on 12 real ml-latest-small users (1,004 items, so SLIST fits in well
+under a second): folds over users, the split without a fold, lists equal to a teacher fitted without the example's
+user (and not to the in-sample teacher's), export + resume, the fold cache, the pipeline's ``export.cross_fit``."""
+from __future__ import annotations
+
+import numpy as np
+import pyarrow as pa
+import pytest
+
+from prmkd_dist.constants import PAD_ID
+from prmkd_dist.data.dataset import LeaveOneOutSplit
+from prmkd_dist.data.shards import ShardSet, list_parts, validate_shards
+from prmkd_dist.teachers import ItemTransition
+from prmkd_dist.teachers.crossfit import CrossFitError, cross_fit_lists, user_folds, without_users
+from prmkd_dist.teachers.export import ExportError, example_index, export_teacher_shards, score_topk
+from prmkd_dist.teachers.pipeline import (TeacherConfigError, load_teacher_config, measure_teacher,
+                                          run_teacher_pipeline)
+
+SLIST = dict(l2=20.0, window=5, decay=2.0, alpha=0.2)
+
+
+@pytest.fixture(scope="module")
+def split(ml_tiny) -> LeaveOneOutSplit:
+    return LeaveOneOutSplit.of(ml_tiny)
+
+
+def read_all(root) -> pa.Table:
+    return pa.concat_tables([t for _, _, t in ShardSet.open(str(root)).iter_row_groups()])
+
+
+def fit_slist(sub: LeaveOneOutSplit) -> ItemTransition:
+    return ItemTransition.fit(sub, name="slist", **SLIST)
+
+
+def test_user_folds_partition_the_users_reproducibly():
+    f = user_folds(103, 4, seed=0)
+    assert f.shape == (103,) and set(f.tolist()) == {0, 1, 2, 3}
+    assert sorted(np.bincount(f).tolist()) == [25, 26, 26, 26]
+    np.testing.assert_array_equal(f, user_folds(103, 4, seed=0))
+    assert not np.array_equal(f, user_folds(103, 4, seed=1))
+    assert not np.array_equal(f, np.arange(103) % 4)  # shuffled, not by id order
+    for bad in (1, 0, 2.0, True):
+        with pytest.raises(CrossFitError, match="folds must be an int >= 2"):
+            user_folds(10, bad)
+    with pytest.raises(CrossFitError, match="5 folds for 3 users"):
+        user_folds(3, 5)
+
+
+def test_without_users_removes_their_sequences_and_targets(split):
+    drop = np.zeros(split.data.num_users, dtype=bool)
+    drop[[1, 4, 7]] = True
+    sub = without_users(split, drop)
+    assert sub.data is split.data and len(sub.train_offsets) == len(split.train_offsets)
+    for u in range(split.data.num_users):
+        if drop[u]:
+            assert len(sub.train_sequence(u)) == 0
+            assert sub.valid_target[u] == PAD_ID and sub.test_target[u] == PAD_ID
+        else:
+            np.testing.assert_array_equal(sub.train_sequence(u), split.train_sequence(u))
+            assert sub.valid_target[u] == split.valid_target[u] and sub.test_target[u] == split.test_target[u]
+    assert len(sub.train_items) == len(split.train_items) - sum(len(split.train_sequence(u)) for u in (1, 4, 7))
+    assert set(sub.eval_users("valid").tolist()).isdisjoint({1, 4, 7})
+    with pytest.raises(CrossFitError, match="drop mask has shape"):
+        without_users(split, drop[:-1])
+
+
+def test_lists_come_from_the_teacher_fitted_without_the_user(split):
+    folds = 3
+    lists = cross_fit_lists(fit_slist, split, name="slist", folds=folds, k=10, max_history=50, batch_size=64,
+                            log=lambda *_: None)
+    keys, users, starts, _ = example_index(split)
+    np.testing.assert_array_equal(lists.keys, keys)
+    assert lists.ids.shape == (len(keys), 10) and lists.score_semantics == "similarity"
+    fold_of = user_folds(split.data.num_users, folds)
+    full = fit_slist(split)
+    differs = 0
+    for f in range(folds):
+        rows = np.flatnonzero(fold_of[users] == f)
+        assert len(rows) > 0
+        held_out = fit_slist(without_users(split, fold_of == f))
+        ids, scores = score_topk(held_out, keys[rows], starts[rows], split, 10, held_out.max_len, held_out.B.device)
+        np.testing.assert_array_equal(lists.ids[rows], ids)
+        np.testing.assert_allclose(lists.scores[rows], scores, rtol=1e-6, atol=1e-6)
+        in_ids, _ = score_topk(full, keys[rows], starts[rows], split, 10, full.max_len, full.B.device)
+        differs += int((in_ids != ids).any(axis=1).sum())
+    assert differs > len(keys) // 2  # the in-sample teacher ranks otherwise: the held-out fits are not the full one
+    # looked up by key, any order, any k up to the lists' k
+    pick = keys[[5, 0, 17]]
+    ids, scores = lists.example_topk(pick, starts[[5, 0, 17]], split, 4)
+    np.testing.assert_array_equal(ids, lists.ids[[5, 0, 17], :4])
+    with pytest.raises(CrossFitError, match="hold the top-10, top-11 asked"):
+        lists.example_topk(pick, starts[[5, 0, 17]], split, 11)
+    with pytest.raises(CrossFitError, match="example_key 999999 has no cross-fitted list"):
+        lists.example_topk(np.array([999999]), np.array([0]), split, 4)
+
+
+def test_export_of_cross_fitted_lists_and_resume(split, tmp_path):
+    lists = cross_fit_lists(fit_slist, split, name="slist", folds=2, k=10, log=lambda *_: None)
+    out = tmp_path / "oof"
+    report = export_teacher_shards(lists, split, out, name="slist", k=10, progress=False, rows_per_file=500)
+    assert report["num_rows"] == len(lists.keys) and report["score_semantics"] == "similarity"
+    validate_shards(str(out), num_items=split.data.num_items, item_fingerprint=split.data.fingerprint)
+    off, val = list_parts(read_all(out).column("teacher.slist.ids"))
+    np.testing.assert_array_equal(val[off[0]:off[-1]].reshape(-1, 10), lists.ids)
+    # the same lists resume; other lists (another fold count) are refused as another teacher
+    again = export_teacher_shards(lists, split, out, name="slist", k=10, progress=False, rows_per_file=500)
+    assert again["parts_skipped"] == list(range(report["num_parts"]))
+    other = cross_fit_lists(fit_slist, split, name="slist", folds=3, k=10, log=lambda *_: None)
+    with pytest.raises(ExportError, match="teacher_digest"):
+        export_teacher_shards(other, split, out, name="slist", k=10, progress=False, rows_per_file=500)
+
+
+def test_fold_cache_reuses_finished_folds(split, tmp_path):
+    calls = []
+
+    def counting_fit(sub):
+        calls.append(int(np.diff(sub.train_offsets).astype(bool).sum()))
+        return fit_slist(sub)
+
+    kw = dict(name="slist", folds=3, k=8, work_dir=tmp_path / "folds", fit_key="a", log=lambda *_: None)
+    first = cross_fit_lists(counting_fit, split, **kw)
+    assert len(calls) == 3
+    second = cross_fit_lists(counting_fit, split, **kw)
+    assert len(calls) == 3 and second.digest == first.digest  # every fold read back, none refitted
+    (tmp_path / "folds" / "fold-01.json").unlink()  # an interrupted run: only that fold is fitted again
+    third = cross_fit_lists(counting_fit, split, **kw)
+    assert len(calls) == 4 and third.digest == first.digest
+    cross_fit_lists(counting_fit, split, **{**kw, "fit_key": "b"})  # another teacher config: every fold refitted
+    assert len(calls) == 7
+
+
+def test_pipeline_cross_fit_config(ml_tiny, split, tmp_path):
+    cfg = tmp_path / "slist-oof.yaml"
+    cfg.write_text("name: slist-oof\nkind: transition\ndataset: ml-latest-small\n"
+                   "hparams: {l2: 20.0, window: 5, decay: 2.0, alpha: 0.2}\nexport: {k: 10, cross_fit: 2}\n")
+    out = tmp_path / "teachers"
+    ml_tiny.save(str(tmp_path / "data"))
+    report = run_teacher_pipeline(str(tmp_path / "data"), out, teachers=[str(cfg)], progress=False, log=lambda *_: None)
+    t = report["teachers"]["slist-oof"]
+    assert t["export"]["cross_fit"] == 2 and "cross-fit slist-oof" in report["stage_seconds"]
+    assert len(list((out / "exports" / ".slist-oof-folds").glob("fold-*.npz"))) == 2
+    expected = cross_fit_lists(lambda s: ItemTransition.fit(s, name="slist-oof", **SLIST), split,
+                               name="slist-oof", folds=2, k=10, log=lambda *_: None)
+    off, val = list_parts(read_all(out / "shards").column("teacher.slist-oof.ids"))
+    np.testing.assert_array_equal(val[off[0]:off[-1]].reshape(-1, 10), expected.ids)
+    # the metrics are the full teacher's (fitted on every user), not a fold's
+    full = ItemTransition.fit(split, name="x", **SLIST)
+    assert t["metrics"]["valid"]["NDCG@10"] == pytest.approx(measure_teacher(full, split)["valid"]["NDCG@10"])
+
+
+def test_cross_fit_config_errors(tmp_path):
+    bad = tmp_path / "bad.yaml"
+    for value in ("1", "true", "2.5"):
+        bad.write_text(f"name: x\nkind: transition\ndataset: d\nexport: {{cross_fit: {value}}}\n")
+        with pytest.raises(TeacherConfigError, match="bad.yaml: export.cross_fit must be an int >= 2"):
+            load_teacher_config(bad)
+    bad.write_text("name: x\nkind: id_transformer\ndataset: d\nexport: {cross_fit: 3}\ndistill: {teacher: slist}\n")
+    with pytest.raises(TeacherConfigError, match="bad.yaml: export.cross_fit and distill together"):
+        load_teacher_config(bad)
+    assert load_teacher_config("transition_slist_oof-games").export["cross_fit"] == 3
