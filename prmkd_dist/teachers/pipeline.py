@@ -364,22 +364,18 @@ def _trained_teacher(cfg: TeacherConfig, split: LeaveOneOutSplit, model_dir: Pat
     return teacher, "trained"
 
 
-def _cross_fitted(cfg: TeacherConfig, split: LeaveOneOutSplit, teacher, folds: int, out: Path, progress: bool, log):
+def _cross_fitted(cfg: TeacherConfig, split: LeaveOneOutSplit, folds: int, out: Path, progress: bool, log):
     """The out-of-fold lists of ``cfg`` (its fold teachers fitted as the pipeline fits it; finished folds kept in
-    ``exports/.<name>-folds`` and reused while the config is unchanged); embeddings: the full teacher's."""
+    ``exports/.<name>-folds`` and reused while the config is unchanged)."""
     from prmkd_dist.teachers.crossfit import cross_fit_lists
 
-    emb_fn = getattr(teacher, "item_embeddings", None)
-    with torch.no_grad():
-        emb = emb_fn() if callable(emb_fn) else None
     fit_key = json.dumps(cfg.resolved(), sort_keys=True, default=str)
     return cross_fit_lists(lambda sub: train_teacher(cfg, sub, progress=progress,
                                                      work_dir=out / "models" / f".{cfg.name}-fold-run"),
                            split, name=cfg.name, folds=folds, k=int(cfg.export.get("k", 50)),
                            max_history=int(cfg.export.get("max_history", 200)),
                            batch_size=int(cfg.export.get("batch_size", 512)),
-                           work_dir=out / "exports" / f".{cfg.name}-folds", fit_key=fit_key, log=log,
-                           embeddings=None if emb is None else emb.detach().float().cpu())
+                           work_dir=out / "exports" / f".{cfg.name}-folds", fit_key=fit_key, log=log)
 
 
 def run_teacher_pipeline(dataset: str, out_dir: str | os.PathLike | None = None, fast: bool = False, *,
@@ -419,20 +415,27 @@ def run_teacher_pipeline(dataset: str, out_dir: str | os.PathLike | None = None,
               "threads": torch.get_num_threads(), "teachers": {}, "stage_seconds": stage}
     exports = []
     for cfg in configs:
-        log(f"[teachers] {cfg.name}: train ({cfg.kind}, {Path(cfg.source).name})")
-        t0 = time.perf_counter()
-        teacher, how = _trained_teacher(cfg, split, out / "models" / cfg.name, pretrained.get(cfg.name), progress)
-        stage[f"train {cfg.name}"] = time.perf_counter() - t0
         from prmkd_dist.teachers.export import export_teacher_shards
 
         export_kw = {k: v for k, v in cfg.export.items() if k != "cross_fit"}
         folds = cfg.export.get("cross_fit")
-        lists = teacher
-        if folds:
+        lists = None
+        if folds:  # before the full teacher: one closed-form teacher in memory at a time (2.2 GB each on Games)
             log(f"[teachers] {cfg.name}: cross-fit {folds} folds")
             t0 = time.perf_counter()
-            lists = _cross_fitted(cfg, split, teacher, folds, out, progress, log)
+            lists = _cross_fitted(cfg, split, folds, out, progress, log)
             stage[f"cross-fit {cfg.name}"] = time.perf_counter() - t0
+        log(f"[teachers] {cfg.name}: train ({cfg.kind}, {Path(cfg.source).name})")
+        t0 = time.perf_counter()
+        teacher, how = _trained_teacher(cfg, split, out / "models" / cfg.name, pretrained.get(cfg.name), progress)
+        stage[f"train {cfg.name}"] = time.perf_counter() - t0
+        if lists is None:
+            lists = teacher
+        else:  # the out-of-fold lists travel with the full teacher's item embeddings
+            emb_fn = getattr(teacher, "item_embeddings", None)
+            with torch.no_grad():
+                emb = emb_fn() if callable(emb_fn) else None
+            lists.embeddings = None if emb is None else emb.detach().float().cpu()
         log(f"[teachers] {cfg.name}: {how}; export top-{cfg.export.get('k', 50)}" + (" (out-of-fold)" if folds else ""))
         t0 = time.perf_counter()
         exp = export_teacher_shards(lists, split, out / "exports" / cfg.name, name=cfg.name, progress=progress,

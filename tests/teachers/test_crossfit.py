@@ -6,10 +6,11 @@ from __future__ import annotations
 import numpy as np
 import pyarrow as pa
 import pytest
+import torch
 
 from prmkd_dist.constants import PAD_ID
 from prmkd_dist.data.dataset import LeaveOneOutSplit
-from prmkd_dist.data.shards import ShardSet, list_parts, validate_shards
+from prmkd_dist.data.shards import ShardSet, list_parts, read_teacher_embeddings, validate_shards
 from prmkd_dist.teachers import ItemTransition
 from prmkd_dist.teachers.crossfit import CrossFitError, cross_fit_lists, user_folds, without_users
 from prmkd_dist.teachers.export import ExportError, example_index, export_teacher_shards, score_topk
@@ -146,6 +147,32 @@ def test_pipeline_cross_fit_config(ml_tiny, split, tmp_path):
     # the metrics are the full teacher's (fitted on every user), not a fold's
     full = ItemTransition.fit(split, name="x", **SLIST)
     assert t["metrics"]["valid"]["NDCG@10"] == pytest.approx(measure_teacher(full, split)["valid"]["NDCG@10"])
+
+
+def test_pipeline_cross_fits_a_neural_teacher_with_the_full_ones_embeddings(ml_tiny, split, tmp_path):
+    """A trained teacher cross-fits too (each fold trained with the held-out users out of its early-stopping
+    evaluation); the export carries the full teacher's item embeddings beside the out-of-fold lists."""
+    from prmkd_dist.teachers import load_teacher
+
+    cfg = tmp_path / "idt-oof.yaml"
+    cfg.write_text("name: idt-oof\nkind: id_transformer\ndataset: ml-latest-small\n"
+                   "hparams: {dim: 16, num_layers: 1, num_heads: 2, max_len: 20}\n"
+                   "train: {epochs: 1, eval_every: 1, patience: 0, seed: 0}\nexport: {k: 10, cross_fit: 2}\n")
+    ml_tiny.save(str(tmp_path / "data"))
+    out = tmp_path / "teachers"
+    report = run_teacher_pipeline(str(tmp_path / "data"), out, teachers=[str(cfg)], progress=False, log=lambda *_: None)
+    assert report["teachers"]["idt-oof"]["export"]["cross_fit"] == 2
+    full = load_teacher(out / "models" / "idt-oof")
+    _, item_ids, emb = read_teacher_embeddings(str(out / "exports" / "idt-oof" / "embeddings"),
+                                               num_items=split.data.num_items)
+    np.testing.assert_array_equal(item_ids, np.arange(split.data.num_items))
+    np.testing.assert_allclose(emb, full.item_embeddings().detach().numpy(), rtol=1e-6, atol=1e-6)
+    keys, _, starts, _ = example_index(split)
+    with torch.no_grad():
+        full_ids, _ = score_topk(full.eval(), keys, starts, split, 10, full.max_len, torch.device("cpu"))
+    off, val = list_parts(read_all(out / "shards").column("teacher.idt-oof.ids"))
+    oof_ids = val[off[0]:off[-1]].reshape(-1, 10)
+    assert (oof_ids != full_ids).any(axis=1).mean() > 0.5  # the lists are the fold teachers', not the full one's
 
 
 def test_cross_fit_config_errors(tmp_path):
