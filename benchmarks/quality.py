@@ -104,9 +104,10 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="config override (repeatable)")
     ap.add_argument("--out", default="benchmarks/results/quality.json")
     ap.add_argument("--run-dir", default="runs/quality", help="per-run checkpoints and logs (not results)")
-    ap.add_argument("--baseline-from", metavar="JSON",
-                    help="take the no-distillation runs of these seeds from an earlier report of this script (same "
-                         "dataset and config) instead of training them again")
+    ap.add_argument("--baseline-from", metavar="JSON", nargs="+",
+                    help="take the no-distillation runs of these seeds from earlier reports of this script (same "
+                         "dataset and config; several when lanes split the baseline's seeds) instead of training "
+                         "them again")
     ap.add_argument("--resume", action="store_true",
                     help="keep the finished runs of an unfinished report at --out (same dataset, config, shards, "
                          "teacher embeddings and --set, and the same files there: the report records their content "
@@ -209,24 +210,38 @@ def main(argv: list[str] | None = None) -> int:
     return 0
 
 
-def earlier_baseline(path: str, dataset: str, config: str, seeds: list[int]) -> dict:
-    """The no-distillation runs of ``seeds`` from an earlier report; ValueError naming the file and what does
-    not match (another dataset or base config, or a seed it lacks)."""
-    report = json.loads(Path(path).read_text())
-    for key, want in (("dataset", dataset), ("config", config)):
-        if report.get(key) != want:
-            raise ValueError(f"{path}: its {key} is {report.get(key)!r}, this run's is {want!r}")
-    earlier = report.get("results", {}).get(BASELINE)
-    if earlier is None:
-        raise ValueError(f"{path}: no {BASELINE!r} results in it")
-    by_seed = {r["seed"]: r for r in earlier["runs"]}
+def earlier_baseline(paths: str | list[str], dataset: str, config: str, seeds: list[int]) -> dict:
+    """The no-distillation runs of ``seeds`` from earlier reports (one, or several that each hold some of the seeds:
+    lanes that split the baseline's seeds); ValueError naming the file and what does not match (another dataset or
+    base config, other baseline overrides, a seed run differently in two of them, or a seed none of them has)."""
+    paths = [paths] if isinstance(paths, str) else list(paths)
+    by_seed: dict[int, dict] = {}
+    where: dict[int, str] = {}
+    overrides = None
+    for path in paths:
+        report = json.loads(Path(path).read_text())
+        for key, want in (("dataset", dataset), ("config", config)):
+            if report.get(key) != want:
+                raise ValueError(f"{path}: its {key} is {report.get(key)!r}, this run's is {want!r}")
+        earlier = report.get("results", {}).get(BASELINE)
+        if earlier is None:
+            raise ValueError(f"{path}: no {BASELINE!r} results in it")
+        # reports written before quality.py recorded per-variant overrides: the baseline's are fixed (variants())
+        ov = earlier.get("overrides", variants([], False, 0.0, 0)[BASELINE])
+        if overrides is not None and ov != overrides:
+            raise ValueError(f"{path}: its {BASELINE!r} overrides are {ov!r}, {paths[0]}'s are {overrides!r}")
+        overrides = ov
+        for run in earlier["runs"]:
+            seed = run["seed"]
+            if seed in by_seed and by_seed[seed] != run:
+                raise ValueError(f"{path}: its {BASELINE!r} seed {seed} differs from {where[seed]}'s")
+            by_seed.setdefault(seed, run)
+            where.setdefault(seed, path)
     missing = [s for s in seeds if s not in by_seed]
     if missing:
-        raise ValueError(f"{path}: no {BASELINE!r} run for seed(s) {missing} (it has {sorted(by_seed)})")
+        raise ValueError(f"{', '.join(paths)}: no {BASELINE!r} run for seed(s) {missing} (they have {sorted(by_seed)})")
     runs = [by_seed[s] for s in seeds]
-    # reports written before quality.py recorded per-variant overrides: the baseline's are fixed (variants())
-    overrides = earlier.get("overrides", variants([], False, 0.0, 0)[BASELINE])
-    return {"overrides": overrides, "runs": runs, "summary": summarise(runs), "from": path}
+    return {"overrides": overrides, "runs": runs, "summary": summarise(runs), "from": ", ".join(paths)}
 
 
 def run_variant(name: str, seeds: list[int], kept: dict[int, dict], train_one, after_run, kept_from: str = "") -> list[dict]:

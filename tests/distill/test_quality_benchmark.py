@@ -42,6 +42,31 @@ def test_earlier_baseline_refuses_a_mismatch(tmp_path, dataset, config, seeds, m
     assert str(path) in str(err.value)
 
 
+def test_earlier_baseline_pools_the_seeds_of_several_reports(tmp_path, load_benchmark):
+    """Two lanes split the baseline's seeds (one ran 0-1, the other 2): the runs come from whichever report has them,
+    in the requested order; a seed both hold must be the same run; the overrides must agree."""
+    q = load_benchmark("quality")
+    a, b = _report(tmp_path / "a.json", seeds=(0, 1)), _report(tmp_path / "b.json", seeds=(1, 2))
+    got = q.earlier_baseline([str(a), str(b)], "amazon-games", "distill-sasrec-games", [2, 0, 1])
+    assert [r["seed"] for r in got["runs"]] == [2, 0, 1]
+    assert got["summary"]["best_epoch"] == [5, 3, 4]
+    assert got["from"] == f"{a}, {b}"
+    with pytest.raises(ValueError, match=r"seed\(s\) \[3\]"):
+        q.earlier_baseline([str(a), str(b)], "amazon-games", "distill-sasrec-games", [0, 3])
+    other = json.loads(b.read_text())
+    other["results"]["no distillation"]["runs"][0]["best_epoch"] = 9  # seed 1 run again, differently
+    b.write_text(json.dumps(other))
+    with pytest.raises(ValueError, match="seed 1 differs from") as err:
+        q.earlier_baseline([str(a), str(b)], "amazon-games", "distill-sasrec-games", [0, 2])
+    assert str(b) in str(err.value) and str(a) in str(err.value)
+    c = _report(tmp_path / "c.json", seeds=(2,))
+    other = json.loads(c.read_text())
+    other["results"]["no distillation"]["overrides"] = ["distill.lambda_kd=0", "optim.lr=1e-3"]
+    c.write_text(json.dumps(other))
+    with pytest.raises(ValueError, match="overrides are"):
+        q.earlier_baseline([str(a), str(c)], "amazon-games", "distill-sasrec-games", [0, 2])
+
+
 def _unfinished(path: Path, **changes) -> Path:
     report = {"dataset": "ml-latest-small", "config": "distill-caser-ml", "shards": "s", "teacher_embeddings": [],
               "overrides": ["optim.lr=2e-3"], "complete": False, "table": None,
