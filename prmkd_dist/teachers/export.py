@@ -113,6 +113,16 @@ def teacher_digest(teacher) -> str:
     return h.hexdigest()[:16]
 
 
+def teacher_item_embeddings(teacher) -> torch.Tensor | None:
+    """The teacher's item embeddings [C, d] (float32, CPU) if it has an ``item_embeddings()`` that gives some."""
+    fn = getattr(teacher, "item_embeddings", None)
+    if not callable(fn):
+        return None
+    with torch.no_grad():
+        emb = fn()
+    return None if emb is None else emb.detach().float().cpu()
+
+
 def _precomputed(teacher) -> Callable | None:
     """A teacher whose lists were computed elsewhere (``prmkd_dist.teachers.crossfit``) hands them out through
     ``example_topk(keys, starts, split, k) -> (ids, scores)`` instead of scoring histories."""
@@ -373,16 +383,12 @@ def export_teacher_shards(
         write_json_atomic(progress_path, state)
 
     emb_dir = None
-    emb_fn = getattr(teacher, "item_embeddings", None)
-    if embeddings and callable(emb_fn):
-        with torch.no_grad():
-            emb = emb_fn()
-        if emb is not None:
-            emb = emb.detach().float().cpu().numpy()
-            emb_dir = os.path.join(out_dir, EMBEDDINGS_DIR)
-            emb_meta = ShardMeta(data.num_items, data.fingerprint, (TeacherInfo(name, 1, semantics, info.producer),),
-                                 producer=PRODUCER, kind="embeddings", embedding_dim=int(emb.shape[1]))
-            write_teacher_embeddings(emb_dir, emb_meta, np.arange(data.num_items), emb, overwrite=True)
+    emb = teacher_item_embeddings(teacher) if embeddings else None
+    if emb is not None:
+        emb_dir = os.path.join(out_dir, EMBEDDINGS_DIR)
+        emb_meta = ShardMeta(data.num_items, data.fingerprint, (TeacherInfo(name, 1, semantics, info.producer),),
+                             producer=PRODUCER, kind="embeddings", embedding_dim=int(emb.shape[1]))
+        write_teacher_embeddings(emb_dir, emb_meta, np.arange(data.num_items), emb.numpy(), overwrite=True)
     seconds = time.perf_counter() - t0
     return {
         "out_dir": out_dir, "teacher": name, "k": int(k), "score_semantics": semantics,

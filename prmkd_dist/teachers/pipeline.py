@@ -415,7 +415,7 @@ def run_teacher_pipeline(dataset: str, out_dir: str | os.PathLike | None = None,
               "threads": torch.get_num_threads(), "teachers": {}, "stage_seconds": stage}
     exports = []
     for cfg in configs:
-        from prmkd_dist.teachers.export import export_teacher_shards
+        from prmkd_dist.teachers.export import export_teacher_shards, teacher_item_embeddings
 
         export_kw = {k: v for k, v in cfg.export.items() if k != "cross_fit"}
         folds = cfg.export.get("cross_fit")
@@ -432,10 +432,7 @@ def run_teacher_pipeline(dataset: str, out_dir: str | os.PathLike | None = None,
         if lists is None:
             lists = teacher
         else:  # the out-of-fold lists travel with the full teacher's item embeddings
-            emb_fn = getattr(teacher, "item_embeddings", None)
-            with torch.no_grad():
-                emb = emb_fn() if callable(emb_fn) else None
-            lists.embeddings = None if emb is None else emb.detach().float().cpu()
+            lists.embeddings = teacher_item_embeddings(teacher)
         log(f"[teachers] {cfg.name}: {how}; export top-{cfg.export.get('k', 50)}" + (" (out-of-fold)" if folds else ""))
         t0 = time.perf_counter()
         exp = export_teacher_shards(lists, split, out / "exports" / cfg.name, name=cfg.name, progress=progress,
