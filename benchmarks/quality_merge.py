@@ -2,10 +2,12 @@
 
 On a small machine one grid is run in lanes side by side (each lane its own ``--out``, one intra-op thread);
 this joins them into one report for ``quality_grid.py`` and the RESULTS tables. Reports merge only when their
-runs are comparable: the same dataset, config, shards, teacher embeddings, ``--set`` overrides and seeds; a
-variant may appear in more than one report only with the same runs (a borrowed baseline, say), and reports that
-record the content digests of their shards and embeddings must record the same ones. Anything else is an error
-naming the file and the field.
+runs are comparable: the same dataset, config, shards, teacher embeddings and ``--set`` overrides; a variant may
+appear in more than one report only with the same run for every seed both hold (a borrowed baseline, say, taken
+for two seeds by one lane and three by the other: the merge keeps every seed), and reports that record the content
+digests of their shards and embeddings must record the same ones. The merged report's seeds are all the lanes'
+seeds (a lane that ran fewer shows as such in ``quality_grid.py``). Anything else is an error naming the file and
+the field.
 
     .venv/bin/python benchmarks/quality_merge.py lane-a.json lane-b.json --out grid.json
 """
@@ -18,7 +20,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # quality.py beside this script
 
-SAME = ("dataset", "config", "shards", "teacher_embeddings", "overrides", "seeds", "teachers")
+SAME = ("dataset", "config", "shards", "teacher_embeddings", "overrides", "teachers")
 
 
 def merge(paths: list[str]) -> dict:
@@ -28,7 +30,7 @@ def merge(paths: list[str]) -> dict:
             r = json.loads(Path(p).read_text())
         except (OSError, json.JSONDecodeError) as e:
             raise ValueError(f"{p}: cannot read a quality.py report ({e})") from e
-        missing = [k for k in (*SAME, "results") if k not in r]
+        missing = [k for k in (*SAME, "seeds", "results") if k not in r]
         if missing:
             raise ValueError(f"{p}: no {missing[0]!r} field; expected a report written by benchmarks/quality.py")
         reports.append(r)
@@ -50,17 +52,27 @@ def merge(paths: list[str]) -> dict:
               f"distilled from the same files", file=sys.stderr)
     results: dict[str, dict] = {}
     source: dict[str, str] = {}
+    from quality import earlier_commands, in_report_order, summarise, variants
+
     for p, r in zip(paths, reports):
         for name, res in r["results"].items():
-            if name in results:
-                if results[name]["runs"] != res["runs"]:
-                    raise ValueError(f"{p}: variant {name!r} is also in {source[name]} with other runs")
+            if name not in results:
+                results[name], source[name] = res, p
                 continue
-            results[name], source[name] = res, p
-    from quality import earlier_commands, in_report_order, variants
+            have = {run["seed"]: run for run in results[name]["runs"]}
+            new = {run["seed"]: run for run in res["runs"]}
+            differ = sorted(s for s in set(have) & set(new) if have[s] != new[s])
+            if differ:
+                raise ValueError(f"{p}: variant {name!r} is also in {source[name]} with other runs (seed {differ[0]})")
+            if set(new) - set(have):  # one lane ran more seeds of it (a borrowed baseline): keep them all
+                runs = [{**have, **new}[s] for s in sorted({**have, **new})]
+                results[name] = {**results[name], "runs": runs}
+                if "summary" in results[name]:
+                    results[name]["summary"] = summarise(runs)
 
     order = list(variants(first["teachers"], bool(first["teacher_embeddings"]), 0.0, 0))
-    return {**{k: first[k] for k in SAME}, "content_digests": None if unchecked else known[0][1],
+    seeds = sorted({s for r in reports for s in r["seeds"]})
+    return {**{k: first[k] for k in SAME}, "seeds": seeds, "content_digests": None if unchecked else known[0][1],
             "results": in_report_order(results, order), "table": None,
             "complete": all(r.get("complete", False) for r in reports),
             "seconds": sum(r.get("seconds", 0.0) for r in reports),

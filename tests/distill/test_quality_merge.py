@@ -33,8 +33,8 @@ def test_merge_joins_lanes_in_order(tmp_path, load_benchmark):
     assert got["shards"] == "s" and got["overrides"] == ["run.num_threads=1"]
 
 
-@pytest.mark.parametrize("field, value", [("overrides", ["run.num_threads=2"]), ("shards", "t"), ("seeds", [0]),
-                                          ("teacher_embeddings", [])])
+@pytest.mark.parametrize("field, value", [("overrides", ["run.num_threads=2"]), ("shards", "t"),
+                                          ("teacher_embeddings", []), ("config", "distill-caser-ml")])
 def test_merge_refuses_reports_made_with_other_settings(tmp_path, field, value, load_benchmark):
     m = load_benchmark("quality_merge")
     a = _lane(tmp_path / "a.json", {"x": [0]})
@@ -48,7 +48,10 @@ def test_merge_refuses_a_variant_with_two_different_run_sets(tmp_path, load_benc
     m = load_benchmark("quality_merge")
     a = _lane(tmp_path / "a.json", {"x": [0, 1]})
     b = _lane(tmp_path / "b.json", {"x": [0]})
-    with pytest.raises(ValueError, match="variant 'x' is also in .*a.json with other runs"):
+    report = json.loads(Path(b).read_text())
+    report["results"]["x"]["runs"][0]["v"] = 2  # seed 0 of x run again, differently
+    Path(b).write_text(json.dumps(report))
+    with pytest.raises(ValueError, match=r"variant 'x' is also in .*a.json with other runs \(seed 0\)"):
         m.merge([a, b])
     bad = tmp_path / "bad.json"
     bad.write_text(json.dumps({"dataset": "ml-latest-small"}))
@@ -69,3 +72,27 @@ def test_merge_checks_the_content_digests(tmp_path, capsys, load_benchmark):
     legacy = _lane(tmp_path / "legacy.json", {"z": [0]})
     assert m.merge([a, legacy])["content_digests"] is None
     assert "legacy.json record no content digests" in capsys.readouterr().err
+
+
+def test_merge_joins_lanes_that_ran_different_seeds(tmp_path, load_benchmark):
+    """One lane stopped at two seeds, the other went on to three: the merged report has seeds 0-2, the borrowed
+    baseline every seed either lane holds (summary recomputed), each variant the seeds its lane ran."""
+    m = load_benchmark("quality_merge")
+
+    def run(seed, v):
+        metrics = {k: v for k in ("HR@10", "NDCG@10", "HR@20", "NDCG@20", "MRR")}
+        return {"seed": seed, "valid": metrics, "test": metrics, "best_epoch": seed + 1, "train_seconds": 1.0}
+
+    base = [run(0, 0.1), run(1, 0.2), run(2, 0.3)]
+    a = _lane(tmp_path / "a.json", {"x": [0, 1, 2]}, seeds=[0, 1, 2])
+    b = _lane(tmp_path / "b.json", {"y": [0, 1]}, seeds=[0, 1])
+    for path, n in ((a, 3), (b, 2)):
+        report = json.loads(Path(path).read_text())
+        report["results"]["no distillation"] = {"runs": base[:n], "summary": {"stale": True}, "from": "base.json"}
+        Path(path).write_text(json.dumps(report))
+    got = m.merge([b, a])
+    assert got["seeds"] == [0, 1, 2]
+    baseline = got["results"]["no distillation"]
+    assert [r["seed"] for r in baseline["runs"]] == [0, 1, 2]
+    assert baseline["summary"]["test NDCG@20"]["mean"] == pytest.approx(0.2) and baseline["summary"]["best_epoch"] == [1, 2, 3]
+    assert [r["seed"] for r in got["results"]["y"]["runs"]] == [0, 1]
