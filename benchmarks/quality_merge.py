@@ -65,7 +65,8 @@ def merge(paths: list[str]) -> dict:
             if differ:
                 raise ValueError(f"{p}: variant {name!r} is also in {source[name]} with other runs (seed {differ[0]})")
             if set(new) - set(have):  # one lane ran more seeds of it (a borrowed baseline): keep them all
-                runs = [{**have, **new}[s] for s in sorted({**have, **new})]
+                both = {**have, **new}
+                runs = [both[s] for s in sorted(both)]
                 results[name] = {**results[name], "runs": runs}
                 if "summary" in results[name]:
                     results[name]["summary"] = summarise(runs)
