@@ -146,17 +146,19 @@ def main(argv: list[str] | None = None) -> int:
     out_root = Path(args.run_dir) / Path(args.out).stem
     results: dict[str, dict] = {}
     seeds = list(range(args.first_seed, args.first_seed + args.seeds))
+    resuming = args.resume and Path(args.out).exists()
+    # a resumed report holds the seeds of every call that filled it (--first-seed adds seeds to a report)
+    args.report_seeds = sorted(set(seeds) | set(earlier_seeds(args.out) if resuming else []))
     if args.baseline_from:
-        results[BASELINE] = earlier_baseline(args.baseline_from, split.data.name, base, seeds)
+        results[BASELINE] = earlier_baseline(args.baseline_from, split.data.name, base, args.report_seeds)
         plan.pop(BASELINE)
     done = (finished_runs(args.out, split.data.name, base, shards, embeddings, args.set, args.digests)
-            if args.resume and Path(args.out).exists() else {})
+            if resuming else {})
     if done:
         results.update(carried_over(args.out, done, [*plan, *results]))
-    args.commands = earlier_commands(args.out) if args.resume and Path(args.out).exists() else []
+    args.commands = earlier_commands(args.out) if resuming else []
     # a resumed report that recorded no digests cannot vouch for one content: its earlier runs may have seen others
-    resumed_legacy = (args.resume and Path(args.out).exists()
-                      and json.loads(Path(args.out).read_text()).get("content_digests") is None)
+    resumed_legacy = resuming and json.loads(Path(args.out).read_text()).get("content_digests") is None
     args.report_digests = None if resumed_legacy else args.digests
     for name, overrides in plan.items():
         def train_one(seed: int, name=name, overrides=overrides) -> dict:
@@ -246,9 +248,10 @@ def earlier_baseline(paths: str | list[str], dataset: str, config: str, seeds: l
 
 def run_variant(name: str, seeds: list[int], kept: dict[int, dict], train_one, after_run, kept_from: str = "") -> list[dict]:
     """One variant's runs in seed order: a kept run (``--resume``) as it was, the others trained by
-    ``train_one(seed)``, with ``after_run(runs so far)`` after each trained one."""
+    ``train_one(seed)``, with ``after_run(runs so far)`` after each trained one. Kept runs of seeds outside
+    ``seeds`` stay too (a ``--first-seed`` call adds seeds to a report, it does not replace them)."""
     runs = []
-    for seed in seeds:
+    for seed in sorted(set(seeds) | set(kept)):
         if seed in kept:
             runs.append(kept[seed])
             print(f"[quality] {name} seed {seed}: kept from {kept_from}", flush=True)
@@ -302,6 +305,11 @@ def carried_over(path: str, done: dict[str, dict[int, dict]], running: list[str]
     return out
 
 
+def earlier_seeds(path: str) -> list[int]:
+    """The seeds the report at ``path`` was asked for so far (a resumed report is filled by several calls)."""
+    return list(json.loads(Path(path).read_text()).get("seeds") or [])
+
+
 def earlier_commands(path: str) -> list[str]:
     """The commands that filled the report at ``path`` so far (a resumed report is filled by several calls)."""
     report = json.loads(Path(path).read_text())
@@ -313,7 +321,7 @@ def _write(args, split, base, shards, teachers, embeddings, results, t_all, tabl
     os.makedirs(os.path.dirname(args.out) or ".", exist_ok=True)
     # atomic: another lane may read this report (--baseline-from) while runs still come
     write_json_atomic(args.out, {
-        "dataset": split.data.name, "config": base, "seeds": list(range(args.first_seed, args.first_seed + args.seeds)),
+        "dataset": split.data.name, "config": base, "seeds": args.report_seeds,
         "shards": shards, "teachers": teachers, "teacher_embeddings": embeddings, "overrides": args.set,
         "content_digests": getattr(args, "report_digests", None),
         "results": results, "table": table, "complete": table is not None,

@@ -129,6 +129,9 @@ def test_run_variant_trains_only_what_was_not_kept(load_benchmark):
     assert q.run_variant("v", [0, 1], {0: {"seed": 0}, 1: {"seed": 1}}, train_one, snapshots.append) == [
         {"seed": 0}, {"seed": 1}]
     assert trained == [0, 2]
+    # a call for seed 2 alone (--first-seed 2 --seeds 1) keeps the runs of seeds 0 and 1, in seed order
+    runs = q.run_variant("v", [2], {1: {"seed": 1}, 0: {"seed": 0}}, train_one, snapshots.append)
+    assert [r["seed"] for r in runs] == [0, 1, 2] and trained == [0, 2, 2]
 
 
 def test_earlier_baseline_without_recorded_overrides(tmp_path, load_benchmark):
@@ -235,3 +238,11 @@ def test_two_resumed_calls_fill_one_report(small_split, shards, tmp_path, monkey
     assert len(got["commands"]) == 2 and "uniform" in got["commands"][1] and got["complete"]
     assert all(r["threads"] == 1 for res in got["results"].values() for r in res["runs"])
     assert got["content_digests"] is None
+    assert got["seeds"] == [0]
+    # a third call adds a seed to one variant (--first-seed): the report now holds seeds 0 and 1, not just the last
+    assert q.main([*common, "--first-seed", "1", "--only", "teacher pop alone"]) == 0
+    assert len(trained) == 5  # seed 1 of the baseline and of pop alone
+    got = json.loads(out.read_text())
+    assert got["seeds"] == [0, 1]
+    assert [r["seed"] for r in got["results"]["teacher pop alone"]["runs"]] == [0, 1]
+    assert [r["seed"] for r in got["results"]["all teachers, uniform"]["runs"]] == [0]
