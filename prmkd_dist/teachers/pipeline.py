@@ -58,7 +58,7 @@ DATASET_TEACHERS = {
 # strongest there), stay out of the default set until the default multi-teacher recipe is measured with them.
 EXTRA_TEACHERS = {
     "ml-latest-small": ("transition-ml", "transition_slist-ml"),
-    "amazon-games": ("transition-games", "ease-games", "transition_slist_oof-games"),
+    "amazon-games": ("transition-games", "ease-games", "transition_slist_oof-games", "id_transformer_oof-games"),
 }
 _SECTIONS = {"name", "kind", "dataset", "hparams", "train", "export", "distill", "fast"}
 _TRAIN_KEYS = {"lr", "batch_size", "epochs", "patience", "eval_every", "weight_decay", "grad_clip", "seed", "num_threads",
@@ -157,10 +157,6 @@ def load_teacher_config(name_or_path: str | os.PathLike, fast: bool = False) -> 
     if folds is not None and (isinstance(folds, bool) or not isinstance(folds, int) or folds < 2):
         raise TeacherConfigError(f"{path}: export.cross_fit must be an int >= 2 (the number of user folds), got {folds!r}")
     distill = copy.deepcopy(raw.get("distill") or {})
-    if distill and folds is not None:
-        # a fold teacher would distil from lists that hold its held-out users' examples: they would not be held out
-        raise TeacherConfigError(f"{path}: export.cross_fit and distill together are not supported (the source's lists "
-                                 "cover the held-out users)")
     if distill:
         if raw["kind"] in CLOSED_FORM:
             raise TeacherConfigError(f"{path}: {raw['kind']} has a closed form; only neural teachers take 'distill'")
@@ -364,14 +360,45 @@ def _trained_teacher(cfg: TeacherConfig, split: LeaveOneOutSplit, model_dir: Pat
     return teacher, "trained"
 
 
-def _cross_fitted(cfg: TeacherConfig, split: LeaveOneOutSplit, folds: int, out: Path, progress: bool, log):
+def _cross_fitted(cfg: TeacherConfig, split: LeaveOneOutSplit, folds: int, out: Path, progress: bool, log,
+                  source: TeacherConfig | None = None):
     """The out-of-fold lists of ``cfg`` (its fold teachers fitted as the pipeline fits it; finished folds kept in
-    ``exports/.<name>-folds`` and reused while the config is unchanged)."""
-    from prmkd_dist.teachers.crossfit import cross_fit_lists
+    ``exports/.<name>-folds`` and reused while the config is unchanged).
 
-    fit_key = json.dumps(cfg.resolved(), sort_keys=True, default=str)
-    return cross_fit_lists(lambda sub: train_teacher(cfg, sub, progress=progress,
-                                                     work_dir=out / "models" / f".{cfg.name}-fold-run"),
+    A teacher distilled from another (``distill``; ``source`` is that teacher's config) is cross-fitted with its
+    source nested in each fold: the fold's source is fitted on the fold's split too and exports its lists of the
+    fold's examples, and the fold's pupil learns from those, as the full pupil learns from the full source's export.
+    Distilling from the full source instead would carry the held-out users' examples into the fold teacher through
+    the source's lists (a closed form fitted on them lists their memorised targets)."""
+    from prmkd_dist.teachers.crossfit import cross_fit_lists
+    from prmkd_dist.teachers.export import export_teacher_shards
+
+    record, source_kw = cfg.resolved(), {}
+    fold_exports = out / "exports" / f".{cfg.name}-fold-source"
+    if cfg.distill:
+        if source is None or source.name != cfg.distill_from:
+            raise TeacherConfigError(f"{cfg.source}: export.cross_fit with distill needs the source teacher "
+                                     f"{cfg.distill_from!r} in the same pipeline (each fold refits it)")
+        if source.distill or source.export.get("cross_fit"):
+            raise TeacherConfigError(f"{cfg.source}: export.cross_fit with distill: the source {source.name!r} must be "
+                                     "trained on the CE target and export in sample (no distill, no cross_fit of its "
+                                     "own): each fold refits it once")
+        source_kw = {k: v for k, v in source.export.items() if k != "cross_fit"}
+        record = {"pupil": record, "source": source.resolved(), "source_export": source_kw}
+
+    def fit(sub: LeaveOneOutSplit):
+        if not cfg.distill:
+            return train_teacher(cfg, sub, progress=progress, work_dir=out / "models" / f".{cfg.name}-fold-run")
+        log(f"[teachers] {cfg.name}: the fold's source {source.name} (fitted without the fold's users)")
+        src = train_teacher(source, sub, progress=progress, work_dir=out / "models" / f".{source.name}-fold-run")
+        export_teacher_shards(src, sub, fold_exports / source.name, name=source.name, progress=progress,
+                              replace_stale=True, embeddings=False, **source_kw)
+        del src  # one closed-form teacher in memory at a time
+        return train_teacher(cfg, sub, progress=progress, work_dir=out / "models" / f".{cfg.name}-fold-run",
+                             exports_root=fold_exports)
+
+    fit_key = json.dumps(record, sort_keys=True, default=str)
+    return cross_fit_lists(fit,
                            split, name=cfg.name, folds=folds, k=int(cfg.export.get("k", 50)),
                            max_history=int(cfg.export.get("max_history", 200)),
                            batch_size=int(cfg.export.get("batch_size", 512)),
@@ -423,7 +450,8 @@ def run_teacher_pipeline(dataset: str, out_dir: str | os.PathLike | None = None,
         if folds:  # before the full teacher: one closed-form teacher in memory at a time (2.2 GB each on Games)
             log(f"[teachers] {cfg.name}: cross-fit {folds} folds")
             t0 = time.perf_counter()
-            lists = _cross_fitted(cfg, split, folds, out, progress, log)
+            lists = _cross_fitted(cfg, split, folds, out, progress, log,
+                                  source=next((c for c in configs if c.name == cfg.distill_from), None))
             stage[f"cross-fit {cfg.name}"] = time.perf_counter() - t0
         log(f"[teachers] {cfg.name}: train ({cfg.kind}, {Path(cfg.source).name})")
         t0 = time.perf_counter()

@@ -181,7 +181,56 @@ def test_cross_fit_config_errors(tmp_path):
         bad.write_text(f"name: x\nkind: transition\ndataset: d\nexport: {{cross_fit: {value}}}\n")
         with pytest.raises(TeacherConfigError, match="bad.yaml: export.cross_fit must be an int >= 2"):
             load_teacher_config(bad)
-    bad.write_text("name: x\nkind: id_transformer\ndataset: d\nexport: {cross_fit: 3}\ndistill: {teacher: slist}\n")
-    with pytest.raises(TeacherConfigError, match="bad.yaml: export.cross_fit and distill together"):
-        load_teacher_config(bad)
     assert load_teacher_config("transition_slist_oof-games").export["cross_fit"] == 3
+
+
+SOURCE_YAML = "name: slist\nkind: transition\ndataset: ml-latest-small\nhparams: {l2: 20.0, window: 5, decay: 2.0, alpha: 0.2}\n"
+PUPIL_YAML = ("name: idt-oof\nkind: id_transformer\ndataset: ml-latest-small\n"
+              "hparams: {dim: 16, num_layers: 1, num_heads: 2, max_len: 20}\n"
+              "train: {epochs: 1, eval_every: 1, patience: 0, seed: 0, batch_size: 64}\n"
+              "distill: {teacher: slist, temperature: 2.0, score_norm: std, packing: window}\n")
+
+
+def test_pipeline_cross_fits_a_distilled_teacher_with_its_source_nested(ml_tiny, split, tmp_path):
+    """A teacher distilled from another cross-fits with the source refitted in each fold: fold f's pupil is exactly
+    the one trained on the split without fold f's users from an SLIST fitted on that split too (never from the full
+    SLIST, whose lists hold the held-out users' memorised targets)."""
+    from prmkd_dist.teachers.pipeline import train_teacher
+
+    (tmp_path / "slist.yaml").write_text(SOURCE_YAML + "export: {k: 10, max_history: 50}\n")
+    (tmp_path / "idt-oof.yaml").write_text(PUPIL_YAML + "export: {k: 10, max_history: 50, cross_fit: 2}\n")
+    ml_tiny.save(str(tmp_path / "data"))
+    out = tmp_path / "teachers"
+    report = run_teacher_pipeline(str(tmp_path / "data"), out, progress=False, log=lambda *_: None,
+                                  teachers=[str(tmp_path / "idt-oof.yaml"), str(tmp_path / "slist.yaml")])
+    assert list(report["teachers"]) == ["slist", "idt-oof"]  # the source first
+    assert report["teachers"]["idt-oof"]["export"]["cross_fit"] == 2
+    assert report["shards"]["teachers"] == ["slist", "idt-oof"]
+
+    # fold 0 by hand: its own SLIST, its own export, the pupil trained from it
+    fold_of = user_folds(split.data.num_users, 2, seed=0)
+    sub = without_users(split, fold_of == 0)
+    source_root = tmp_path / "by-hand"
+    export_teacher_shards(ItemTransition.fit(sub, name="slist", **SLIST), sub, source_root / "slist", name="slist",
+                          k=10, max_history=50, progress=False, embeddings=False)
+    pupil = train_teacher(load_teacher_config(tmp_path / "idt-oof.yaml"), sub, exports_root=source_root,
+                          work_dir=tmp_path / "run")
+    keys, users, starts, _ = example_index(split)
+    mine = fold_of[users] == 0
+    with torch.no_grad():
+        want, _ = score_topk(pupil.eval(), keys[mine], starts[mine], split, 10, pupil.max_len, torch.device("cpu"))
+    off, val = list_parts(read_all(out / "shards").column("teacher.idt-oof.ids"))
+    got = val[off[0]:off[-1]].reshape(-1, 10)[mine]
+    np.testing.assert_array_equal(got, want)
+    # the scratch export left by the last fold (fold 1) is its own SLIST's, over the other users' examples only
+    left = ShardSet.open(str(out / "exports" / ".idt-oof-fold-source" / "slist"))
+    assert left.num_rows == int((fold_of[users] != 1).sum()) < len(keys)
+
+
+def test_cross_fit_of_a_distilled_teacher_needs_an_in_sample_source(ml_tiny, tmp_path):
+    (tmp_path / "slist.yaml").write_text(SOURCE_YAML + "export: {k: 10, max_history: 50, cross_fit: 2}\n")
+    (tmp_path / "idt-oof.yaml").write_text(PUPIL_YAML + "export: {k: 10, max_history: 50, cross_fit: 2}\n")
+    ml_tiny.save(str(tmp_path / "data"))
+    with pytest.raises(TeacherConfigError, match="idt-oof.yaml: export.cross_fit with distill: the source 'slist' must"):
+        run_teacher_pipeline(str(tmp_path / "data"), tmp_path / "out", progress=False, log=lambda *_: None,
+                             teachers=[str(tmp_path / "slist.yaml"), str(tmp_path / "idt-oof.yaml")])
