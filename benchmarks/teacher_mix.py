@@ -46,31 +46,58 @@ from prmkd_dist.train.metrics import metrics_from_ranks
 KS = (10, 20)
 
 
+class MixtureIndex:
+    """Where each listed item of each row sits in the row's union of the teachers' lists, computed once per set of
+    lists (the [K*T]^2 id comparison) so that every (temperature, weight) point costs one scatter-add.
+
+    ``slot`` [N, T*K]: the union index of each slot's item (-1 = empty slot); ``target`` [N]: the target's union
+    index (-1 = in no list); ``size`` [N]: distinct items listed."""
+
+    def __init__(self, ids: torch.Tensor, targets: torch.Tensor, chunk: int = 2048):
+        n, tk = ids.shape[0], ids.shape[1] * ids.shape[2]
+        self.slot = torch.full((n, tk), -1, dtype=torch.int64)
+        self.target = torch.full((n,), -1, dtype=torch.int64)
+        self.size = torch.zeros(n, dtype=torch.int64)
+        earlier_or_self = torch.tril(torch.ones(tk, tk, dtype=torch.bool))
+        for a in range(0, n, chunk):
+            i = ids[a:a + chunk].flatten(1).long()
+            valid = i != PAD_ID
+            same = (i.unsqueeze(2) == i.unsqueeze(1)) & valid.unsqueeze(2) & valid.unsqueeze(1)  # [b, TK, TK]
+            first_slot = (same & earlier_or_self).to(torch.uint8).argmax(dim=2)  # the first slot holding the item
+            first = valid & (first_slot == torch.arange(tk))
+            union = torch.cumsum(first, dim=1) - 1                                # union index of first slots
+            self.slot[a:a + chunk] = torch.where(valid, union.gather(1, first_slot), -1)
+            self.size[a:a + chunk] = first.sum(dim=1)
+            is_target = (i == targets[a:a + chunk].long().unsqueeze(1)) & valid
+            at = is_target.to(torch.uint8).argmax(dim=1, keepdim=True)
+            self.target[a:a + chunk] = torch.where(is_target.any(dim=1), self.slot[a:a + chunk].gather(1, at)[:, 0], -1)
+
+    def ranks(self, probs: torch.Tensor, num_items: int, chunk: int = 16384) -> torch.Tensor:
+        """[N] rank of each target under the mixture ``probs`` [N, T, K] (already weighted: w_t * p_t, 0 on empty
+        slots): an item's value is the sum over every slot holding it, and the rank counts the other listed items
+        with a value >= the target's (ties against the target, as ``metrics.target_rank``); a target in no list
+        has value 0 and ties with every unlisted item: rank ``num_items - 1``."""
+        n, tk = self.slot.shape
+        p = probs.reshape(n, tk).double()
+        out = torch.empty(n, dtype=torch.int64)
+        cols = torch.arange(tk)
+        for a in range(0, n, chunk):
+            sl = self.slot[a:a + chunk]
+            value = torch.zeros(sl.shape[0], tk + 1, dtype=torch.float64)  # column tk takes the empty slots
+            value.scatter_add_(1, torch.where(sl < 0, tk, sl), p[a:a + chunk])
+            value = value[:, :tk]
+            tg = self.target[a:a + chunk]
+            t_value = value.gather(1, tg.clamp(min=0).unsqueeze(1))
+            above = ((value >= t_value) & (cols < self.size[a:a + chunk].unsqueeze(1))).sum(dim=1) - 1
+            out[a:a + chunk] = torch.where(tg >= 0, above, num_items - 1)
+        return out
+
+
 def mixture_ranks(ids: torch.Tensor, probs: torch.Tensor, targets: torch.Tensor, num_items: int,
                   chunk: int = 2048) -> torch.Tensor:
-    """[N] rank of each target under the mixture: ``ids`` [N, T, K] (PAD_ID = empty slot), ``probs`` [N, T, K]
-    already weighted (w_t * p_t, 0 on empty slots). An item's mixture value is the sum over every slot holding it;
-    the rank counts the other distinct items with a value >= the target's (ties against the target, as
-    ``metrics.target_rank``); a target in no list has value 0 and ties with every unlisted item: rank
-    ``num_items - 1``."""
-    n = ids.shape[0]
-    out = torch.empty(n, dtype=torch.int64)
-    for a in range(0, n, chunk):
-        i = ids[a:a + chunk].flatten(1).long()              # [b, TK]
-        p = probs[a:a + chunk].flatten(1).double()
-        tg = targets[a:a + chunk].long()
-        valid = i != PAD_ID
-        same = (i.unsqueeze(2) == i.unsqueeze(1)) & valid.unsqueeze(2) & valid.unsqueeze(1)  # [b, TK, TK]
-        value = (same.double() * p.unsqueeze(1)).sum(dim=2)  # each slot: its item's summed mixture value
-        # one slot per distinct item: the first slot holding it
-        earlier = torch.tril(torch.ones(i.shape[1], i.shape[1], dtype=torch.bool), diagonal=-1)
-        first = valid & ~(same & earlier).any(dim=2)
-        is_target = i == tg.unsqueeze(1)
-        t_value = (p * (is_target & valid)).sum(dim=1)
-        listed = (is_target & valid).any(dim=1)
-        above = (first & ~is_target & (value >= t_value.unsqueeze(1))).sum(dim=1)
-        out[a:a + chunk] = torch.where(listed, above, torch.full_like(above, num_items - 1))
-    return out
+    """[N] rank of each target under the mixture of ``ids`` [N, T, K] (PAD_ID = empty slot) weighted by ``probs``
+    (``MixtureIndex.ranks``), for one mixture."""
+    return MixtureIndex(ids, targets, chunk=chunk).ranks(probs, num_items, chunk=chunk)
 
 
 def teacher_probs(ids: torch.Tensor, scores: torch.Tensor, temperature: float) -> torch.Tensor:
@@ -125,16 +152,17 @@ def weight_grid(step: float) -> list[float]:
 def mix_table(lists: dict, temperatures: list[float], grid: list[float], num_items: int) -> list[dict]:
     """One row per (temperature, weight): the metrics of the mixture on every stage. With two teachers the
     weight is teacher 1's (teacher 2 gets 1 - w); with more, only the uniform mix (w = None)."""
-    rows = []
+    rows, index = [], None
     n_t = next(iter(lists.values()))[0].shape[1]
     for tau in temperatures:
         probs = {stage: teacher_probs(ids, scores, tau) for stage, (ids, scores, _) in lists.items()}
+        index = index or {stage: MixtureIndex(ids, targets) for stage, (ids, _, targets) in lists.items()}
         weights = [torch.tensor([w, 1 - w], dtype=torch.float64) for w in grid] if n_t == 2 else [None]
         for w in weights:
             wt = torch.full((n_t,), 1.0 / n_t, dtype=torch.float64) if w is None else w
             row = {"temperature": tau, "weights": [round(float(x), 10) for x in wt]}
-            for stage, (ids, _, targets) in lists.items():
-                row[stage] = metrics(mixture_ranks(ids, probs[stage] * wt.view(1, -1, 1), targets, num_items))
+            for stage in lists:
+                row[stage] = metrics(index[stage].ranks(probs[stage] * wt.view(1, -1, 1), num_items))
             rows.append(row)
     return rows
 
