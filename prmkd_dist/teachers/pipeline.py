@@ -387,19 +387,17 @@ def _cross_fitted(cfg: TeacherConfig, split: LeaveOneOutSplit, folds: int, out: 
         record = {"pupil": record, "source": source.resolved(), "source_export": source_kw}
 
     def fit(sub: LeaveOneOutSplit):
-        if not cfg.distill:
-            return train_teacher(cfg, sub, progress=progress, work_dir=out / "models" / f".{cfg.name}-fold-run")
-        log(f"[teachers] {cfg.name}: the fold's source {source.name} (fitted without the fold's users)")
-        src = train_teacher(source, sub, progress=progress, work_dir=out / "models" / f".{source.name}-fold-run")
-        export_teacher_shards(src, sub, fold_exports / source.name, name=source.name, progress=progress,
-                              replace_stale=True, embeddings=False, **source_kw)
-        del src  # one closed-form teacher in memory at a time
+        if cfg.distill:
+            log(f"[teachers] {cfg.name}: the fold's source {source.name} (fitted without the fold's users)")
+            src = train_teacher(source, sub, progress=progress, work_dir=out / "models" / f".{source.name}-fold-run")
+            export_teacher_shards(src, sub, fold_exports / source.name, name=source.name, progress=progress,
+                                  replace_stale=True, embeddings=False, **source_kw)
+            del src  # one closed-form teacher in memory at a time
         return train_teacher(cfg, sub, progress=progress, work_dir=out / "models" / f".{cfg.name}-fold-run",
-                             exports_root=fold_exports)
+                             exports_root=fold_exports if cfg.distill else None)
 
     fit_key = json.dumps(record, sort_keys=True, default=str)
-    return cross_fit_lists(fit,
-                           split, name=cfg.name, folds=folds, k=int(cfg.export.get("k", 50)),
+    return cross_fit_lists(fit, split, name=cfg.name, folds=folds, k=int(cfg.export.get("k", 50)),
                            max_history=int(cfg.export.get("max_history", 200)),
                            batch_size=int(cfg.export.get("batch_size", 512)),
                            work_dir=out / "exports" / f".{cfg.name}-folds", fit_key=fit_key, log=log)
