@@ -116,10 +116,17 @@ def cmd_pipeline(args: argparse.Namespace) -> int:
         pretrained[name] = path
     try:
         report = run_teacher_pipeline(args.dataset, args.out, fast=args.fast, teachers=args.teachers,
-                                      pretrained=pretrained, progress=not args.no_progress)
+                                      pretrained=pretrained, progress=not args.no_progress,
+                                      cross_fit_folds=args.cross_fit_folds)
     except _user_errors() as e:
         return _user_error(e)
-    print(format_report(report))
+    if args.cross_fit_folds is not None:  # a fold worker: no teachers to show yet
+        for name, c in report["cross_fit"].items():
+            print(f"{name}: fold(s) {', '.join(map(str, c['fitted']))} of {c['folds']} finished in {c['seconds']:.0f}s"
+                  + ("; every fold is finished: run the pipeline without --cross-fit-folds to export and merge"
+                     if c["complete"] else "; other folds not finished yet"))
+    else:
+        print(format_report(report))
     if args.json:
         print(json.dumps(report, indent=1, default=str))
     return 0
@@ -172,6 +179,9 @@ def register(subparsers) -> None:
     pl.add_argument("--teachers", nargs="+", default=None, help="teacher configs (default: the dataset's set)")
     pl.add_argument("--use-trained", action="append", metavar="NAME=DIR",
                     help="use this saved teacher for NAME instead of training it (repeatable)")
+    pl.add_argument("--cross-fit-folds", type=int, nargs="+", default=None, metavar="F",
+                    help="fold worker: fit only these folds (1-based) of the cross-fitted teachers and stop; run "
+                         "workers for the other folds beside it (same --out), then the pipeline without this flag")
     pl.add_argument("--json", action="store_true", help="also print the whole report as JSON")
     pl.add_argument("--no-progress", action="store_true")
     pl.set_defaults(func=cmd_pipeline)

@@ -17,7 +17,8 @@ the full teacher's on unseen users; the full teacher still gives the pipeline's 
 
 Cost: ``folds`` extra fits (closed-form teachers: minutes each on amazon-games; a neural teacher: folds times its
 training). The lists are held in memory (amazon-games, K = 50: 194k rows x 50 x 12 bytes = 117 MB) and each fold's are
-kept in ``work_dir`` so an interrupted run refits only the missing folds.
+kept in ``work_dir`` so an interrupted run refits only the missing folds, and several workers sharing ``work_dir``
+can fit different folds at once (``only``; the pipeline's ``--cross-fit-folds``).
 """
 from __future__ import annotations
 
@@ -26,7 +27,7 @@ import hashlib
 import json
 import os
 import time
-from typing import Callable
+from typing import Callable, Collection
 
 import numpy as np
 import torch
@@ -116,13 +117,18 @@ def _fold_path(work_dir: str, fold: int) -> tuple[str, str]:
     return os.path.join(work_dir, f"fold-{fold:02d}.npz"), os.path.join(work_dir, f"fold-{fold:02d}.json")
 
 
-def cross_fit_lists(fit: Callable[[LeaveOneOutSplit], object], split: LeaveOneOutSplit, *, name: str, folds: int,
+def cross_fit_lists(fit: Callable[[LeaveOneOutSplit, int], object], split: LeaveOneOutSplit, *, name: str, folds: int,
                     k: int = 50, max_history: int = 200, batch_size: int = 512, seed: int = 0,
                     work_dir: str | os.PathLike | None = None, fit_key: str = "", log=print,
-                    embeddings: torch.Tensor | None = None) -> CrossFittedLists:
-    """Fit ``fit(split without fold f's users)`` for each fold and keep its top-``k`` of fold f's examples (module
-    doc). ``work_dir``: each finished fold's lists are saved there and reused by a later call with the same settings
-    (``fit_key`` names what decides the fitted weights, e.g. the teacher config; a change refits every fold)."""
+                    embeddings: torch.Tensor | None = None, only: Collection[int] | None = None
+                    ) -> CrossFittedLists | None:
+    """Fit ``fit(split without fold f's users, f)`` for each fold f and keep its top-``k`` of fold f's examples
+    (module doc). ``work_dir``: each finished fold's lists are saved there and reused by a later call with the same
+    settings (``fit_key`` names what decides the fitted weights, e.g. the teacher config; a change refits every fold).
+
+    ``only``: fit just these folds (0-based), a fold worker: processes or machines sharing ``work_dir`` each fit some
+    folds at once (the folds are independent; a neural teacher's fold is an hour on amazon-games). Folds outside
+    ``only`` are read back when finished in ``work_dir``; while any is missing the call returns None."""
     from prmkd_dist.teachers.export import (_check_teacher, _device_of, _input_length, example_index,
                                             first_occurrences, score_topk)
 
@@ -135,9 +141,16 @@ def cross_fit_lists(fit: Callable[[LeaveOneOutSplit], object], split: LeaveOneOu
                 "max_history": int(max_history), "item_fingerprint": data.fingerprint, "num_examples": int(len(keys)),
                 "fit_key": fit_key}
     semantics = None
+    if only is not None:
+        only = sorted({int(f) for f in only})
+        if not only or only[0] < 0 or only[-1] >= folds:
+            raise CrossFitError(f"{name}: folds to fit {only} must be in 0..{folds - 1}")
+        if work_dir is None:
+            raise CrossFitError(f"{name}: fitting some folds only needs a work_dir to keep them in")
     if work_dir is not None:
         work_dir = os.fspath(work_dir)
         os.makedirs(work_dir, exist_ok=True)
+    missing = []
     for f in range(folds):
         rows = np.flatnonzero(fold_of[users] == f)
         cached = _fold_path(work_dir, f) if work_dir is not None else None
@@ -152,10 +165,13 @@ def cross_fit_lists(fit: Callable[[LeaveOneOutSplit], object], split: LeaveOneOu
                 semantics = semantics or meta["score_semantics"]
                 log(f"[cross-fit] {name}: fold {f + 1}/{folds} reused from {cached[0]}")
                 continue
+        if only is not None and f not in only:
+            missing.append(f)
+            continue
         t0 = time.perf_counter()
         log(f"[cross-fit] {name}: fold {f + 1}/{folds}: fit without {int((fold_of == f).sum())} users, "
             f"list their {len(rows)} examples")
-        teacher = fit(without_users(split, fold_of == f))
+        teacher = fit(without_users(split, fold_of == f), f)
         _check_teacher(teacher, split, name, k)
         fold_semantics = getattr(teacher, "score_semantics", "logit")
         if semantics is not None and fold_semantics != semantics:
@@ -173,11 +189,17 @@ def cross_fit_lists(fit: Callable[[LeaveOneOutSplit], object], split: LeaveOneOu
                 r = rows[lo:lo + batch_size]
                 ids[r], scores[r] = score_topk(teacher, keys[r], starts[r], split, k, input_len, device, first)
         del teacher, module  # a closed-form teacher on amazon-games is 2.2 GB: one at a time
-        if cached:
-            np.savez(cached[0], keys=keys[rows], ids=ids[rows], scores=scores[rows])
+        if cached:  # the lists, then the record that names them finished: a reader never sees a torn fold
+            tmp = f"{cached[0]}.{os.getpid()}.tmp.npz"
+            np.savez(tmp, keys=keys[rows], ids=ids[rows], scores=scores[rows])
+            os.replace(tmp, cached[0])
             write_json_atomic(cached[1], {"settings": {**settings, "fold": f}, "score_semantics": semantics,
                                           "fit_seconds": round(fit_s, 2),
                                           "seconds": round(time.perf_counter() - t0, 2)})
         log(f"[cross-fit] {name}: fold {f + 1}/{folds} done in {time.perf_counter() - t0:.0f}s (fit {fit_s:.0f}s)")
+    if missing:
+        log(f"[cross-fit] {name}: fold(s) {', '.join(str(f + 1) for f in missing)} of {folds} not finished in "
+            f"{work_dir} (left to another worker)")
+        return None
     return CrossFittedLists(name, data.num_items, data.fingerprint, semantics or "logit", keys, ids, scores, folds, seed,
                             embeddings)

@@ -361,9 +361,11 @@ def _trained_teacher(cfg: TeacherConfig, split: LeaveOneOutSplit, model_dir: Pat
 
 
 def _cross_fitted(cfg: TeacherConfig, split: LeaveOneOutSplit, folds: int, out: Path, progress: bool, log,
-                  source: TeacherConfig | None = None):
+                  source: TeacherConfig | None = None, only: list[int] | None = None):
     """The out-of-fold lists of ``cfg`` (its fold teachers fitted as the pipeline fits it; finished folds kept in
-    ``exports/.<name>-folds`` and reused while the config is unchanged).
+    ``exports/.<name>-folds`` and reused while the config is unchanged). ``only``: fit just these folds (0-based)
+    and return None unless every fold is then finished (``cross_fit_lists``); each fold has its own scratch
+    directories, so workers on other folds share ``out``.
 
     A teacher distilled from another (``distill``; ``source`` is that teacher's config) is cross-fitted with its
     source nested in each fold: the fold's source is fitted on the fold's split too and exports its lists of the
@@ -374,7 +376,6 @@ def _cross_fitted(cfg: TeacherConfig, split: LeaveOneOutSplit, folds: int, out: 
     from prmkd_dist.teachers.export import export_teacher_shards
 
     record, source_kw = cfg.resolved(), {}
-    fold_exports = out / "exports" / f".{cfg.name}-fold-source"
     if cfg.distill:
         if source is None or source.name != cfg.distill_from:
             raise TeacherConfigError(f"{cfg.source}: export.cross_fit with distill needs the source teacher "
@@ -386,33 +387,61 @@ def _cross_fitted(cfg: TeacherConfig, split: LeaveOneOutSplit, folds: int, out: 
         source_kw = {k: v for k, v in source.export.items() if k != "cross_fit"}
         record = {"pupil": record, "source": source.resolved(), "source_export": source_kw}
 
-    def fit(sub: LeaveOneOutSplit):
+    def fit(sub: LeaveOneOutSplit, fold: int):
+        fold_exports = out / "exports" / f".{cfg.name}-fold-{fold:02d}-source"
         if cfg.distill:
             log(f"[teachers] {cfg.name}: the fold's source {source.name} (fitted without the fold's users)")
-            src = train_teacher(source, sub, progress=progress, work_dir=out / "models" / f".{source.name}-fold-run")
+            src = train_teacher(source, sub, progress=progress,
+                                work_dir=out / "models" / f".{cfg.name}-fold-{fold:02d}-{source.name}-run")
             export_teacher_shards(src, sub, fold_exports / source.name, name=source.name, progress=progress,
                                   replace_stale=True, embeddings=False, **source_kw)
             del src  # one closed-form teacher in memory at a time
-        return train_teacher(cfg, sub, progress=progress, work_dir=out / "models" / f".{cfg.name}-fold-run",
+        return train_teacher(cfg, sub, progress=progress, work_dir=out / "models" / f".{cfg.name}-fold-{fold:02d}-run",
                              exports_root=fold_exports if cfg.distill else None)
 
     fit_key = json.dumps(record, sort_keys=True, default=str)
     return cross_fit_lists(fit, split, name=cfg.name, folds=folds, k=int(cfg.export.get("k", 50)),
                            max_history=int(cfg.export.get("max_history", 200)),
                            batch_size=int(cfg.export.get("batch_size", 512)),
-                           work_dir=out / "exports" / f".{cfg.name}-folds", fit_key=fit_key, log=log)
+                           work_dir=out / "exports" / f".{cfg.name}-folds", fit_key=fit_key, log=log, only=only)
+
+
+def _fold_worker(configs: list[TeacherConfig], split: LeaveOneOutSplit, out: Path, folds: list[int], progress: bool,
+                 log) -> dict:
+    """``run_teacher_pipeline(cross_fit_folds=folds)``: the given folds (1-based) of every cross-fitted teacher."""
+    crossed = [c for c in configs if c.export.get("cross_fit")]
+    if not crossed:
+        raise TeacherConfigError(f"cross_fit_folds {folds}: none of {[c.name for c in configs]} has export.cross_fit")
+    report = {"dataset": split.data.name, "out_dir": str(out), "threads": torch.get_num_threads(), "cross_fit": {}}
+    for cfg in crossed:
+        n = int(cfg.export["cross_fit"])
+        bad = [f for f in folds if not 1 <= f <= n]
+        if bad or not folds:
+            raise TeacherConfigError(f"cross_fit_folds {folds}: {cfg.name} has folds 1..{n}")
+        log(f"[teachers] {cfg.name}: cross-fit fold(s) {', '.join(map(str, folds))} of {n}")
+        t0 = time.perf_counter()
+        lists = _cross_fitted(cfg, split, n, out, progress, log, only=[f - 1 for f in folds],
+                              source=next((c for c in configs if c.name == cfg.distill_from), None))
+        report["cross_fit"][cfg.name] = {"folds": n, "fitted": sorted(set(folds)), "complete": lists is not None,
+                                         "seconds": round(time.perf_counter() - t0, 2)}
+        del lists
+    return report
 
 
 def run_teacher_pipeline(dataset: str, out_dir: str | os.PathLike | None = None, fast: bool = False, *,
                          teachers: list[str] | None = None, pretrained: dict[str, str] | None = None,
-                         progress: bool = True, log=print) -> dict:
+                         progress: bool = True, log=print, cross_fit_folds: list[int] | None = None) -> dict:
     """Train/export/merge/validate/measure the teachers of ``dataset`` (module doc); returns the report
     (also written to ``<out_dir>/pipeline.json``).
 
     ``dataset``: a builtin name, reader YAML or prepared directory (anything ``load_split`` takes).
     ``teachers``: teacher config names/paths (default: ``DATASET_TEACHERS`` of the dataset's name).
     ``pretrained``: {teacher name: saved teacher dir} used instead of training that teacher.
-    ``fast``: each config's ``fast`` overrides (tiny models, one epoch: a smoke run, not real numbers)."""
+    ``fast``: each config's ``fast`` overrides (tiny models, one epoch: a smoke run, not real numbers).
+    ``cross_fit_folds``: a fold worker: fit only these folds (1-based, as the log numbers them) of every cross-fitted
+    teacher into ``out_dir`` and stop (no full teacher, export or merge); workers on other folds may share
+    ``out_dir``, and a later run without it reuses every finished fold. Returns {"cross_fit": {name: {"folds",
+    "fitted", "complete"}}}."""
     from prmkd_dist.data.prepare import load_split
 
     t_all = time.perf_counter()
@@ -435,6 +464,9 @@ def run_teacher_pipeline(dataset: str, out_dir: str | os.PathLike | None = None,
         raise TeacherConfigError(f"pretrained teachers {sorted(unknown)} are not in this pipeline ({[c.name for c in configs]})")
     out = Path(out_dir) if out_dir is not None else artifacts_root() / "teachers" / data.name
     out.mkdir(parents=True, exist_ok=True)
+
+    if cross_fit_folds is not None:
+        return _fold_worker(configs, split, out, [int(f) for f in cross_fit_folds], progress, log)
 
     report = {"dataset": data.name, "fingerprint": data.fingerprint, "fast": fast, "out_dir": str(out),
               "threads": torch.get_num_threads(), "teachers": {}, "stage_seconds": stage}

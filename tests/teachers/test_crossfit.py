@@ -29,7 +29,7 @@ def read_all(root) -> pa.Table:
     return pa.concat_tables([t for _, _, t in ShardSet.open(str(root)).iter_row_groups()])
 
 
-def fit_slist(sub: LeaveOneOutSplit) -> ItemTransition:
+def fit_slist(sub: LeaveOneOutSplit, fold: int | None = None) -> ItemTransition:
     return ItemTransition.fit(sub, name="slist", **SLIST)
 
 
@@ -114,7 +114,7 @@ def test_export_of_cross_fitted_lists_and_resume(split, tmp_path):
 def test_fold_cache_reuses_finished_folds(split, tmp_path):
     calls = []
 
-    def counting_fit(sub):
+    def counting_fit(sub, fold):
         calls.append(int(np.diff(sub.train_offsets).astype(bool).sum()))
         return fit_slist(sub)
 
@@ -130,6 +130,28 @@ def test_fold_cache_reuses_finished_folds(split, tmp_path):
     assert len(calls) == 7
 
 
+def test_fold_workers_fit_their_folds_and_the_last_call_assembles(split, tmp_path):
+    """``only``: a worker fits just its folds into the shared work_dir and returns None while others are missing;
+    once every fold is finished the lists are those of one call fitting all folds."""
+    fitted = []
+
+    def recording_fit(sub, fold):
+        fitted.append(fold)
+        return fit_slist(sub)
+
+    kw = dict(name="slist", folds=3, k=8, work_dir=tmp_path / "folds", fit_key="a", log=lambda *_: None)
+    assert cross_fit_lists(recording_fit, split, only=[1], **kw) is None
+    assert fitted == [1] and sorted(p.name for p in (tmp_path / "folds").glob("fold-*")) == ["fold-01.json", "fold-01.npz"]
+    assert cross_fit_lists(recording_fit, split, only=[2, 0], **kw) is not None  # folds 0 and 2 fitted, 1 read back
+    assert fitted == [1, 0, 2] and not list((tmp_path / "folds").glob("*.tmp*"))
+    whole = cross_fit_lists(fit_slist, split, name="slist", folds=3, k=8, log=lambda *_: None)
+    assert cross_fit_lists(recording_fit, split, **kw).digest == whole.digest and fitted == [1, 0, 2]
+    with pytest.raises(CrossFitError, match=r"folds to fit \[3\] must be in 0..2"):
+        cross_fit_lists(recording_fit, split, only=[3], **kw)
+    with pytest.raises(CrossFitError, match="needs a work_dir"):
+        cross_fit_lists(recording_fit, split, name="slist", folds=3, k=8, only=[0], log=lambda *_: None)
+
+
 def test_pipeline_cross_fit_config(ml_tiny, split, tmp_path):
     cfg = tmp_path / "slist-oof.yaml"
     cfg.write_text("name: slist-oof\nkind: transition\ndataset: ml-latest-small\n"
@@ -140,7 +162,7 @@ def test_pipeline_cross_fit_config(ml_tiny, split, tmp_path):
     t = report["teachers"]["slist-oof"]
     assert t["export"]["cross_fit"] == 2 and "cross-fit slist-oof" in report["stage_seconds"]
     assert len(list((out / "exports" / ".slist-oof-folds").glob("fold-*.npz"))) == 2
-    expected = cross_fit_lists(lambda s: ItemTransition.fit(s, name="slist-oof", **SLIST), split,
+    expected = cross_fit_lists(lambda s, f: ItemTransition.fit(s, name="slist-oof", **SLIST), split,
                                name="slist-oof", folds=2, k=10, log=lambda *_: None)
     off, val = list_parts(read_all(out / "shards").column("teacher.slist-oof.ids"))
     np.testing.assert_array_equal(val[off[0]:off[-1]].reshape(-1, 10), expected.ids)
@@ -222,9 +244,10 @@ def test_pipeline_cross_fits_a_distilled_teacher_with_its_source_nested(ml_tiny,
     off, val = list_parts(read_all(out / "shards").column("teacher.idt-oof.ids"))
     got = val[off[0]:off[-1]].reshape(-1, 10)[mine]
     np.testing.assert_array_equal(got, want)
-    # the scratch export left by the last fold (fold 1) is its own SLIST's, over the other users' examples only
-    left = ShardSet.open(str(out / "exports" / ".idt-oof-fold-source" / "slist"))
-    assert left.num_rows == int((fold_of[users] != 1).sum()) < len(keys)
+    # each fold's scratch export is its own SLIST's, over the other users' examples only
+    for f in (0, 1):
+        left = ShardSet.open(str(out / "exports" / f".idt-oof-fold-{f:02d}-source" / "slist"))
+        assert left.num_rows == int((fold_of[users] != f).sum()) < len(keys)
 
 
 def test_cross_fit_of_a_distilled_teacher_needs_an_in_sample_source(ml_tiny, tmp_path):
@@ -234,3 +257,43 @@ def test_cross_fit_of_a_distilled_teacher_needs_an_in_sample_source(ml_tiny, tmp
     with pytest.raises(TeacherConfigError, match="idt-oof.yaml: export.cross_fit with distill: the source 'slist' must"):
         run_teacher_pipeline(str(tmp_path / "data"), tmp_path / "out", progress=False, log=lambda *_: None,
                              teachers=[str(tmp_path / "slist.yaml"), str(tmp_path / "idt-oof.yaml")])
+
+
+def test_two_fold_worker_processes_share_the_pipeline_dir(ml_tiny, tmp_path):
+    """`teachers pipeline --cross-fit-folds`: two real worker processes fit folds 1 and 2 of a distilled teacher (its
+    source nested) into one --out at the same time; the pipeline run after them fits no fold again and its lists are
+    those of a single pipeline run that fitted both folds itself."""
+    import os
+    import subprocess
+    import sys
+
+    (tmp_path / "slist.yaml").write_text(SOURCE_YAML + "export: {k: 10, max_history: 50}\n")
+    (tmp_path / "idt-oof.yaml").write_text(PUPIL_YAML + "export: {k: 10, max_history: 50, cross_fit: 2}\n")
+    ml_tiny.save(str(tmp_path / "data"))
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}  # the same thread count in every process: the same float sums
+
+    def pipeline(out, *extra):
+        return [sys.executable, "-m", "prmkd_dist.cli", "teachers", "pipeline", "--dataset", str(tmp_path / "data"),
+                "--out", str(out), "--teachers", str(tmp_path / "slist.yaml"), str(tmp_path / "idt-oof.yaml"),
+                "--no-progress", *extra]
+
+    shared = tmp_path / "shared"
+    workers = [subprocess.Popen(pipeline(shared, "--cross-fit-folds", str(f)), env=env, text=True,
+                                stdout=subprocess.PIPE, stderr=subprocess.STDOUT) for f in (1, 2)]
+    logs = [w.communicate(timeout=300)[0] for w in workers]
+    for w, log in zip(workers, logs):
+        assert w.returncode == 0, log
+    assert "idt-oof: fold(s) 1 of 2 finished" in logs[0] and "idt-oof: fold(s) 2 of 2 finished" in logs[1]
+    assert "fold 2/2: fit" not in logs[0] and "fold 1/2: fit" not in logs[1]  # each fitted its own fold only
+    assert not (shared / "shards").exists() and not (shared / "models" / "idt-oof").exists()  # workers stop there
+
+    single = subprocess.run(pipeline(tmp_path / "single"), env=env, text=True, capture_output=True, timeout=300)
+    assert single.returncode == 0, single.stdout + single.stderr
+    assembled = subprocess.run(pipeline(shared), env=env, text=True, capture_output=True, timeout=300)
+    assert assembled.returncode == 0, assembled.stdout + assembled.stderr
+    assert "idt-oof: fold 1/2 reused" in assembled.stdout and "idt-oof: fold 2/2 reused" in assembled.stdout
+    assert ": fit without" not in assembled.stdout
+    cols = ["example_key", "teacher.idt-oof.ids", "teacher.idt-oof.scores"]
+    got, want = (read_all(root / "shards").select(cols) for root in (shared, tmp_path / "single"))
+    assert got.num_rows == want.num_rows > 0
+    assert got.equals(want)
