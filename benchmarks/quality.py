@@ -43,6 +43,7 @@ from prmkd_dist.data.paths import write_json_atomic
 from prmkd_dist.data.prepare import load_split
 from prmkd_dist.distill.trainer import train_distilled
 from prmkd_dist.train.config import load_config
+from prmkd_dist.train.trainer import RESUME_FILE, read_resume_state
 from prmkd_dist.train.utils import format_table
 
 METRICS = ("NDCG@10", "HR@10", "NDCG@20", "HR@20", "MRR")
@@ -111,7 +112,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--resume", action="store_true",
                     help="keep the finished runs of an unfinished report at --out (same dataset, config, shards, "
                          "teacher embeddings and --set, and the same files there: the report records their content "
-                         "digests) and run only the rest")
+                         "digests) and run only the rest; a run cut short continues after its last finished epoch "
+                         "(run.resume)")
     ap.add_argument("--progress", action="store_true")
     args = ap.parse_args(argv)
     # the call as a shell line (variant names hold spaces), whether from the shell or from main(argv)
@@ -166,6 +168,13 @@ def main(argv: list[str] | None = None) -> int:
             cfg = load_config(base, [f"data.dataset={args.dataset}", f"distill.shards={shards}", *emb_set, *overrides,
                                      *args.set, f"run.seed={seed}", f"run.out_dir={run_dir}", "run.tensorboard=false"])
             cfg.run.progress = args.progress
+            if args.resume:  # a run cut short continues after its last finished epoch
+                cfg.run.resume = True
+                state = run_dir / RESUME_FILE
+                why = read_resume_state(state, cfg)[1] if state.exists() else ""
+                if why:  # left by a run of other settings (a removed report's, an edited config)
+                    print(f"[quality] {state}: {why}; that run starts over", file=sys.stderr, flush=True)
+                    state.unlink()
             t0 = time.perf_counter()
             res = train_distilled(cfg, split)
             print(f"[quality] {name} seed {seed}: valid NDCG@10 {res.valid['NDCG@10']:.4f} test NDCG@10 "

@@ -76,3 +76,34 @@ def load_benchmark():
         spec.loader.exec_module(mod)
         return mod
     return load
+
+
+class TrainingInterrupted(Exception):
+    """Raised by the ``interrupt_training`` fixture in place of a killed process."""
+
+
+@pytest.fixture
+def interrupt_training(monkeypatch):
+    """``interrupt_training(stage, call)``: the trainer's ``call``-th evaluation of ``stage`` ("valid" or "test")
+    raises TrainingInterrupted, as a kill at that point would stop the run (after that epoch's training, before its
+    end-of-epoch state); ``interrupt_training(None)`` restores the real evaluation."""
+    import prmkd_dist.train.trainer as trainer
+
+    real = trainer.evaluate
+
+    def arm(stage, call: int = 1):
+        if stage is None:
+            monkeypatch.setattr(trainer, "evaluate", real)
+            return
+        seen = {"n": 0}
+
+        def evaluate(model, split, which, **kw):
+            if which == stage:
+                seen["n"] += 1
+                if seen["n"] == call:
+                    raise TrainingInterrupted(f"{stage} evaluation {call}")
+            return real(model, split, which, **kw)
+
+        monkeypatch.setattr(trainer, "evaluate", evaluate)
+
+    return arm

@@ -100,6 +100,13 @@ class _PositionObjective:
         cap = self.d.max_batches_per_epoch if self.d.enabled else 0
         return min(n, cap) if cap else n
 
+    def state_dict(self) -> dict:
+        """What a resumed run needs to draw the next epochs' order as an uninterrupted one would (trainer, "Resume")."""
+        return {"rng": self.rng.bit_generator.state}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.rng.bit_generator.state = state["rng"]
+
     def batch(self, rows: np.ndarray) -> dict[str, Tensor]:
         return position_batch(self.split, rows, self.max_len)
 
@@ -165,6 +172,13 @@ class CandidateObjective(_PositionObjective):
         super().__init__(cfg, split, model, rank, world_size)
         self.num_negatives = cfg.optim.num_negatives
         self.gen = torch.Generator().manual_seed(int(cfg.run.seed) * 1000003 + rank)
+
+    def state_dict(self) -> dict:
+        return {**super().state_dict(), "negatives": self.gen.get_state()}
+
+    def load_state_dict(self, state: dict) -> None:
+        super().load_state_dict(state)
+        self.gen.set_state(state["negatives"])
 
     def candidates(self, target: Tensor, ids: Tensor) -> tuple[Tensor, Tensor, Tensor]:
         """(candidate ids [B, M], first-occurrence columns [B, M], teacher columns [B, T, K])."""

@@ -140,6 +140,13 @@ class WindowDistillObjective(DistillLoss):
         cap = self.d.max_batches_per_epoch
         return min(n, cap) if cap else n
 
+    def state_dict(self) -> dict:
+        """What a resumed run needs to draw the next epochs' order as an uninterrupted one would (trainer, "Resume")."""
+        return {"rng": self.rng.bit_generator.state}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.rng.bit_generator.state = state["rng"]
+
     def batches(self, epoch: int):
         self.start_epoch(epoch)
         order = self.examples[self.rng.permutation(len(self.examples))]

@@ -269,6 +269,12 @@ class DistillObjective(DistillLoss):
         self.k = self.dataset.k
 
     # ---- objective protocol -----------------------------------------------------------------------
+    def state_dict(self) -> dict:
+        return {}  # an epoch's order is the loader's function of (run.seed, epoch): nothing to carry
+
+    def load_state_dict(self, state: dict) -> None:
+        pass
+
     def num_batches(self) -> int:
         cap = self.d.max_batches_per_epoch
         return min(len(self.loader), cap) if cap else len(self.loader)

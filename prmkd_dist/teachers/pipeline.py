@@ -28,6 +28,7 @@ Layout of the pipeline's output directory (default ``artifacts/teachers/<dataset
 from __future__ import annotations
 
 import copy
+import hashlib
 import json
 import os
 import time
@@ -185,6 +186,13 @@ def source_export_dir(cfg: TeacherConfig, exports_root: str | os.PathLike) -> Pa
     return path
 
 
+def run_key(*parts) -> str:
+    """8 hex digits naming what decides a training (config, data fingerprint, the source's export): the scratch
+    directory of a resumable teacher training carries it, so a changed config starts in a fresh directory instead
+    of continuing another training's state."""
+    return hashlib.sha256(json.dumps(parts, sort_keys=True, default=str).encode()).hexdigest()[:8]
+
+
 def export_record(export_dir: str | os.PathLike) -> dict:
     """What identifies an export made by ``teachers export`` (teacher weights digest, K, history length, rows), read
     from its progress file; {} for shards written by another tool (then a pupil is reused on its config alone)."""
@@ -223,10 +231,13 @@ def dependency_order(configs: list[TeacherConfig]) -> list[TeacherConfig]:
 
 # ---- train ------------------------------------------------------------------------------------------
 def train_teacher(cfg: TeacherConfig, split: LeaveOneOutSplit, progress: bool = False,
-                  work_dir: str | os.PathLike | None = None, exports_root: str | os.PathLike | None = None) -> Teacher:
+                  work_dir: str | os.PathLike | None = None, exports_root: str | os.PathLike | None = None,
+                  resume: bool = False) -> Teacher:
     """Build and train (or fit) the teacher ``cfg`` describes on ``split``; ``info`` records the config,
     the training summary and ``train_seconds_total``. A config with ``distill`` reads its source teacher's
-    export under ``exports_root`` (default ``artifacts/teachers/<dataset>/exports``)."""
+    export under ``exports_root`` (default ``artifacts/teachers/<dataset>/exports``). ``resume``: a neural
+    teacher's training keeps its state in ``work_dir`` after every epoch and continues from it (``work_dir`` must
+    then be one training's own: ``run_key`` names it)."""
     from prmkd_dist.teachers import EASE, IDTransformerTeacher, ItemTransition, UniSRecTeacher
     from prmkd_dist.teachers.training import fit_teacher
 
@@ -268,7 +279,7 @@ def train_teacher(cfg: TeacherConfig, split: LeaveOneOutSplit, progress: bool = 
                 source = source_export_dir(cfg, root)
                 distill = cfg.distill_config(source)
             teacher = cls.from_data(data, name=cfg.name, seed=int(cfg.train.get("seed", 0)), **cfg.hparams)
-            fit_teacher(teacher, split, progress=progress, out_dir=work_dir, distill=distill, **cfg.train)
+            fit_teacher(teacher, split, progress=progress, out_dir=work_dir, distill=distill, resume=resume, **cfg.train)
     except TypeError as e:  # an hparam the constructor does not take
         raise TeacherConfigError(f"{cfg.source}: {e}") from None
     teacher.info["pipeline_config"] = cfg.resolved()
@@ -354,8 +365,9 @@ def _trained_teacher(cfg: TeacherConfig, split: LeaveOneOutSplit, model_dir: Pat
         same_source = not cfg.distill or info.get("distill_source") == export_record(exports / cfg.distill_from)
         if info.get("pipeline_config") == cfg.resolved() and meta.get("item_fingerprint") == fp and same_source:
             return load_teacher(model_dir, fingerprint=fp), "reused"
-    teacher = train_teacher(cfg, split, progress=progress, work_dir=model_dir.parent / f".{cfg.name}-run",
-                            exports_root=exports)
+    key = run_key(cfg.resolved(), fp, export_record(exports / cfg.distill_from) if cfg.distill else None)
+    teacher = train_teacher(cfg, split, progress=progress, work_dir=model_dir.parent / f".{cfg.name}-{key}-run",
+                            exports_root=exports, resume=True)
     teacher.save(model_dir)
     return teacher, "trained"
 
@@ -387,6 +399,9 @@ def _cross_fitted(cfg: TeacherConfig, split: LeaveOneOutSplit, folds: int, out: 
         source_kw = {k: v for k, v in source.export.items() if k != "cross_fit"}
         record = {"pupil": record, "source": source.resolved(), "source_export": source_kw}
 
+    fit_key = json.dumps(record, sort_keys=True, default=str)
+    key = run_key(fit_key, split.data.fingerprint, folds)
+
     def fit(sub: LeaveOneOutSplit, fold: int):
         fold_exports = out / "exports" / f".{cfg.name}-fold-{fold:02d}-source"
         if cfg.distill:
@@ -396,10 +411,10 @@ def _cross_fitted(cfg: TeacherConfig, split: LeaveOneOutSplit, folds: int, out: 
             export_teacher_shards(src, sub, fold_exports / source.name, name=source.name, progress=progress,
                                   replace_stale=True, embeddings=False, **source_kw)
             del src  # one closed-form teacher in memory at a time
-        return train_teacher(cfg, sub, progress=progress, work_dir=out / "models" / f".{cfg.name}-fold-{fold:02d}-run",
+        # a fold's training resumes after its last finished epoch (an hour per fold on amazon-games)
+        return train_teacher(cfg, sub, progress=progress, resume=True,
+                             work_dir=out / "models" / f".{cfg.name}-fold-{fold:02d}-{key}-run",
                              exports_root=fold_exports if cfg.distill else None)
-
-    fit_key = json.dumps(record, sort_keys=True, default=str)
     return cross_fit_lists(fit, split, name=cfg.name, folds=folds, k=int(cfg.export.get("k", 50)),
                            max_history=int(cfg.export.get("max_history", 200)),
                            batch_size=int(cfg.export.get("batch_size", 512)),

@@ -18,7 +18,7 @@ def fit_teacher(teacher: SequentialModelTeacher, split: LeaveOneOutSplit, *, lr:
                 batch_size: int = 128, epochs: int = 200, patience: int = 5, eval_every: int = 1,
                 weight_decay: float = 0.0, grad_clip: float = 0.0, seed: int = 0, num_threads: int = 0,
                 windows: str = "last", distill: DistillConfig | None = None, out_dir: str | Path | None = None,
-                progress: bool = False, tensorboard: bool = False) -> TrainResult:
+                progress: bool = False, tensorboard: bool = False, resume: bool = False) -> TrainResult:
     """Train ``teacher`` in place on ``split``'s training prefixes; returns the trainer's TrainResult and
     stores its summary (best epoch, validation/test metrics, seconds) in ``teacher.info``.
     ``windows``: the trainer's ``data.windows`` ("all" trains on every training interaction of long
@@ -28,7 +28,8 @@ def fit_teacher(teacher: SequentialModelTeacher, split: LeaveOneOutSplit, *, lr:
     stronger one (on Games the large ID transformer learns from SLIST, issue 4). Plain KD/ranking terms only:
     the item-table extensions of embedding distillation and MKD would change the teacher's network.
 
-    ``out_dir``: where the trainer writes its checkpoint/results (default: a temporary directory)."""
+    ``out_dir``: where the trainer writes its checkpoint/results (default: a temporary directory); ``resume``: keep
+    its state after every epoch there and continue an interrupted training (the trainer's ``run.resume``)."""
     teacher.check_compatible(split.data.fingerprint)
     if teacher.num_items != split.data.num_items:
         raise TeacherError(f"teacher {teacher.name!r} has {teacher.num_items} items, dataset {split.data.name!r} has {split.data.num_items}")
@@ -38,7 +39,8 @@ def fit_teacher(teacher: SequentialModelTeacher, split: LeaveOneOutSplit, *, lr:
         optim=OptimConfig(lr=lr, weight_decay=weight_decay, batch_size=batch_size, epochs=epochs, patience=patience,
                           eval_every=eval_every, grad_clip=grad_clip),
         eval=EvalConfig(ks=(10, 20)),
-        run=RunConfig(seed=seed, out_dir="", num_threads=num_threads, tensorboard=tensorboard, progress=progress),
+        run=RunConfig(seed=seed, out_dir="", num_threads=num_threads, tensorboard=tensorboard, progress=progress,
+                      resume=resume and out_dir is not None),
     )
     if distill is not None:
         if not distill.enabled:

@@ -104,6 +104,9 @@ class RunConfig:
     num_threads: int = 0  # 0 = torch default
     tensorboard: bool = True
     progress: bool = True  # tqdm bars
+    # keep <out_dir>/resume.pt after every epoch and continue from it when it exists: an interrupted run ends with
+    # the numbers of an uninterrupted one (prmkd_dist.train.trainer, "Resume")
+    resume: bool = False
 
 
 # ---- distillation (prmkd_dist.distill.trainer); off unless ``distill.shards`` is set ----------------

@@ -14,12 +14,21 @@ is evaluated once, with the best weights, at the end.
 A checkpoint directory holds ``model.pt`` (state dict), ``config.yaml`` and ``meta.json`` (epoch,
 validation metrics, item fingerprint), so ``load_checkpoint`` rebuilds the exact model and refuses a
 dataset with a different item-id mapping.
+
+Resume (``run.resume``): after every epoch the run keeps ``<out_dir>/resume.pt``: the weights (with a
+method's extensions), the optimizer, the objective's random state (``objective.state_dict()``), the global
+random states, the best epoch so far (its weights) and the loop counters. A run started with the same config
+and out_dir continues after the last finished epoch, so an interrupted run ends with exactly the numbers of an
+uninterrupted one on the same thread count (the epoch in progress is redone); a config that differs in anything
+but ``run.{resume, progress, tensorboard, out_dir}`` is refused. The file is removed when the run finishes.
 """
 from __future__ import annotations
 
 import copy
 import json
 import math
+import os
+import random
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -44,6 +53,71 @@ log = get_logger(__name__)
 
 class CheckpointError(ValueError):
     """A checkpoint directory is missing files or does not match the dataset it is used with."""
+
+
+RESUME_FILE = "resume.pt"
+RESUME_FORMAT = "prmkd-dist/train-resume"
+RESUME_FREE_KEYS = ("run.resume", "run.progress", "run.tensorboard", "run.out_dir")  # a resumed run may change these
+
+
+def _flat(d: dict, prefix: str = "") -> dict:
+    out = {}
+    for k, v in d.items():
+        if isinstance(v, dict) and v:
+            out.update(_flat(v, f"{prefix}{k}."))
+        else:
+            out[f"{prefix}{k}"] = v
+    return out
+
+
+def _random_states(device: torch.device) -> dict:
+    states = {"torch": torch.get_rng_state(), "numpy": np.random.get_state(), "python": random.getstate()}
+    if device.type == "cuda":
+        states["cuda"] = torch.cuda.get_rng_state_all()
+    return states
+
+
+def _set_random_states(states: dict) -> None:
+    torch.set_rng_state(states["torch"])
+    np.random.set_state(states["numpy"])
+    random.setstate(states["python"])
+    if "cuda" in states:
+        torch.cuda.set_rng_state_all(states["cuda"])
+
+
+def save_resume_state(path: Path, cfg: TrainConfig, model, engine, objective, loop: dict) -> None:
+    """``resume.pt`` after a finished epoch (module doc, "Resume"); written whole, then renamed over the last."""
+    state = {"format": RESUME_FORMAT, "config": cfg.to_dict(), "model": model.state_dict(),
+             "optimizer": engine.optimizer.state_dict(),
+             "objective": objective.state_dict() if hasattr(objective, "state_dict") else {},
+             "random": _random_states(torch.device(cfg.run.device)), "loop": loop}
+    tmp = path.with_name(f"{path.name}.{os.getpid()}.tmp")
+    torch.save(state, tmp)
+    os.replace(tmp, path)
+
+
+def read_resume_state(path: Path, cfg: TrainConfig) -> tuple[dict | None, str]:
+    """(the saved state of ``path``, "") if a run of ``cfg`` wrote it (module doc), else (None, why not)."""
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=False)  # our own file: RNG states are not tensors
+    except Exception as e:  # a torn or foreign file
+        return None, f"not a readable resume state ({type(e).__name__}: {e})"
+    if not isinstance(state, dict) or state.get("format") != RESUME_FORMAT:
+        return None, f"not a prmkd-dist resume state (format {state.get('format') if isinstance(state, dict) else None!r})"
+    old, new = _flat(state["config"]), _flat(cfg.to_dict())
+    diff = sorted(k for k in set(old) | set(new) if k not in RESUME_FREE_KEYS and old.get(k) != new.get(k))
+    if diff:
+        shown = "; ".join(f"{k}: {old.get(k)!r} -> {new.get(k)!r}" for k in diff[:5])
+        return None, f"saved by a run with other settings ({shown}{'; ...' if len(diff) > 5 else ''})"
+    return state, ""
+
+
+def load_resume_state(path: Path, cfg: TrainConfig) -> dict:
+    """The saved state of ``path`` if it was written by a run of ``cfg`` (module doc); a clear error otherwise."""
+    state, why = read_resume_state(path, cfg)
+    if state is None:
+        raise ConfigError(f"{path}: {why}; delete it, or set run.resume=false, to start over")
+    return state
 
 
 @dataclass
@@ -159,8 +233,9 @@ class NextItemObjective:
     An objective is what :func:`train` needs from a training method, so that every method shares one loop
     (early stopping, evaluation, checkpoints, TensorBoard): ``batches(epoch)`` yields opaque batches,
     ``loss(engine, batch)`` turns one into a scalar, ``epoch_stats()`` returns extra numbers logged per
-    epoch (e.g. rows a curriculum masked out), and ``checkpoint_model(model)`` gives the plain student
-    that a checkpoint stores (a method that extends the student bakes its extension in)."""
+    epoch (e.g. rows a curriculum masked out), ``checkpoint_model(model)`` gives the plain student
+    that a checkpoint stores (a method that extends the student bakes its extension in), and ``state_dict()`` /
+    ``load_state_dict()`` carry whatever random state decides later epochs' batches (``run.resume``)."""
 
     def __init__(self, split: LeaveOneOutSplit, max_len: int, batch_size: int, seed: int, device: torch.device,
                  windows: str = "last", stride: int | None = None):
@@ -191,6 +266,13 @@ class NextItemObjective:
 
     def checkpoint_model(self, model: SequentialStudent) -> SequentialStudent:
         return model
+
+    def state_dict(self) -> dict:
+        """What a resumed run needs to draw the next epochs' order as an uninterrupted one would (trainer, "Resume")."""
+        return {"rng": self.rng.bit_generator.state}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.rng.bit_generator.state = state["rng"]
 
 
 # ---- model / checkpoints ----------------------------------------------------------------------------
@@ -310,9 +392,30 @@ def train(cfg: TrainConfig, split: LeaveOneOutSplit | None = None,
     eval_kw = _eval_kwargs(cfg)
 
     best = {"score": -math.inf, "epoch": 0, "valid": {}, "state": None}
-    history, bad_evals, step, epoch, stopped_by_budget = [], 0, 0, 0, False
-    t0 = time.perf_counter()
-    epochs_bar = tqdm(range(1, cfg.optim.epochs + 1), desc="epochs", unit="ep", disable=not cfg.run.progress)
+    history, bad_evals, step, epoch, stopped_by_budget, finished, elapsed = [], 0, 0, 0, False, False, 0.0
+    resume_path = out_dir / RESUME_FILE
+    if cfg.run.resume and resume_path.exists():
+        saved = load_resume_state(resume_path, cfg)
+        model.load_state_dict(saved["model"])
+        engine.optimizer.load_state_dict(saved["optimizer"])
+        if hasattr(objective, "load_state_dict"):
+            objective.load_state_dict(saved["objective"])
+        _set_random_states(saved["random"])
+        loop = saved["loop"]
+        best, history, bad_evals, step, epoch = loop["best"], loop["history"], loop["bad_evals"], loop["step"], loop["epoch"]
+        stopped_by_budget, finished, elapsed = loop["stopped_by_budget"], loop["finished"], loop["elapsed"]
+        log.info("resumed from %s after epoch %d (best epoch %d)", resume_path, epoch, best["epoch"])
+    t0 = time.perf_counter() - elapsed  # the time budget and train_seconds count the interrupted part too
+    first = cfg.optim.epochs + 1 if finished else epoch + 1
+    epochs_bar = tqdm(range(first, cfg.optim.epochs + 1), desc="epochs", unit="ep", disable=not cfg.run.progress,
+                      initial=first - 1, total=cfg.optim.epochs)
+
+    def keep_state():
+        if cfg.run.resume:
+            save_resume_state(resume_path, cfg, model, engine, objective, {
+                "best": best, "history": history, "bad_evals": bad_evals, "step": step, "epoch": epoch,
+                "stopped_by_budget": stopped_by_budget, "finished": finished, "elapsed": time.perf_counter() - t0})
+
     for epoch in epochs_bar:
         engine.train()
         loss_sum, n_batches = 0.0, 0
@@ -336,6 +439,7 @@ def train(cfg: TrainConfig, split: LeaveOneOutSplit | None = None,
         budget = cfg.optim.max_train_seconds
         out_of_time = budget > 0 and time.perf_counter() - t0 >= budget
         if epoch % cfg.optim.eval_every and epoch != cfg.optim.epochs and not out_of_time:
+            keep_state()
             continue
         valid = evaluate(model, split, "valid", **eval_kw)
         history.append({"epoch": epoch, "train_loss": train_loss, **stats, **valid})
@@ -355,11 +459,14 @@ def train(cfg: TrainConfig, split: LeaveOneOutSplit | None = None,
             bad_evals += 1
             if cfg.optim.patience > 0 and bad_evals >= cfg.optim.patience:
                 log.info("early stop at epoch %d (best epoch %d)", epoch, best["epoch"])
-                break
-        if out_of_time:
+                finished = True
+        if out_of_time and not finished:
             log.warning("optim.max_train_seconds=%.0f reached after epoch %d; keeping best epoch %d",
                         budget, epoch, best["epoch"])
-            stopped_by_budget = True
+            stopped_by_budget = finished = True
+        finished = finished or epoch == cfg.optim.epochs
+        keep_state()
+        if finished:
             break
     epochs_bar.close()
     train_seconds = time.perf_counter() - t0
@@ -380,4 +487,6 @@ def train(cfg: TrainConfig, split: LeaveOneOutSplit | None = None,
                          history=history, train_seconds=train_seconds, epochs_run=epoch,
                          checkpoint_dir=str(ckpt_dir), stopped_by_budget=stopped_by_budget)
     (out_dir / "results.json").write_text(json.dumps(result.to_dict(), indent=2))
+    if cfg.run.resume:
+        resume_path.unlink(missing_ok=True)  # finished: nothing to resume (it holds two copies of the weights)
     return result

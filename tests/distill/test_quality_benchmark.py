@@ -246,3 +246,39 @@ def test_two_resumed_calls_fill_one_report(small_split, shards, tmp_path, monkey
     assert got["seeds"] == [0, 1]
     assert [r["seed"] for r in got["results"]["teacher pop alone"]["runs"]] == [0, 1]
     assert [r["seed"] for r in got["results"]["all teachers, uniform"]["runs"]] == [0]
+
+
+def test_a_run_cut_short_resumes_after_its_last_epoch(small_split, shards, tmp_path, monkeypatch, capsys,
+                                                      load_benchmark, interrupt_training):
+    """``--resume``: a training killed mid-run continues from its last finished epoch (run.resume); the state a
+    run of other settings left in the same --run-dir is discarded with a message, not resumed."""
+    import prmkd_dist.train.trainer as trainer
+
+    from ..conftest import TrainingInterrupted
+
+    q = load_benchmark("quality")
+    monkeypatch.setattr(q, "load_split", lambda name: (None, small_split))
+    common = ["--dataset", "ml-latest-small", "--student", "gru4rec", "--seeds", "1", "--shards", shards,
+              "--set", "optim.epochs=2", "--set", "optim.batch_size=64", "--set", "run.num_threads=1",
+              "--run-dir", str(tmp_path / "runs"), "--resume", "--only", "teacher pop alone"]
+    interrupt_training("valid", 2)  # the baseline's second epoch
+    with pytest.raises(TrainingInterrupted):
+        q.main([*common, "--out", str(tmp_path / "a.json")])
+    states = list((tmp_path / "runs" / "a").glob("*/seed0/resume.pt"))
+    assert len(states) == 1
+    interrupt_training(None)
+    real, stages = trainer.evaluate, []
+    monkeypatch.setattr(trainer, "evaluate", lambda m, s, stage, **kw: (stages.append(stage), real(m, s, stage, **kw))[1])
+    assert q.main([*common, "--out", str(tmp_path / "a.json")]) == 0
+    assert stages.count("valid") == 1 + 2  # the baseline's second epoch, then pop alone whole
+    assert not states[0].exists()
+
+    # a state left by other settings (the report it belonged to removed, the same --out and --run-dir reused)
+    interrupt_training("valid", 2)
+    with pytest.raises(TrainingInterrupted):
+        q.main([*common, "--out", str(tmp_path / "b.json")])
+    interrupt_training(None)
+    (tmp_path / "b.json").unlink(missing_ok=True)
+    capsys.readouterr()
+    assert q.main([*common, "--set", "optim.lr=0.0005", "--out", str(tmp_path / "b.json")]) == 0
+    assert "saved by a run with other settings (optim.lr: 0.001 -> 0.0005); that run starts over" in capsys.readouterr().err

@@ -297,3 +297,36 @@ def test_two_fold_worker_processes_share_the_pipeline_dir(ml_tiny, tmp_path):
     got, want = (read_all(root / "shards").select(cols) for root in (shared, tmp_path / "single"))
     assert got.num_rows == want.num_rows > 0
     assert got.equals(want)
+
+
+def test_a_fold_training_cut_short_resumes_after_its_last_epoch(ml_tiny, tmp_path, interrupt_training, monkeypatch):
+    """A fold teacher's training keeps its state after every epoch (the trainer's run.resume, in a scratch dir named
+    by the config): the pipeline run after a kill in fold 1's second epoch continues that training, and its lists
+    equal those of a pipeline that was never interrupted."""
+    from ..conftest import TrainingInterrupted
+
+    (tmp_path / "slist.yaml").write_text(SOURCE_YAML + "export: {k: 10, max_history: 50}\n")
+    (tmp_path / "idt-oof.yaml").write_text(PUPIL_YAML.replace("epochs: 1", "epochs: 3")
+                                           + "export: {k: 10, max_history: 50, cross_fit: 2}\n")
+    ml_tiny.save(str(tmp_path / "data"))
+    teachers = [str(tmp_path / "slist.yaml"), str(tmp_path / "idt-oof.yaml")]
+    run = dict(progress=False, log=lambda *_: None, teachers=teachers)
+
+    whole = tmp_path / "whole"
+    run_teacher_pipeline(str(tmp_path / "data"), whole, **run)
+    cut = tmp_path / "cut"
+    interrupt_training("valid", 2)  # fold 1's second epoch
+    with pytest.raises(TrainingInterrupted):
+        run_teacher_pipeline(str(tmp_path / "data"), cut, **run)
+    states = list((cut / "models").glob(".idt-oof-fold-00-*-run/resume.pt"))
+    assert len(states) == 1 and torch.load(states[0], weights_only=False)["loop"]["epoch"] == 1
+    interrupt_training(None)
+    import prmkd_dist.train.trainer as trainer
+
+    real, epochs = trainer.evaluate, []
+    monkeypatch.setattr(trainer, "evaluate", lambda m, s, stage, **kw: (epochs.append(stage), real(m, s, stage, **kw))[1])
+    run_teacher_pipeline(str(tmp_path / "data"), cut, **run)
+    assert not states[0].exists()  # that training finished
+    assert epochs.count("valid") == 2 + 3 + 3  # fold 1 from epoch 2 on, fold 2 and the full teacher whole
+    cols = ["example_key", "teacher.idt-oof.ids", "teacher.idt-oof.scores"]
+    assert read_all(cut / "shards").select(cols).equals(read_all(whole / "shards").select(cols))
