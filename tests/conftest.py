@@ -107,3 +107,26 @@ def interrupt_training(monkeypatch):
         monkeypatch.setattr(trainer, "evaluate", evaluate)
 
     return arm
+
+
+@pytest.fixture
+def resumed_twin(interrupt_training):
+    """``resumed_twin(train_fn, make_cfg, root)``: (uninterrupted result, result of a run interrupted in epoch 2 and
+    started again); asserts that they are the same run (metrics, losses) and that the resume state is gone.
+    ``make_cfg(out_dir)`` must give a config with ``run.resume`` on and >= 2 epochs evaluated every epoch."""
+    from prmkd_dist.train.trainer import RESUME_FILE
+
+    def run(train_fn, make_cfg, root):
+        whole = train_fn(make_cfg(root / "whole"))
+        interrupt_training("valid", 2)
+        with pytest.raises(TrainingInterrupted):
+            train_fn(make_cfg(root / "cut"))
+        assert (root / "cut" / RESUME_FILE).exists()
+        interrupt_training(None)
+        resumed = train_fn(make_cfg(root / "cut"))
+        assert resumed.valid == whole.valid and resumed.test == whole.test and resumed.best_epoch == whole.best_epoch
+        assert [h["train_loss"] for h in resumed.history] == [h["train_loss"] for h in whole.history]
+        assert not (root / "cut" / RESUME_FILE).exists()
+        return whole, resumed
+
+    return run

@@ -296,28 +296,16 @@ def test_quickstart_distillation_stage_adds_teacher_and_student_rows(small_split
                 "embedding": {"enabled": True}, "mkd": {"cpd": 0.5}}),
 ])
 def test_an_interrupted_distillation_resumes_to_the_same_numbers(small_split, shards, embeddings, tmp_path,
-                                                                 interrupt_training, packing, extra):
+                                                                 resumed_twin, packing, extra):
     """run.resume through both distillation objectives (streamed examples; window packing with a curriculum, the
     embedding extension and the CPD projector, whose weights and optimizer state are part of the student)."""
-    from prmkd_dist.train.trainer import RESUME_FILE
-
-    from ..conftest import TrainingInterrupted
-
     def cfg(out):
         c = distill_cfg(out, shards, distill={"packing": packing, "teacher_embeddings": [embeddings], **extra}, epochs=3)
         c.run.resume, c.run.num_threads = True, 1
         return c
 
-    whole = train_distilled(cfg(tmp_path / "whole"), small_split)
-    interrupt_training("valid", 2)
-    with pytest.raises(TrainingInterrupted):
-        train_distilled(cfg(tmp_path / "cut"), small_split)
-    interrupt_training(None)
-    resumed = train_distilled(cfg(tmp_path / "cut"), small_split)
-    assert resumed.valid == whole.valid and resumed.test == whole.test
-    assert [h["train_loss"] for h in resumed.history] == [h["train_loss"] for h in whole.history]
+    whole, resumed = resumed_twin(lambda c: train_distilled(c, small_split), cfg, tmp_path)
     if packing == "window":
         assert [h["curriculum_fraction"] for h in resumed.history] == [h["curriculum_fraction"] for h in whole.history]
     a, b = (load_checkpoint(d, small_split)[0].state_dict() for d in (whole.checkpoint_dir, resumed.checkpoint_dir))
     assert all(torch.equal(a[k], b[k]) for k in a)
-    assert not (tmp_path / "cut" / RESUME_FILE).exists()

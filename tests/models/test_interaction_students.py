@@ -271,25 +271,12 @@ def test_ce_only_baselines_train_on_the_same_examples(small_split, shards, tmp_p
     assert res.valid["MRR"] > 3 * random_init(cfg_for("deepfm", tmp_path), small_split)["MRR"]
 
 
-def test_an_interrupted_deepfm_distillation_resumes_to_the_same_numbers(small_split, shards, tmp_path,
-                                                                         interrupt_training):
+def test_an_interrupted_deepfm_distillation_resumes_to_the_same_numbers(small_split, shards, tmp_path, resumed_twin):
     """run.resume through the candidate objective: the epoch order and the sampled negatives' generator resume."""
-    from prmkd_dist.train.trainer import RESUME_FILE
-
-    from ..conftest import TrainingInterrupted
-
     def cfg(out):
         c = cfg_for("deepfm", out, shards, hparams={**HP["deepfm"], "dropout": 0.2}, distill={"strategy": "confidence"},
                     epochs=3)
         c.run.resume, c.run.num_threads = True, 1
         return c
 
-    whole = train_distilled(cfg(tmp_path / "whole"), small_split)
-    interrupt_training("valid", 2)
-    with pytest.raises(TrainingInterrupted):
-        train_distilled(cfg(tmp_path / "cut"), small_split)
-    interrupt_training(None)
-    resumed = train_distilled(cfg(tmp_path / "cut"), small_split)
-    assert resumed.valid == whole.valid and resumed.test == whole.test
-    assert [h["train_loss"] for h in resumed.history] == [h["train_loss"] for h in whole.history]
-    assert not (tmp_path / "cut" / RESUME_FILE).exists()
+    resumed_twin(lambda c: train_distilled(c, small_split), cfg, tmp_path)
