@@ -106,8 +106,14 @@ def cmd_eval(args: argparse.Namespace) -> int:
 
 
 def cmd_pipeline(args: argparse.Namespace) -> int:
+    import torch
+
     from prmkd_dist.teachers.pipeline import format_report, run_teacher_pipeline
 
+    if args.threads is not None:
+        if args.threads < 1:
+            return _user_error(ValueError(f"--threads {args.threads}: expected >= 1"))
+        torch.set_num_threads(args.threads)  # float sums depend on it: the report records it
     pretrained = {}
     for item in args.use_trained or []:
         name, sep, path = item.partition("=")
@@ -182,6 +188,8 @@ def register(subparsers) -> None:
     pl.add_argument("--cross-fit-folds", type=int, nargs="+", default=None, metavar="F",
                     help="fold worker: fit only these folds (1-based) of the cross-fitted teachers and stop; run "
                          "workers for the other folds beside it (same --out), then the pipeline without this flag")
+    pl.add_argument("--threads", type=int, default=None,
+                    help="torch intra-op threads (default: torch's); e.g. 1 for each of several fold workers")
     pl.add_argument("--json", action="store_true", help="also print the whole report as JSON")
     pl.add_argument("--no-progress", action="store_true")
     pl.set_defaults(func=cmd_pipeline)

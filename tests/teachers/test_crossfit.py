@@ -270,12 +270,12 @@ def test_two_fold_worker_processes_share_the_pipeline_dir(ml_tiny, tmp_path):
     (tmp_path / "slist.yaml").write_text(SOURCE_YAML + "export: {k: 10, max_history: 50}\n")
     (tmp_path / "idt-oof.yaml").write_text(PUPIL_YAML + "export: {k: 10, max_history: 50, cross_fit: 2}\n")
     ml_tiny.save(str(tmp_path / "data"))
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}  # the same thread count in every process: the same float sums
+    env = dict(os.environ)
 
     def pipeline(out, *extra):
         return [sys.executable, "-m", "prmkd_dist.cli", "teachers", "pipeline", "--dataset", str(tmp_path / "data"),
                 "--out", str(out), "--teachers", str(tmp_path / "slist.yaml"), str(tmp_path / "idt-oof.yaml"),
-                "--no-progress", *extra]
+                "--no-progress", "--threads", "1", *extra]  # one thread in every process: the same float sums
 
     shared = tmp_path / "shared"
     workers = [subprocess.Popen(pipeline(shared, "--cross-fit-folds", str(f)), env=env, text=True,
