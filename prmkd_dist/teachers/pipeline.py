@@ -31,6 +31,7 @@ import copy
 import hashlib
 import json
 import os
+import shutil
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -372,6 +373,25 @@ def _trained_teacher(cfg: TeacherConfig, split: LeaveOneOutSplit, model_dir: Pat
     return teacher, "trained"
 
 
+def _save_atomically(teacher: Teacher, directory: Path) -> None:
+    """``teacher.save(directory)`` through a sibling temporary dir: a kill leaves the old state or the new, never a
+    teacher.json beside half its weights."""
+    tmp = directory.with_name(f".{directory.name}.{os.getpid()}.tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    teacher.save(tmp)
+    shutil.rmtree(directory, ignore_errors=True)
+    os.replace(tmp, directory)
+
+
+def _saved_fold_teacher(cfg: TeacherConfig, run_dir: Path, fingerprint: str) -> Teacher | None:
+    """The fold teacher a previous run trained in ``run_dir`` (the dir is keyed by the config, the source's settings,
+    the data and the fold count), or None. Checked again against the config: a stale one is not reused."""
+    if not (run_dir / "teacher" / "teacher.json").is_file():
+        return None
+    teacher = load_teacher(run_dir / "teacher", fingerprint=fingerprint)
+    return teacher if teacher.info.get("pipeline_config") == cfg.resolved() else None
+
+
 def _cross_fitted(cfg: TeacherConfig, split: LeaveOneOutSplit, folds: int, out: Path, progress: bool, log,
                   source: TeacherConfig | None = None, only: list[int] | None = None):
     """The out-of-fold lists of ``cfg`` (its fold teachers fitted as the pipeline fits it; finished folds kept in
@@ -404,6 +424,11 @@ def _cross_fitted(cfg: TeacherConfig, split: LeaveOneOutSplit, folds: int, out: 
 
     def fit(sub: LeaveOneOutSplit, fold: int):
         fold_exports = out / "exports" / f".{cfg.name}-fold-{fold:02d}-source"
+        run_dir = out / "models" / f".{cfg.name}-fold-{fold:02d}-{key}-run"
+        saved = _saved_fold_teacher(cfg, run_dir, sub.data.fingerprint)
+        if saved is not None:  # trained before its listing was cut short: list again, do not train again
+            log(f"[teachers] {cfg.name}: fold {fold + 1}'s trained teacher reused from {run_dir / 'teacher'}")
+            return saved
         if cfg.distill:
             log(f"[teachers] {cfg.name}: the fold's source {source.name} (fitted without the fold's users)")
             src = train_teacher(source, sub, progress=progress,
@@ -412,9 +437,11 @@ def _cross_fitted(cfg: TeacherConfig, split: LeaveOneOutSplit, folds: int, out: 
                                   replace_stale=True, embeddings=False, **source_kw)
             del src  # one closed-form teacher in memory at a time
         # a fold's training resumes after its last finished epoch (an hour per fold on amazon-games)
-        return train_teacher(cfg, sub, progress=progress, resume=True,
-                             work_dir=out / "models" / f".{cfg.name}-fold-{fold:02d}-{key}-run",
-                             exports_root=fold_exports if cfg.distill else None)
+        teacher = train_teacher(cfg, sub, progress=progress, resume=True, work_dir=run_dir,
+                                exports_root=fold_exports if cfg.distill else None)
+        if cfg.kind not in CLOSED_FORM:  # a closed form refits in minutes and weighs GBs: not kept
+            _save_atomically(teacher, run_dir / "teacher")
+        return teacher
     return cross_fit_lists(fit, split, name=cfg.name, folds=folds, k=int(cfg.export.get("k", 50)),
                            max_history=int(cfg.export.get("max_history", 200)),
                            batch_size=int(cfg.export.get("batch_size", 512)),

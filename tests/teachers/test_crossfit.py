@@ -330,3 +330,51 @@ def test_a_fold_training_cut_short_resumes_after_its_last_epoch(ml_tiny, tmp_pat
     assert epochs.count("valid") == 2 + 3 + 3  # fold 1 from epoch 2 on, fold 2 and the full teacher whole
     cols = ["example_key", "teacher.idt-oof.ids", "teacher.idt-oof.scores"]
     assert read_all(cut / "shards").select(cols).equals(read_all(whole / "shards").select(cols))
+
+
+def test_a_fold_listing_cut_short_lists_again_without_training(ml_tiny, tmp_path, monkeypatch):
+    """A fold teacher is kept in its scratch dir once trained: a kill while it lists the fold's examples costs the
+    listing, not the training (nor its source's refit); the lists then equal those of an uninterrupted run."""
+    import prmkd_dist.teachers.export as export
+    import prmkd_dist.train.trainer as trainer
+
+    (tmp_path / "slist.yaml").write_text(SOURCE_YAML + "export: {k: 10, max_history: 50}\n")
+    (tmp_path / "idt-oof.yaml").write_text(PUPIL_YAML.replace("epochs: 1", "epochs: 2")
+                                           + "export: {k: 10, max_history: 50, cross_fit: 2}\n")
+    ml_tiny.save(str(tmp_path / "data"))
+    logs = []
+    run = dict(progress=False, log=logs.append, teachers=[str(tmp_path / "slist.yaml"), str(tmp_path / "idt-oof.yaml")])
+    whole = tmp_path / "whole"
+    run_teacher_pipeline(str(tmp_path / "data"), whole, **run)
+
+    real_topk = export.score_topk
+
+    def killed(teacher, *a, **kw):  # the fold teacher's listing, not the sources' exports
+        if getattr(teacher, "kind", None) == "id-transformer":
+            raise KeyboardInterrupt("killed while listing")
+        return real_topk(teacher, *a, **kw)
+
+    monkeypatch.setattr(export, "score_topk", killed)
+    cut = tmp_path / "cut"
+    with pytest.raises(KeyboardInterrupt):
+        run_teacher_pipeline(str(tmp_path / "data"), cut, **run)
+    saved = list((cut / "models").glob(".idt-oof-fold-00-*-run/teacher/teacher.json"))
+    assert len(saved) == 1 and not list((cut / "exports" / ".idt-oof-folds").glob("fold-*.json"))
+    monkeypatch.setattr(export, "score_topk", real_topk)
+    real_eval, epochs = trainer.evaluate, []
+    monkeypatch.setattr(trainer, "evaluate", lambda m, s, stage, **kw: (epochs.append(stage), real_eval(m, s, stage, **kw))[1])
+    logs.clear()
+    run_teacher_pipeline(str(tmp_path / "data"), cut, **run)
+    assert epochs.count("valid") == 2 + 2  # fold 2 and the full teacher; fold 1 is not trained again
+    assert any("fold 1's trained teacher reused" in line for line in logs)
+    assert not any("the fold's source slist" in line and "fold 1" in line for line in logs)
+    assert sum("the fold's source slist" in line for line in logs) == 1  # fold 2's source only
+    cols = ["example_key", "teacher.idt-oof.ids", "teacher.idt-oof.scores"]
+    assert read_all(cut / "shards").select(cols).equals(read_all(whole / "shards").select(cols))
+
+    # the saved teacher is checked against the config as well as found by the dir's key: another config's is not taken
+    from prmkd_dist.teachers.pipeline import _saved_fold_teacher
+    run_dir, fp = saved[0].parent.parent, ml_tiny.fingerprint
+    assert _saved_fold_teacher(load_teacher_config(tmp_path / "idt-oof.yaml"), run_dir, fp) is not None
+    (tmp_path / "other.yaml").write_text((tmp_path / "idt-oof.yaml").read_text().replace("epochs: 2", "epochs: 3"))
+    assert _saved_fold_teacher(load_teacher_config(tmp_path / "other.yaml"), run_dir, fp) is None
