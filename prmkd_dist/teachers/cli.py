@@ -114,6 +114,14 @@ def cmd_pipeline(args: argparse.Namespace) -> int:
         if args.threads < 1:
             return _user_error(ValueError(f"--threads {args.threads}: expected >= 1"))
         torch.set_num_threads(args.threads)  # float sums depend on it: the report records it
+    folds = args.cross_fit_folds
+    if folds is not None and folds != ["auto"]:
+        if not all(f.isdigit() for f in folds):
+            return _user_error(ValueError(f"--cross-fit-folds {' '.join(folds)}: expected fold numbers (1-based) "
+                                          "or 'auto'"))
+        folds = [int(f) for f in folds]
+    elif folds is not None:
+        folds = "auto"
     pretrained = {}
     for item in args.use_trained or []:
         name, sep, path = item.partition("=")
@@ -123,12 +131,13 @@ def cmd_pipeline(args: argparse.Namespace) -> int:
     try:
         report = run_teacher_pipeline(args.dataset, args.out, fast=args.fast, teachers=args.teachers,
                                       pretrained=pretrained, progress=not args.no_progress,
-                                      cross_fit_folds=args.cross_fit_folds)
+                                      cross_fit_folds=folds)
     except _user_errors() as e:
         return _user_error(e)
-    if args.cross_fit_folds is not None:  # a fold worker: no teachers to show yet
+    if folds is not None:  # a fold worker: no teachers to show yet
         for name, c in report["cross_fit"].items():
-            print(f"{name}: fold(s) {', '.join(map(str, c['fitted']))} of {c['folds']} finished in {c['seconds']:.0f}s"
+            done = f"fold(s) {', '.join(map(str, c['fitted']))}" if c["fitted"] else "no fold"
+            print(f"{name}: {done} of {c['folds']} fitted here in {c['seconds']:.0f}s"
                   + ("; every fold is finished: run the pipeline without --cross-fit-folds to export and merge"
                      if c["complete"] else "; other folds not finished yet"))
     else:
@@ -185,9 +194,10 @@ def register(subparsers) -> None:
     pl.add_argument("--teachers", nargs="+", default=None, help="teacher configs (default: the dataset's set)")
     pl.add_argument("--use-trained", action="append", metavar="NAME=DIR",
                     help="use this saved teacher for NAME instead of training it (repeatable)")
-    pl.add_argument("--cross-fit-folds", type=int, nargs="+", default=None, metavar="F",
+    pl.add_argument("--cross-fit-folds", nargs="+", default=None, metavar="F",
                     help="fold worker: fit only these folds (1-based) of the cross-fitted teachers and stop; run "
-                         "workers for the other folds beside it (same --out), then the pipeline without this flag")
+                         "workers for the other folds beside it (same --out), then the pipeline without this flag; "
+                         "'auto': fit every fold no other live worker has claimed (start N identical workers)")
     pl.add_argument("--threads", type=int, default=None,
                     help="torch intra-op threads (default: torch's); e.g. 1 for each of several fold workers")
     pl.add_argument("--json", action="store_true", help="also print the whole report as JSON")

@@ -22,7 +22,9 @@ can fit different folds at once (``only``; the pipeline's ``--cross-fit-folds``)
 """
 from __future__ import annotations
 
+import contextlib
 import dataclasses
+import fcntl
 import hashlib
 import json
 import os
@@ -117,18 +119,40 @@ def _fold_path(work_dir: str, fold: int) -> tuple[str, str]:
     return os.path.join(work_dir, f"fold-{fold:02d}.npz"), os.path.join(work_dir, f"fold-{fold:02d}.json")
 
 
+@contextlib.contextmanager
+def _fold_claim(work_dir: str, fold: int):
+    """Yields True while this process holds fold ``fold``'s claim in ``work_dir`` (an exclusive ``flock`` on
+    ``fold-NN.lock``), False when another process holds it. The kernel drops the lock when its holder exits, killed
+    or not, so a dead worker's fold is free for the next one. The lock files stay (removing one under a waiting
+    opener would let two processes lock different files of the same name)."""
+    fd = os.open(os.path.join(work_dir, f"fold-{fold:02d}.lock"), os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            yield False
+            return
+        yield True  # closing the descriptor releases the lock
+    finally:
+        os.close(fd)
+
+
 def cross_fit_lists(fit: Callable[[LeaveOneOutSplit, int], object], split: LeaveOneOutSplit, *, name: str, folds: int,
                     k: int = 50, max_history: int = 200, batch_size: int = 512, seed: int = 0,
                     work_dir: str | os.PathLike | None = None, fit_key: str = "", log=print,
-                    embeddings: torch.Tensor | None = None, only: Collection[int] | None = None
-                    ) -> CrossFittedLists | None:
+                    embeddings: torch.Tensor | None = None, only: Collection[int] | None = None,
+                    claim: bool = False, fitted: list[int] | None = None) -> CrossFittedLists | None:
     """Fit ``fit(split without fold f's users, f)`` for each fold f and keep its top-``k`` of fold f's examples
     (module doc). ``work_dir``: each finished fold's lists are saved there and reused by a later call with the same
     settings (``fit_key`` names what decides the fitted weights, e.g. the teacher config; a change refits every fold).
 
     ``only``: fit just these folds (0-based), a fold worker: processes or machines sharing ``work_dir`` each fit some
     folds at once (the folds are independent; a neural teacher's fold is an hour on amazon-games). Folds outside
-    ``only`` are read back when finished in ``work_dir``; while any is missing the call returns None."""
+    ``only`` are read back when finished in ``work_dir``; while any is missing the call returns None.
+
+    ``claim``: workers split the folds by themselves: each unfinished fold (of ``only``, default all) is fitted under
+    a claim in ``work_dir`` (``_fold_claim``), and a fold another live process is fitting is left to it (missing), so
+    N identical workers fit each fold once. ``fitted``: a list the folds this call fitted are appended to."""
     from prmkd_dist.teachers.export import (_check_teacher, _device_of, _input_length, example_index,
                                             first_occurrences, score_topk)
 
@@ -140,43 +164,48 @@ def cross_fit_lists(fit: Callable[[LeaveOneOutSplit, int], object], split: Leave
     settings = {"format": FOLD_FORMAT, "name": name, "folds": folds, "seed": seed, "k": int(k),
                 "max_history": int(max_history), "item_fingerprint": data.fingerprint, "num_examples": int(len(keys)),
                 "fit_key": fit_key}
-    semantics = None
     if only is not None:
         only = sorted({int(f) for f in only})
         if not only or only[0] < 0 or only[-1] >= folds:
             raise CrossFitError(f"{name}: folds to fit {only} must be in 0..{folds - 1}")
         if work_dir is None:
             raise CrossFitError(f"{name}: fitting some folds only needs a work_dir to keep them in")
+    if claim and work_dir is None:
+        raise CrossFitError(f"{name}: claiming folds needs a work_dir shared by the workers")
     if work_dir is not None:
         work_dir = os.fspath(work_dir)
         os.makedirs(work_dir, exist_ok=True)
-    missing = []
-    for f in range(folds):
-        rows = np.flatnonzero(fold_of[users] == f)
+    state = {"semantics": None}
+
+    def reuse(f: int, rows: np.ndarray) -> bool:
+        """Read fold f's lists back from work_dir when a run of the same settings finished it."""
         cached = _fold_path(work_dir, f) if work_dir is not None else None
-        if cached and os.path.exists(cached[1]) and os.path.exists(cached[0]):
-            with open(cached[1]) as fh:
-                meta = json.load(fh)
-            if meta.get("settings") == {**settings, "fold": f}:
-                with np.load(cached[0]) as z:
-                    if not np.array_equal(z["keys"], keys[rows]):
-                        raise CrossFitError(f"{cached[0]}: its example keys differ from fold {f}'s; delete {work_dir}")
-                    ids[rows], scores[rows] = z["ids"], z["scores"]
-                semantics = semantics or meta["score_semantics"]
-                log(f"[cross-fit] {name}: fold {f + 1}/{folds} reused from {cached[0]}")
-                continue
-        if only is not None and f not in only:
-            missing.append(f)
-            continue
+        if not (cached and os.path.exists(cached[1]) and os.path.exists(cached[0])):
+            return False
+        with open(cached[1]) as fh:
+            meta = json.load(fh)
+        if meta.get("settings") != {**settings, "fold": f}:
+            return False
+        with np.load(cached[0]) as z:
+            if not np.array_equal(z["keys"], keys[rows]):
+                raise CrossFitError(f"{cached[0]}: its example keys differ from fold {f}'s; delete {work_dir}")
+            ids[rows], scores[rows] = z["ids"], z["scores"]
+        state["semantics"] = state["semantics"] or meta["score_semantics"]
+        log(f"[cross-fit] {name}: fold {f + 1}/{folds} reused from {cached[0]}")
+        return True
+
+    def fit_fold(f: int, rows: np.ndarray) -> None:
+        """Fit fold f's teacher without its users, list their examples, keep the lists in work_dir."""
         t0 = time.perf_counter()
         log(f"[cross-fit] {name}: fold {f + 1}/{folds}: fit without {int((fold_of == f).sum())} users, "
             f"list their {len(rows)} examples")
         teacher = fit(without_users(split, fold_of == f), f)
         _check_teacher(teacher, split, name, k)
         fold_semantics = getattr(teacher, "score_semantics", "logit")
-        if semantics is not None and fold_semantics != semantics:
-            raise CrossFitError(f"{name}: fold teachers disagree on score semantics ({semantics} vs {fold_semantics})")
-        semantics = fold_semantics
+        if state["semantics"] is not None and fold_semantics != state["semantics"]:
+            raise CrossFitError(f"{name}: fold teachers disagree on score semantics ({state['semantics']} vs "
+                                f"{fold_semantics})")
+        state["semantics"] = fold_semantics
         input_len = _input_length(teacher, max_history)
         first = first_occurrences(split) if callable(getattr(teacher, "additive_rows", None)) else None
         device = _device_of(teacher)
@@ -189,17 +218,38 @@ def cross_fit_lists(fit: Callable[[LeaveOneOutSplit, int], object], split: Leave
                 r = rows[lo:lo + batch_size]
                 ids[r], scores[r] = score_topk(teacher, keys[r], starts[r], split, k, input_len, device, first)
         del teacher, module  # a closed-form teacher on amazon-games is 2.2 GB: one at a time
-        if cached:  # the lists, then the record that names them finished: a reader never sees a torn fold
-            tmp = f"{cached[0]}.{os.getpid()}.tmp.npz"
+        if work_dir is not None:  # the lists, then the record that names them finished: a reader never sees a torn fold
+            npz, record = _fold_path(work_dir, f)
+            tmp = f"{npz}.{os.getpid()}.tmp.npz"
             np.savez(tmp, keys=keys[rows], ids=ids[rows], scores=scores[rows])
-            os.replace(tmp, cached[0])
-            write_json_atomic(cached[1], {"settings": {**settings, "fold": f}, "score_semantics": semantics,
-                                          "fit_seconds": round(fit_s, 2),
-                                          "seconds": round(time.perf_counter() - t0, 2)})
+            os.replace(tmp, npz)
+            write_json_atomic(record, {"settings": {**settings, "fold": f}, "score_semantics": state["semantics"],
+                                       "fit_seconds": round(fit_s, 2), "seconds": round(time.perf_counter() - t0, 2)})
+        if fitted is not None:
+            fitted.append(f)
         log(f"[cross-fit] {name}: fold {f + 1}/{folds} done in {time.perf_counter() - t0:.0f}s (fit {fit_s:.0f}s)")
+
+    missing = []
+    for f in range(folds):
+        rows = np.flatnonzero(fold_of[users] == f)
+        if reuse(f, rows):
+            continue
+        if only is not None and f not in only:
+            missing.append(f)
+        elif not claim:
+            fit_fold(f, rows)
+        else:
+            with _fold_claim(work_dir, f) as mine:
+                if not mine:
+                    log(f"[cross-fit] {name}: fold {f + 1}/{folds} is being fitted by another worker")
+                    missing.append(f)
+                elif not reuse(f, rows):  # under the claim: a fold another worker finished meanwhile is read back
+                    fit_fold(f, rows)
+    # folds other workers finished while this one fitted its own: of several workers, the last to end assembles
+    missing = [f for f in missing if not reuse(f, np.flatnonzero(fold_of[users] == f))]
     if missing:
         log(f"[cross-fit] {name}: fold(s) {', '.join(str(f + 1) for f in missing)} of {folds} not finished in "
             f"{work_dir} (left to another worker)")
         return None
-    return CrossFittedLists(name, data.num_items, data.fingerprint, semantics or "logit", keys, ids, scores, folds, seed,
-                            embeddings)
+    return CrossFittedLists(name, data.num_items, data.fingerprint, state["semantics"] or "logit", keys, ids, scores,
+                            folds, seed, embeddings)

@@ -393,11 +393,12 @@ def _saved_fold_teacher(cfg: TeacherConfig, run_dir: Path, fingerprint: str) -> 
 
 
 def _cross_fitted(cfg: TeacherConfig, split: LeaveOneOutSplit, folds: int, out: Path, progress: bool, log,
-                  source: TeacherConfig | None = None, only: list[int] | None = None):
+                  source: TeacherConfig | None = None, only: list[int] | None = None, claim: bool = False,
+                  fitted: list[int] | None = None):
     """The out-of-fold lists of ``cfg`` (its fold teachers fitted as the pipeline fits it; finished folds kept in
     ``exports/.<name>-folds`` and reused while the config is unchanged). ``only``: fit just these folds (0-based)
     and return None unless every fold is then finished (``cross_fit_lists``); each fold has its own scratch
-    directories, so workers on other folds share ``out``.
+    directories, so workers on other folds share ``out``; ``claim``/``fitted``: ``cross_fit_lists``'s.
 
     A teacher distilled from another (``distill``; ``source`` is that teacher's config) is cross-fitted with its
     source nested in each fold: the fold's source is fitted on the fold's split too and exports its lists of the
@@ -445,26 +446,32 @@ def _cross_fitted(cfg: TeacherConfig, split: LeaveOneOutSplit, folds: int, out: 
     return cross_fit_lists(fit, split, name=cfg.name, folds=folds, k=int(cfg.export.get("k", 50)),
                            max_history=int(cfg.export.get("max_history", 200)),
                            batch_size=int(cfg.export.get("batch_size", 512)),
-                           work_dir=out / "exports" / f".{cfg.name}-folds", fit_key=fit_key, log=log, only=only)
+                           work_dir=out / "exports" / f".{cfg.name}-folds", fit_key=fit_key, log=log, only=only,
+                           claim=claim, fitted=fitted)
 
 
-def _fold_worker(configs: list[TeacherConfig], split: LeaveOneOutSplit, out: Path, folds: list[int], progress: bool,
-                 log) -> dict:
-    """``run_teacher_pipeline(cross_fit_folds=folds)``: the given folds (1-based) of every cross-fitted teacher."""
+def _fold_worker(configs: list[TeacherConfig], split: LeaveOneOutSplit, out: Path, folds: list[int] | str,
+                 progress: bool, log) -> dict:
+    """``run_teacher_pipeline(cross_fit_folds=folds)``: the given folds (1-based) of every cross-fitted teacher, or
+    with ``"auto"`` every fold no other worker has claimed (``cross_fit_lists(claim=True)``)."""
     crossed = [c for c in configs if c.export.get("cross_fit")]
     if not crossed:
         raise TeacherConfigError(f"cross_fit_folds {folds}: none of {[c.name for c in configs]} has export.cross_fit")
+    auto = folds == "auto"
+    if not auto and (isinstance(folds, str) or not folds):
+        raise TeacherConfigError(f"cross_fit_folds {folds!r}: expected fold numbers (1-based) or 'auto'")
     report = {"dataset": split.data.name, "out_dir": str(out), "threads": torch.get_num_threads(), "cross_fit": {}}
     for cfg in crossed:
         n = int(cfg.export["cross_fit"])
-        bad = [f for f in folds if not 1 <= f <= n]
-        if bad or not folds:
+        if not auto and [f for f in folds if not 1 <= f <= n]:
             raise TeacherConfigError(f"cross_fit_folds {folds}: {cfg.name} has folds 1..{n}")
-        log(f"[teachers] {cfg.name}: cross-fit fold(s) {', '.join(map(str, folds))} of {n}")
-        t0 = time.perf_counter()
-        lists = _cross_fitted(cfg, split, n, out, progress, log, only=[f - 1 for f in folds],
+        log(f"[teachers] {cfg.name}: cross-fit " + (f"the unclaimed folds of {n}" if auto else
+                                                    f"fold(s) {', '.join(map(str, folds))} of {n}"))
+        t0, fitted = time.perf_counter(), []
+        lists = _cross_fitted(cfg, split, n, out, progress, log, only=None if auto else [f - 1 for f in folds],
+                              claim=auto, fitted=fitted,
                               source=next((c for c in configs if c.name == cfg.distill_from), None))
-        report["cross_fit"][cfg.name] = {"folds": n, "fitted": sorted(set(folds)), "complete": lists is not None,
+        report["cross_fit"][cfg.name] = {"folds": n, "fitted": [f + 1 for f in fitted], "complete": lists is not None,
                                          "seconds": round(time.perf_counter() - t0, 2)}
         del lists
     return report
@@ -472,7 +479,7 @@ def _fold_worker(configs: list[TeacherConfig], split: LeaveOneOutSplit, out: Pat
 
 def run_teacher_pipeline(dataset: str, out_dir: str | os.PathLike | None = None, fast: bool = False, *,
                          teachers: list[str] | None = None, pretrained: dict[str, str] | None = None,
-                         progress: bool = True, log=print, cross_fit_folds: list[int] | None = None) -> dict:
+                         progress: bool = True, log=print, cross_fit_folds: list[int] | str | None = None) -> dict:
     """Train/export/merge/validate/measure the teachers of ``dataset`` (module doc); returns the report
     (also written to ``<out_dir>/pipeline.json``).
 
@@ -482,8 +489,9 @@ def run_teacher_pipeline(dataset: str, out_dir: str | os.PathLike | None = None,
     ``fast``: each config's ``fast`` overrides (tiny models, one epoch: a smoke run, not real numbers).
     ``cross_fit_folds``: a fold worker: fit only these folds (1-based, as the log numbers them) of every cross-fitted
     teacher into ``out_dir`` and stop (no full teacher, export or merge); workers on other folds may share
-    ``out_dir``, and a later run without it reuses every finished fold. Returns {"cross_fit": {name: {"folds",
-    "fitted", "complete"}}}."""
+    ``out_dir``, and a later run without it reuses every finished fold; ``"auto"``: fit every fold no other live
+    worker is fitting (N identical workers split the folds; a killed worker's fold is free again). Returns
+    {"cross_fit": {name: {"folds", "fitted" (the folds this worker fitted), "complete"}}}."""
     from prmkd_dist.data.prepare import load_split
 
     t_all = time.perf_counter()
@@ -508,7 +516,8 @@ def run_teacher_pipeline(dataset: str, out_dir: str | os.PathLike | None = None,
     out.mkdir(parents=True, exist_ok=True)
 
     if cross_fit_folds is not None:
-        return _fold_worker(configs, split, out, [int(f) for f in cross_fit_folds], progress, log)
+        folds = cross_fit_folds if isinstance(cross_fit_folds, str) else [int(f) for f in cross_fit_folds]
+        return _fold_worker(configs, split, out, folds, progress, log)
 
     report = {"dataset": data.name, "fingerprint": data.fingerprint, "fast": fast, "out_dir": str(out),
               "threads": torch.get_num_threads(), "teachers": {}, "stage_seconds": stage}

@@ -152,6 +152,65 @@ def test_fold_workers_fit_their_folds_and_the_last_call_assembles(split, tmp_pat
         cross_fit_lists(recording_fit, split, name="slist", folds=3, k=8, only=[0], log=lambda *_: None)
 
 
+def test_claimed_folds_are_left_to_their_live_holder_and_freed_when_it_dies(split, tmp_path):
+    """``claim``: a fold whose claim another process holds is left to it (the call returns None); once that process is
+    killed (SIGKILL: no clean-up of its own) the kernel frees the claim and the next call fits the fold."""
+    import signal
+    import subprocess
+    import sys
+
+    work = tmp_path / "folds"
+    work.mkdir()
+    holder = subprocess.Popen(  # another worker, in the middle of fold 2 (0-based 1)
+        [sys.executable, "-c", "import fcntl, os, sys, time\n"
+         f"fd = os.open({str(work / 'fold-01.lock')!r}, os.O_RDWR | os.O_CREAT)\n"
+         "fcntl.flock(fd, fcntl.LOCK_EX)\nprint('held', flush=True)\ntime.sleep(600)\n"],
+        stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline().strip() == "held"
+        fitted, logs = [], []
+        kw = dict(name="slist", folds=3, k=8, work_dir=work, fit_key="a", claim=True, log=logs.append)
+        assert cross_fit_lists(fit_slist, split, fitted=fitted, **kw) is None
+        assert fitted == [0, 2] and "[cross-fit] slist: fold 2/3 is being fitted by another worker" in logs
+        assert not (work / "fold-01.json").exists()
+    finally:
+        holder.send_signal(signal.SIGKILL)
+        holder.wait(timeout=60)
+    fitted = []
+    lists = cross_fit_lists(fit_slist, split, fitted=fitted, **kw)
+    assert fitted == [1]  # the dead worker's fold; folds 1 and 3 read back
+    whole = cross_fit_lists(fit_slist, split, name="slist", folds=3, k=8, log=lambda *_: None)
+    assert lists.digest == whole.digest
+    with pytest.raises(CrossFitError, match="claiming folds needs a work_dir"):
+        cross_fit_lists(fit_slist, split, name="slist", folds=3, k=8, claim=True, log=lambda *_: None)
+
+
+def test_auto_fold_workers_fit_each_fold_once(ml_tiny, tmp_path):
+    """`teachers pipeline --cross-fit-folds auto`: two identical real worker processes started together split the
+    folds between them (each fold fitted by exactly one), and the pipeline run after them fits none."""
+    import subprocess
+    import sys
+
+    (tmp_path / "slist-oof.yaml").write_text(SOURCE_YAML.replace("name: slist", "name: slist-oof")
+                                             + "export: {k: 10, max_history: 50, cross_fit: 4}\n")
+    ml_tiny.save(str(tmp_path / "data"))
+    cmd = [sys.executable, "-m", "prmkd_dist.cli", "teachers", "pipeline", "--dataset", str(tmp_path / "data"),
+           "--out", str(tmp_path / "out"), "--teachers", str(tmp_path / "slist-oof.yaml"), "--no-progress",
+           "--threads", "1"]
+    workers = [subprocess.Popen(cmd + ["--cross-fit-folds", "auto"], text=True, stdout=subprocess.PIPE,
+                                stderr=subprocess.STDOUT) for _ in range(2)]
+    logs = [w.communicate(timeout=300)[0] for w in workers]
+    assert [w.returncode for w in workers] == [0, 0], logs
+    for f in range(1, 5):
+        assert sum(log.count(f"slist-oof: fold {f}/4: fit without") for log in logs) == 1, (f, logs)
+    assert any("every fold is finished" in log for log in logs)  # the last worker to end reads the others back
+    assembled = subprocess.run(cmd, text=True, capture_output=True, timeout=300)
+    assert assembled.returncode == 0, assembled.stdout + assembled.stderr
+    assert ": fit without" not in assembled.stdout and assembled.stdout.count("reused from") == 4
+    bad = subprocess.run(cmd + ["--cross-fit-folds", "two"], text=True, capture_output=True, timeout=300)
+    assert bad.returncode != 0 and "--cross-fit-folds two: expected fold numbers (1-based) or 'auto'" in bad.stderr
+
+
 def test_pipeline_cross_fit_config(ml_tiny, split, tmp_path):
     cfg = tmp_path / "slist-oof.yaml"
     cfg.write_text("name: slist-oof\nkind: transition\ndataset: ml-latest-small\n"
@@ -283,7 +342,7 @@ def test_two_fold_worker_processes_share_the_pipeline_dir(ml_tiny, tmp_path):
     logs = [w.communicate(timeout=300)[0] for w in workers]
     for w, log in zip(workers, logs):
         assert w.returncode == 0, log
-    assert "idt-oof: fold(s) 1 of 2 finished" in logs[0] and "idt-oof: fold(s) 2 of 2 finished" in logs[1]
+    assert "idt-oof: fold(s) 1 of 2 fitted here" in logs[0] and "idt-oof: fold(s) 2 of 2 fitted here" in logs[1]
     assert "fold 2/2: fit" not in logs[0] and "fold 1/2: fit" not in logs[1]  # each fitted its own fold only
     assert not (shared / "shards").exists() and not (shared / "models" / "idt-oof").exists()  # workers stop there
 
