@@ -21,6 +21,10 @@ the target). The rows w = 1 and w = 0 are each teacher alone under these rules, 
 Per-example weights that use the target (confidence) would read the held-out label here, so only fixed weights
 are measured.
 
+Each row also gives the mixture's mean entropy over the listed items (nats) and the mean probability it puts on
+the target (``target_p``): a mixture can rank the target better and still be a flatter, less informative target
+for the student than one teacher's list.
+
 ``--shards DIR`` adds the same curve on the lists the student is actually trained on: every listed training
 position of merged shards (window-packing layout), its training target ranked by the mixture. A teacher fitted on
 those positions lists them in sample (SLIST holds the training target in its top-50 at 97 % of Games' positions),
@@ -77,9 +81,18 @@ class MixtureIndex:
         slots): an item's value is the sum over every slot holding it, and the rank counts the other listed items
         with a value >= the target's (ties against the target, as ``metrics.target_rank``); a target in no list
         has value 0 and ties with every unlisted item: rank ``num_items - 1``."""
+        return self.measure(probs, num_items, chunk)[0]
+
+    def measure(self, probs: torch.Tensor, num_items: int, chunk: int = 16384
+                ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """(ranks as ``ranks``, entropy [N] of the mixture normalised to sum 1 over the listed items (nats; how
+        spread the target the KL term pulls toward is), target mass [N] (its normalised mixture probability, 0 when
+        in no list)). A row with no listed item has entropy 0 and target mass 0."""
         n, tk = self.slot.shape
         p = probs.reshape(n, tk).double()
-        out = torch.empty(n, dtype=torch.int64)
+        ranks = torch.empty(n, dtype=torch.int64)
+        entropy = torch.empty(n, dtype=torch.float64)
+        mass = torch.empty(n, dtype=torch.float64)
         cols = torch.arange(tk)
         for a in range(0, n, chunk):
             sl = self.slot[a:a + chunk]
@@ -89,8 +102,12 @@ class MixtureIndex:
             tg = self.target[a:a + chunk]
             t_value = value.gather(1, tg.clamp(min=0).unsqueeze(1))
             above = ((value >= t_value) & (cols < self.size[a:a + chunk].unsqueeze(1))).sum(dim=1) - 1
-            out[a:a + chunk] = torch.where(tg >= 0, above, num_items - 1)
-        return out
+            ranks[a:a + chunk] = torch.where(tg >= 0, above, num_items - 1)
+            total = value.sum(dim=1, keepdim=True)
+            q = value / total.clamp(min=1e-300)
+            entropy[a:a + chunk] = -torch.special.xlogy(q, q).sum(dim=1)
+            mass[a:a + chunk] = torch.where(tg >= 0, (t_value / total.clamp(min=1e-300))[:, 0], 0.0)
+        return ranks, entropy, mass
 
 
 def mixture_ranks(ids: torch.Tensor, probs: torch.Tensor, targets: torch.Tensor, num_items: int,
@@ -162,7 +179,8 @@ def mix_table(lists: dict, temperatures: list[float], grid: list[float], num_ite
             wt = torch.full((n_t,), 1.0 / n_t, dtype=torch.float64) if w is None else w
             row = {"temperature": tau, "weights": [round(float(x), 10) for x in wt]}
             for stage in lists:
-                row[stage] = metrics(index[stage].ranks(probs[stage] * wt.view(1, -1, 1), num_items))
+                ranks, entropy, mass = index[stage].measure(probs[stage] * wt.view(1, -1, 1), num_items)
+                row[stage] = {**metrics(ranks), "entropy": float(entropy.mean()), "target_p": float(mass.mean())}
             rows.append(row)
     return rows
 
@@ -248,11 +266,12 @@ def main(argv: list[str] | None = None) -> int:
     summary = select(rows, names)
 
     stages = [st for st in ("valid", "test", "train") if st in rows[0]]
-    cols = " | ".join(f"{st} NDCG@{k}" for st in stages for k in KS)
+    shown = [f"NDCG@{k}" for k in KS] + ["entropy", "target_p"]
+    cols = " | ".join(f"{st} {m}" for st in stages for m in shown)
     print(f"| tau | weights ({' / '.join(names or shard_names)}) | {cols} |")
-    print("|---:|---|" + "---:|" * (len(stages) * len(KS)))
+    print("|---:|---|" + "---:|" * (len(stages) * len(shown)))
     for r in rows:
-        vals = " | ".join(f"{r[st][f'NDCG@{k}']:.4f}" for st in stages for k in KS)
+        vals = " | ".join(f"{r[st][m]:.4f}" for st in stages for m in shown)
         print(f"| {r['temperature']:g} | {' / '.join(f'{w:g}' for w in r['weights'])} | {vals} |")
     for tau, entry in summary.items():
         print(f"tau {tau}: " + ", ".join(f"{k} {v:.4f}" if isinstance(v, float) else f"{k} {v}"

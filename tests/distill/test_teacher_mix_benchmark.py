@@ -2,6 +2,7 @@
 brute force over the whole catalog, and on real teachers of real data."""
 from __future__ import annotations
 
+import math
 import sys
 from pathlib import Path
 
@@ -33,6 +34,10 @@ def test_hand_case(load_benchmark):
     # values: 1 -> 0.45 (both lists, counted once), 5 -> 0.25, 7 -> 0.2, 2 -> 0.1
     got = tm.mixture_ranks(ids, probs, torch.tensor([1, 5, 2, 9]), num_items=10)
     assert got.tolist() == [0, 1, 3, 9]  # 9: in no list, ties with every unlisted item
+    _, entropy, mass = tm.MixtureIndex(ids, torch.tensor([1, 5, 2, 9])).measure(probs, num_items=10)
+    h = -sum(v * math.log(v) for v in (0.45, 0.25, 0.2, 0.1))
+    assert torch.allclose(entropy, torch.full((4,), h, dtype=torch.float64))
+    assert torch.allclose(mass, torch.tensor([0.45, 0.25, 0.1, 0.0], dtype=torch.float64))
     # a tie counts against the target: 7 raised to 5's value
     probs[:, 1, 1] = 0.25  # weighted: 0.5 * 0.5, as 5
     assert tm.mixture_ranks(ids, probs, torch.tensor([5, 7, 1, 2]), num_items=10).tolist() == [2, 2, 0, 3]
@@ -52,6 +57,17 @@ def test_mixture_ranks_match_the_dense_mixture(chunk, load_benchmark):
     got = tm.mixture_ranks(ids.to(torch.int32), probs, targets, c, chunk=chunk)
     assert torch.equal(got, _dense_ranks(ids, probs, targets, c))
     assert (got == c - 1).any() and (got < k).any()  # both kinds of target occur
+
+    # the entropy and target mass of the normalised mixture, against the dense mixture over the catalog
+    ranks, entropy, mass = tm.MixtureIndex(ids.to(torch.int32), targets, chunk=chunk).measure(probs, c, chunk=chunk)
+    assert torch.equal(ranks, got)
+    dense = torch.zeros(n, c + 1, dtype=torch.float64)
+    dense.scatter_add_(1, torch.where(ids < 0, c, ids.long()).flatten(1), probs.flatten(1).double())
+    q = dense[:, :c] / dense[:, :c].sum(dim=1, keepdim=True)
+    want_h = -(q * torch.log(torch.where(q > 0, q, 1.0))).sum(dim=1)
+    torch.testing.assert_close(entropy, want_h, rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(mass, q.gather(1, targets.view(-1, 1))[:, 0], rtol=1e-12, atol=1e-12)
+    assert (mass == 0).any() and (mass > 0).any()
 
 
 def test_teacher_probs_are_the_kd_targets(load_benchmark):
