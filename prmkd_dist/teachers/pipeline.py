@@ -443,11 +443,22 @@ def _cross_fitted(cfg: TeacherConfig, split: LeaveOneOutSplit, folds: int, out: 
         if cfg.kind not in CLOSED_FORM:  # a closed form refits in minutes and weighs GBs: not kept
             _save_atomically(teacher, run_dir / "teacher")
         return teacher
-    return cross_fit_lists(fit, split, name=cfg.name, folds=folds, k=int(cfg.export.get("k", 50)),
-                           max_history=int(cfg.export.get("max_history", 200)),
-                           batch_size=int(cfg.export.get("batch_size", 512)),
-                           work_dir=out / "exports" / f".{cfg.name}-folds", fit_key=fit_key, log=log, only=only,
-                           claim=claim, fitted=fitted)
+    done = fitted if fitted is not None else []
+    lists = cross_fit_lists(fit, split, name=cfg.name, folds=folds, k=int(cfg.export.get("k", 50)),
+                            max_history=int(cfg.export.get("max_history", 200)),
+                            batch_size=int(cfg.export.get("batch_size", 512)),
+                            work_dir=out / "exports" / f".{cfg.name}-folds", fit_key=fit_key, log=log, only=only,
+                            claim=claim, fitted=done)
+    # a fold's scratch (its source's lists, checkpoints, the kept fold teacher) is dead once its lists are recorded:
+    # this run's folds, or every fold once all are finished (other workers' folds too)
+    for fold in (range(folds) if lists is not None else done):
+        scratch = [out / "models" / f".{cfg.name}-fold-{fold:02d}-{key}-run",
+                   out / "exports" / f".{cfg.name}-fold-{fold:02d}-source"]
+        if source is not None:
+            scratch.append(out / "models" / f".{cfg.name}-fold-{fold:02d}-{source.name}-run")
+        for path in scratch:
+            shutil.rmtree(path, ignore_errors=True)
+    return lists
 
 
 def _fold_worker(configs: list[TeacherConfig], split: LeaveOneOutSplit, out: Path, folds: list[int] | str,

@@ -3,6 +3,8 @@ under a second): folds over users, the split without a fold, lists equal to a te
 user (and not to the in-sample teacher's), export + resume, the fold cache, the pipeline's ``export.cross_fit``."""
 from __future__ import annotations
 
+from pathlib import Path
+
 import numpy as np
 import pyarrow as pa
 import pytest
@@ -272,16 +274,26 @@ PUPIL_YAML = ("name: idt-oof\nkind: id_transformer\ndataset: ml-latest-small\n"
               "distill: {teacher: slist, temperature: 2.0, score_norm: std, packing: window}\n")
 
 
-def test_pipeline_cross_fits_a_distilled_teacher_with_its_source_nested(ml_tiny, split, tmp_path):
+def test_pipeline_cross_fits_a_distilled_teacher_with_its_source_nested(ml_tiny, split, tmp_path, monkeypatch):
     """A teacher distilled from another cross-fits with the source refitted in each fold: fold f's pupil is exactly
     the one trained on the split without fold f's users from an SLIST fitted on that split too (never from the full
     SLIST, whose lists hold the held-out users' memorised targets)."""
+    import prmkd_dist.teachers.export as export
     from prmkd_dist.teachers.pipeline import train_teacher
 
     (tmp_path / "slist.yaml").write_text(SOURCE_YAML + "export: {k: 10, max_history: 50}\n")
     (tmp_path / "idt-oof.yaml").write_text(PUPIL_YAML + "export: {k: 10, max_history: 50, cross_fit: 2}\n")
     ml_tiny.save(str(tmp_path / "data"))
     out = tmp_path / "teachers"
+    real_export, source_rows = export.export_teacher_shards, {}
+
+    def recording_export(teacher, sub, out_dir, *a, **kw):  # the fold sources' exports, read before the clean-up
+        result = real_export(teacher, sub, out_dir, *a, **kw)
+        if "-source" in str(out_dir):
+            source_rows[Path(out_dir).parent.name] = ShardSet.open(str(out_dir)).num_rows
+        return result
+
+    monkeypatch.setattr(export, "export_teacher_shards", recording_export)
     report = run_teacher_pipeline(str(tmp_path / "data"), out, progress=False, log=lambda *_: None,
                                   teachers=[str(tmp_path / "idt-oof.yaml"), str(tmp_path / "slist.yaml")])
     assert list(report["teachers"]) == ["slist", "idt-oof"]  # the source first
@@ -303,10 +315,12 @@ def test_pipeline_cross_fits_a_distilled_teacher_with_its_source_nested(ml_tiny,
     off, val = list_parts(read_all(out / "shards").column("teacher.idt-oof.ids"))
     got = val[off[0]:off[-1]].reshape(-1, 10)[mine]
     np.testing.assert_array_equal(got, want)
-    # each fold's scratch export is its own SLIST's, over the other users' examples only
+    # each fold's scratch export is its own SLIST's, over the other users' examples only; removed once the fold's
+    # lists are recorded
+    assert sorted(source_rows) == [".idt-oof-fold-00-source", ".idt-oof-fold-01-source"]
     for f in (0, 1):
-        left = ShardSet.open(str(out / "exports" / f".idt-oof-fold-{f:02d}-source" / "slist"))
-        assert left.num_rows == int((fold_of[users] != f).sum()) < len(keys)
+        assert source_rows[f".idt-oof-fold-{f:02d}-source"] == int((fold_of[users] != f).sum()) < len(keys)
+    assert not list(out.glob("*/.idt-oof-fold-*"))
 
 
 def test_cross_fit_of_a_distilled_teacher_needs_an_in_sample_source(ml_tiny, tmp_path):
@@ -345,6 +359,8 @@ def test_two_fold_worker_processes_share_the_pipeline_dir(ml_tiny, tmp_path):
     assert "idt-oof: fold(s) 1 of 2 fitted here" in logs[0] and "idt-oof: fold(s) 2 of 2 fitted here" in logs[1]
     assert "fold 2/2: fit" not in logs[0] and "fold 1/2: fit" not in logs[1]  # each fitted its own fold only
     assert not (shared / "shards").exists() and not (shared / "models" / "idt-oof").exists()  # workers stop there
+    # each worker removed its fold's scratch (source lists, checkpoints, kept teacher) once the fold was recorded
+    assert not list(shared.glob("*/.idt-oof-fold-*")) and len(list(shared.glob("exports/.idt-oof-folds/fold-*"))) == 4
 
     single = subprocess.run(pipeline(tmp_path / "single"), env=env, text=True, capture_output=True, timeout=300)
     assert single.returncode == 0, single.stdout + single.stderr
@@ -419,21 +435,22 @@ def test_a_fold_listing_cut_short_lists_again_without_training(ml_tiny, tmp_path
         run_teacher_pipeline(str(tmp_path / "data"), cut, **run)
     saved = list((cut / "models").glob(".idt-oof-fold-00-*-run/teacher/teacher.json"))
     assert len(saved) == 1 and not list((cut / "exports" / ".idt-oof-folds").glob("fold-*.json"))
-    monkeypatch.setattr(export, "score_topk", real_topk)
-    real_eval, epochs = trainer.evaluate, []
-    monkeypatch.setattr(trainer, "evaluate", lambda m, s, stage, **kw: (epochs.append(stage), real_eval(m, s, stage, **kw))[1])
-    logs.clear()
-    run_teacher_pipeline(str(tmp_path / "data"), cut, **run)
-    assert epochs.count("valid") == 2 + 2  # fold 2 and the full teacher; fold 1 is not trained again
-    assert any("fold 1's trained teacher reused" in line for line in logs)
-    assert not any("the fold's source slist" in line and "fold 1" in line for line in logs)
-    assert sum("the fold's source slist" in line for line in logs) == 1  # fold 2's source only
-    cols = ["example_key", "teacher.idt-oof.ids", "teacher.idt-oof.scores"]
-    assert read_all(cut / "shards").select(cols).equals(read_all(whole / "shards").select(cols))
-
     # the saved teacher is checked against the config as well as found by the dir's key: another config's is not taken
     from prmkd_dist.teachers.pipeline import _saved_fold_teacher
     run_dir, fp = saved[0].parent.parent, ml_tiny.fingerprint
     assert _saved_fold_teacher(load_teacher_config(tmp_path / "idt-oof.yaml"), run_dir, fp) is not None
     (tmp_path / "other.yaml").write_text((tmp_path / "idt-oof.yaml").read_text().replace("epochs: 2", "epochs: 3"))
     assert _saved_fold_teacher(load_teacher_config(tmp_path / "other.yaml"), run_dir, fp) is None
+    monkeypatch.setattr(export, "score_topk", real_topk)
+    real_eval, epochs = trainer.evaluate, []
+    monkeypatch.setattr(trainer, "evaluate", lambda m, s, stage, **kw: (epochs.append(stage), real_eval(m, s, stage, **kw))[1])
+    logs.clear()
+    run_teacher_pipeline(str(tmp_path / "data"), cut, **run)
+    assert epochs.count("valid") == 2 + 2  # fold 2 and the full teacher; fold 1 is not trained again
+    assert not list(cut.glob("*/.idt-oof-fold-*"))  # every fold recorded: the fold scratch is gone
+    assert any("fold 1's trained teacher reused" in line for line in logs)
+    assert not any("the fold's source slist" in line and "fold 1" in line for line in logs)
+    assert sum("the fold's source slist" in line for line in logs) == 1  # fold 2's source only
+    cols = ["example_key", "teacher.idt-oof.ids", "teacher.idt-oof.scores"]
+    assert read_all(cut / "shards").select(cols).equals(read_all(whole / "shards").select(cols))
+
