@@ -229,9 +229,9 @@ def cross_fit_lists(fit: Callable[[LeaveOneOutSplit, int], object], split: Leave
             fitted.append(f)
         log(f"[cross-fit] {name}: fold {f + 1}/{folds} done in {time.perf_counter() - t0:.0f}s (fit {fit_s:.0f}s)")
 
+    fold_rows = [np.flatnonzero(fold_of[users] == f) for f in range(folds)]
     missing = []
-    for f in range(folds):
-        rows = np.flatnonzero(fold_of[users] == f)
+    for f, rows in enumerate(fold_rows):
         if reuse(f, rows):
             continue
         if only is not None and f not in only:
@@ -246,7 +246,7 @@ def cross_fit_lists(fit: Callable[[LeaveOneOutSplit, int], object], split: Leave
                 elif not reuse(f, rows):  # under the claim: a fold another worker finished meanwhile is read back
                     fit_fold(f, rows)
     # folds other workers finished while this one fitted its own: of several workers, the last to end assembles
-    missing = [f for f in missing if not reuse(f, np.flatnonzero(fold_of[users] == f))]
+    missing = [f for f in missing if not reuse(f, fold_rows[f])]
     if missing:
         log(f"[cross-fit] {name}: fold(s) {', '.join(str(f + 1) for f in missing)} of {folds} not finished in "
             f"{work_dir} (left to another worker)")

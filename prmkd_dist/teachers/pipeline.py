@@ -360,17 +360,25 @@ def _trained_teacher(cfg: TeacherConfig, split: LeaveOneOutSplit, model_dir: Pat
         if teacher.name != cfg.name:
             teacher.name = cfg.name  # the shard column follows the pipeline's name for it
         return teacher, f"given ({pretrained})"
-    if (model_dir / "teacher.json").is_file():
-        meta = json.loads((model_dir / "teacher.json").read_text())
-        info = meta.get("info") or {}
-        same_source = not cfg.distill or info.get("distill_source") == export_record(exports / cfg.distill_from)
-        if info.get("pipeline_config") == cfg.resolved() and meta.get("item_fingerprint") == fp and same_source:
-            return load_teacher(model_dir, fingerprint=fp), "reused"
-    key = run_key(cfg.resolved(), fp, export_record(exports / cfg.distill_from) if cfg.distill else None)
+    source = export_record(exports / cfg.distill_from) if cfg.distill else None
+    if _saved_matches(model_dir, cfg, fp, source):
+        return load_teacher(model_dir, fingerprint=fp), "reused"
+    key = run_key(cfg.resolved(), fp, source)
     teacher = train_teacher(cfg, split, progress=progress, work_dir=model_dir.parent / f".{cfg.name}-{key}-run",
                             exports_root=exports, resume=True)
     teacher.save(model_dir)
     return teacher, "trained"
+
+
+def _saved_matches(model_dir: Path, cfg: TeacherConfig, fingerprint: str, distill_source: dict | None = None) -> bool:
+    """Whether ``model_dir`` holds a teacher saved by the pipeline for ``cfg`` on this data (and, given
+    ``distill_source``, distilled from that export): read from teacher.json, before any weight is loaded."""
+    if not (model_dir / "teacher.json").is_file():
+        return False
+    meta = json.loads((model_dir / "teacher.json").read_text())
+    info = meta.get("info") or {}
+    return (info.get("pipeline_config") == cfg.resolved() and meta.get("item_fingerprint") == fingerprint
+            and (distill_source is None or info.get("distill_source") == distill_source))
 
 
 def _save_atomically(teacher: Teacher, directory: Path) -> None:
@@ -386,10 +394,9 @@ def _save_atomically(teacher: Teacher, directory: Path) -> None:
 def _saved_fold_teacher(cfg: TeacherConfig, run_dir: Path, fingerprint: str) -> Teacher | None:
     """The fold teacher a previous run trained in ``run_dir`` (the dir is keyed by the config, the source's settings,
     the data and the fold count), or None. Checked again against the config: a stale one is not reused."""
-    if not (run_dir / "teacher" / "teacher.json").is_file():
+    if not _saved_matches(run_dir / "teacher", cfg, fingerprint):
         return None
-    teacher = load_teacher(run_dir / "teacher", fingerprint=fingerprint)
-    return teacher if teacher.info.get("pipeline_config") == cfg.resolved() else None
+    return load_teacher(run_dir / "teacher", fingerprint=fingerprint)
 
 
 def _cross_fitted(cfg: TeacherConfig, split: LeaveOneOutSplit, folds: int, out: Path, progress: bool, log,
