@@ -6,8 +6,11 @@ runs are comparable: the same dataset, config, shards, teacher embeddings and ``
 appear in more than one report only with the same run for every seed both hold (a borrowed baseline, say, taken
 for two seeds by one lane and three by the other: the merge keeps every seed), and reports that record the content
 digests of their shards and embeddings must record the same ones. The merged report's seeds are all the lanes'
-seeds (a lane that ran fewer shows as such in ``quality_grid.py``). Anything else is an error naming the file and
-the field.
+seeds (a lane that ran fewer shows as such in ``quality_grid.py``). Two differences are not differences of the
+experiment and are allowed: the intra-op thread count (``--set run.num_threads=N``: each run records its threads; the
+merged report lists every lane's under ``execution_overrides``), and a lane given no teacher embeddings beside lanes
+given them, when none of its variants uses embeddings (``quality.py`` only makes the embedding variants when it has
+them; the merged report carries the lanes' embeddings). Anything else is an error naming the file and the field.
 
     .venv/bin/python benchmarks/quality_merge.py lane-a.json lane-b.json --out grid.json
 """
@@ -21,6 +24,18 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # quality.py beside this script
 
 SAME = ("dataset", "config", "shards", "teacher_embeddings", "overrides", "teachers")
+# overrides that change how fast a run goes, not what it computes (up to float reduction order)
+EXECUTION_ONLY = ("run.num_threads=",)
+
+
+def _experiment_overrides(overrides: list[str]) -> list[str]:
+    return [o for o in overrides if not o.startswith(EXECUTION_ONLY)]
+
+
+def _embedding_variants(teachers: list[str]) -> set[str]:
+    from quality import variants
+
+    return set(variants(teachers, True, 0.0, 0)) - set(variants(teachers, False, 0.0, 0))
 
 
 def merge(paths: list[str]) -> dict:
@@ -34,18 +49,33 @@ def merge(paths: list[str]) -> dict:
         if missing:
             raise ValueError(f"{p}: no {missing[0]!r} field; expected a report written by benchmarks/quality.py")
         reports.append(r)
-    first = reports[0]
-    for p, r in zip(paths[1:], reports[1:]):
+    # the reference lane: the first given embeddings, if any was (the others are checked against it below)
+    ref = next((i for i, r in enumerate(reports) if r["teacher_embeddings"]), 0)
+    first, first_path = reports[ref], paths[ref]
+    needs_embeddings = _embedding_variants(first["teachers"])
+    for p, r in zip(paths, reports):
         for key in SAME:
-            if r[key] != first[key]:
-                raise ValueError(f"{p}: its {key} is {r[key]!r}, {paths[0]}'s is {first[key]!r}: runs not comparable")
-    # content digests (reports since 2026-12-06): two lanes at one shards path may still have seen other files
+            mine, theirs = r[key], first[key]
+            if key == "overrides":
+                mine, theirs = _experiment_overrides(mine), _experiment_overrides(theirs)
+            if key == "teacher_embeddings" and not mine and theirs:
+                using = sorted(set(r["results"]) & needs_embeddings)
+                if not using:
+                    continue  # a lane of KL-only variants: the embeddings would not have entered its runs
+                raise ValueError(f"{p}: its teacher_embeddings is [] but it holds {using[0]!r}, which uses them; "
+                                 f"{first_path}'s are {theirs!r}: runs not comparable")
+            if mine != theirs:
+                raise ValueError(f"{p}: its {key} is {r[key]!r}, {first_path}'s is {first[key]!r}: runs not comparable")
+    # content digests (reports since 2026-12-06): two lanes at one shards path may still have seen other files.
+    # The embeddings' digests are compared among the lanes given embeddings (a KL-only lane records none).
     digests = [(p, r.get("content_digests")) for p, r in zip(paths, reports)]
     known = [(p, d) for p, d in digests if d is not None]
-    for p, d in known[1:]:
-        if d != known[0][1]:
-            raise ValueError(f"{p}: its content_digests are {d!r}, {known[0][0]}'s are {known[0][1]!r}: "
-                             f"the lanes distilled from different files at the same paths")
+    for part, lanes in (("shards", known), ("teacher_embeddings", [(p, d) for p, d in known if d["teacher_embeddings"]])):
+        for p, d in lanes[1:]:
+            if d[part] != lanes[0][1][part]:
+                raise ValueError(f"{p}: its content_digests are {d!r}, {lanes[0][0]}'s are {lanes[0][1]!r}: "
+                                 f"the lanes distilled from different files at the same paths")
+    with_embeddings = [d for _, d in known if d["teacher_embeddings"]]
     unchecked = [p for p, d in digests if d is None]
     if unchecked and len(paths) > 1:
         print(f"warning: {', '.join(unchecked)} record no content digests: cannot check that every lane "
@@ -73,7 +103,10 @@ def merge(paths: list[str]) -> dict:
 
     order = list(variants(first["teachers"], bool(first["teacher_embeddings"]), 0.0, 0))
     seeds = sorted({s for r in reports for s in r["seeds"]})
-    return {**{k: first[k] for k in SAME}, "seeds": seeds, "content_digests": None if unchecked else known[0][1],
+    execution = {p: [o for o in r["overrides"] if o.startswith(EXECUTION_ONLY)] for p, r in zip(paths, reports)}
+    extra = {"execution_overrides": execution} if len({tuple(v) for v in execution.values()}) > 1 else {}
+    return {**{k: first[k] for k in SAME}, **extra, "seeds": seeds,
+            "content_digests": None if unchecked else (with_embeddings or [known[0][1]])[0],
             "results": in_report_order(results, order), "table": None,
             "complete": all(r.get("complete", False) for r in reports),
             "seconds": sum(r.get("seconds", 0.0) for r in reports),

@@ -33,8 +33,8 @@ def test_merge_joins_lanes_in_order(tmp_path, load_benchmark):
     assert got["shards"] == "s" and got["overrides"] == ["run.num_threads=1"]
 
 
-@pytest.mark.parametrize("field, value", [("overrides", ["run.num_threads=2"]), ("shards", "t"),
-                                          ("teacher_embeddings", []), ("config", "distill-caser-ml")])
+@pytest.mark.parametrize("field, value", [("overrides", ["run.num_threads=1", "distill.temperature=2"]), ("shards", "t"),
+                                          ("teacher_embeddings", ["f"]), ("config", "distill-caser-ml")])
 def test_merge_refuses_reports_made_with_other_settings(tmp_path, field, value, load_benchmark):
     m = load_benchmark("quality_merge")
     a = _lane(tmp_path / "a.json", {"x": [0]})
@@ -96,3 +96,27 @@ def test_merge_joins_lanes_that_ran_different_seeds(tmp_path, load_benchmark):
     assert [r["seed"] for r in baseline["runs"]] == [0, 1, 2]
     assert baseline["summary"]["test NDCG@20"]["mean"] == pytest.approx(0.2) and baseline["summary"]["best_epoch"] == [1, 2, 3]
     assert [r["seed"] for r in got["results"]["y"]["runs"]] == [0, 1]
+
+
+def test_merge_allows_other_thread_counts_and_a_kl_only_lane_without_embeddings(tmp_path, load_benchmark):
+    """The thread count is not part of the experiment (listed under execution_overrides); a lane given no embeddings
+    joins lanes given them when none of its variants uses them, and is refused when one does."""
+    m = load_benchmark("quality_merge")
+    d = {"shards": "aa", "teacher_embeddings": ["ee"]}
+    a = _lane(tmp_path / "a.json", {"MKD (NKD + CPD + SLD)": [0]}, content_digests=d)
+    b = _lane(tmp_path / "b.json", {"all teachers, conf+cons": [0]}, overrides=["run.num_threads=2"],
+              teacher_embeddings=[], content_digests={"shards": "aa", "teacher_embeddings": []})
+    got = m.merge([b, a])
+    assert got["teacher_embeddings"] == ["e"] and got["content_digests"] == d
+    assert got["execution_overrides"] == {b: ["run.num_threads=2"], a: ["run.num_threads=1"]}
+    assert list(got["results"]) == ["no distillation", "all teachers, conf+cons", "MKD (NKD + CPD + SLD)"]
+    assert "execution_overrides" not in m.merge([a, a])
+    # the lane without embeddings over other shards is still refused
+    c = _lane(tmp_path / "c.json", {"all teachers, uniform": [0]}, teacher_embeddings=[],
+              content_digests={"shards": "bb", "teacher_embeddings": []})
+    with pytest.raises(ValueError, match="c.json: its content_digests are .*bb"):
+        m.merge([a, c])
+    # a lane without embeddings that holds an embedding variant did not run what the others did
+    e = _lane(tmp_path / "e.json", {"+ embedding distillation": [0]}, teacher_embeddings=[])
+    with pytest.raises(ValueError, match="e.json: its teacher_embeddings is \\[\\] but it holds '\\+ embedding distillation'"):
+        m.merge([a, e])
