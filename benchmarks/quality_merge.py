@@ -32,13 +32,9 @@ def _experiment_overrides(overrides: list[str]) -> list[str]:
     return [o for o in overrides if not o.startswith(EXECUTION_ONLY)]
 
 
-def _embedding_variants(teachers: list[str]) -> set[str]:
-    from quality import variants
-
-    return set(variants(teachers, True, 0.0, 0)) - set(variants(teachers, False, 0.0, 0))
-
-
 def merge(paths: list[str]) -> dict:
+    from quality import earlier_commands, in_report_order, summarise, variants
+
     reports = []
     for p in paths:
         try:
@@ -52,7 +48,8 @@ def merge(paths: list[str]) -> dict:
     # the reference lane: the first given embeddings, if any was (the others are checked against it below)
     ref = next((i for i, r in enumerate(reports) if r["teacher_embeddings"]), 0)
     first, first_path = reports[ref], paths[ref]
-    needs_embeddings = _embedding_variants(first["teachers"])
+    # the variants quality.py makes only when it is given embeddings
+    needs_embeddings = set(variants(first["teachers"], True, 0.0, 0)) - set(variants(first["teachers"], False, 0.0, 0))
     for p, r in zip(paths, reports):
         for key in SAME:
             mine, theirs = r[key], first[key]
@@ -70,19 +67,18 @@ def merge(paths: list[str]) -> dict:
     # The embeddings' digests are compared among the lanes given embeddings (a KL-only lane records none).
     digests = [(p, r.get("content_digests")) for p, r in zip(paths, reports)]
     known = [(p, d) for p, d in digests if d is not None]
-    for part, lanes in (("shards", known), ("teacher_embeddings", [(p, d) for p, d in known if d["teacher_embeddings"]])):
+    with_embeddings = [(p, d) for p, d in known if d["teacher_embeddings"]]
+    for part, lanes in (("shards", known), ("teacher_embeddings", with_embeddings)):
         for p, d in lanes[1:]:
             if d[part] != lanes[0][1][part]:
                 raise ValueError(f"{p}: its content_digests are {d!r}, {lanes[0][0]}'s are {lanes[0][1]!r}: "
                                  f"the lanes distilled from different files at the same paths")
-    with_embeddings = [d for _, d in known if d["teacher_embeddings"]]
     unchecked = [p for p, d in digests if d is None]
     if unchecked and len(paths) > 1:
         print(f"warning: {', '.join(unchecked)} record no content digests: cannot check that every lane "
               f"distilled from the same files", file=sys.stderr)
     results: dict[str, dict] = {}
     source: dict[str, str] = {}
-    from quality import earlier_commands, in_report_order, summarise, variants
 
     for p, r in zip(paths, reports):
         for name, res in r["results"].items():
@@ -106,7 +102,7 @@ def merge(paths: list[str]) -> dict:
     execution = {p: [o for o in r["overrides"] if o.startswith(EXECUTION_ONLY)] for p, r in zip(paths, reports)}
     extra = {"execution_overrides": execution} if len({tuple(v) for v in execution.values()}) > 1 else {}
     return {**{k: first[k] for k in SAME}, **extra, "seeds": seeds,
-            "content_digests": None if unchecked else (with_embeddings or [known[0][1]])[0],
+            "content_digests": None if unchecked else (with_embeddings or known)[0][1],
             "results": in_report_order(results, order), "table": None,
             "complete": all(r.get("complete", False) for r in reports),
             "seconds": sum(r.get("seconds", 0.0) for r in reports),

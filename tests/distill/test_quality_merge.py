@@ -33,8 +33,9 @@ def test_merge_joins_lanes_in_order(tmp_path, load_benchmark):
     assert got["shards"] == "s" and got["overrides"] == ["run.num_threads=1"]
 
 
-@pytest.mark.parametrize("field, value", [("overrides", ["run.num_threads=1", "distill.temperature=2"]), ("shards", "t"),
-                                          ("teacher_embeddings", ["f"]), ("config", "distill-caser-ml")])
+@pytest.mark.parametrize("field, value", [("overrides", ["run.num_threads=1", "distill.temperature=2"]),
+                                          ("shards", "t"), ("teacher_embeddings", ["f"]),
+                                          ("config", "distill-caser-ml")])
 def test_merge_refuses_reports_made_with_other_settings(tmp_path, field, value, load_benchmark):
     m = load_benchmark("quality_merge")
     a = _lane(tmp_path / "a.json", {"x": [0]})
@@ -118,5 +119,6 @@ def test_merge_allows_other_thread_counts_and_a_kl_only_lane_without_embeddings(
         m.merge([a, c])
     # a lane without embeddings that holds an embedding variant did not run what the others did
     e = _lane(tmp_path / "e.json", {"+ embedding distillation": [0]}, teacher_embeddings=[])
-    with pytest.raises(ValueError, match="e.json: its teacher_embeddings is \\[\\] but it holds '\\+ embedding distillation'"):
+    with pytest.raises(ValueError,
+                       match="e.json: its teacher_embeddings is \\[\\] but it holds '\\+ embedding distillation'"):
         m.merge([a, e])
